@@ -1,0 +1,80 @@
+"""Firmware that a real ESP-IDF build would produce, generated without a toolchain.
+
+Builds a 2nd-stage bootloader image, a partition table with a dedicated config
+partition, and an app image with an app description, for ESP32, ESP32-C3 and
+ESP32-S3. Contents are deterministic filler that compresses like real code
+(about 2:1). Used for the example profile, the demo and the tests.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .images import Partition, Segment, app_description, build_image, build_partition_table
+
+# load addresses of a typical IDF build, per chip: bootloader (dram, iram, iram) and app
+_LAYOUT = {
+    "esp32": dict(chip_id=0, bl_offset=0x1000,
+                  bl=[0x3FFF0030, 0x40078000, 0x40080400], bl_entry=0x40080650,
+                  app=[0x3F400020, 0x3FFB0000, 0x40080000, 0x400D0020], app_entry=0x40081100),
+    "esp32c3": dict(chip_id=5, bl_offset=0x0,
+                    bl=[0x3FCD5820, 0x403CC710, 0x403CE710], bl_entry=0x403CC71A,
+                    app=[0x3C000020, 0x3FC88000, 0x40380000, 0x42000020], app_entry=0x4038041C),
+    "esp32s3": dict(chip_id=9, bl_offset=0x0,
+                    bl=[0x3FCE3818, 0x403C9700, 0x403CC700], bl_entry=0x403C9954,
+                    app=[0x3C000020, 0x3FC88000, 0x40374000, 0x42000020], app_entry=0x403754BC),
+}
+
+DEFAULT_PARTITIONS = [
+    Partition("nvs", 0x01, 0x02, 0x9000, 0x5000),
+    Partition("phy_init", 0x01, 0x01, 0xE000, 0x1000),
+    Partition("factory", 0x00, 0x00, 0x10000, 0x180000),
+    Partition("config", 0x01, 0x02, 0x190000, 0x6000),
+]
+
+
+@dataclass(frozen=True)
+class Firmware:
+    bootloader_offset: int
+    bootloader: bytes
+    partition_table: bytes
+    app_offset: int
+    app: bytes
+    partitions: tuple[Partition, ...]
+
+    def regions(self) -> list[tuple[int, bytes]]:
+        return [(self.bootloader_offset, self.bootloader), (0x8000, self.partition_table),
+                (self.app_offset, self.app)]
+
+
+def _filler(rng: random.Random, size: int) -> bytes:
+    """Bytes that compress about 2:1, like machine code and constant data."""
+    out = bytearray()
+    while len(out) < size:
+        out += rng.randbytes(48)
+        out += bytes([rng.randrange(4)]) * 40
+    return bytes(out[:size])
+
+
+def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "1.0.0",
+                   app_size: int = 1024 * 1024, flash_size: str = "4MB",
+                   partitions: list[Partition] | None = None, seed: int = 1) -> Firmware:
+    lay = _LAYOUT[chip]
+    rng = random.Random(f"{chip}/{project}/{version}/{seed}")
+    bl_sizes = [6372, 15920, 3880]
+    bootloader = build_image(
+        [Segment(a, _filler(rng, n)) for a, n in zip(lay["bl"], bl_sizes)],
+        chip_id=lay["chip_id"], entry=lay["bl_entry"], flash_size=flash_size)
+    parts = partitions or DEFAULT_PARTITIONS
+    app_part = next(p for p in parts if p.type == 0)
+    overhead = 24 + 8 * 4 + 16 + 32 + 256
+    body = max(0, app_size - overhead)
+    sizes = [body * 15 // 100, body * 2 // 100, body * 10 // 100]
+    sizes.append(body - sum(sizes))
+    datas = [app_description(project, version) + _filler(rng, sizes[0] - 256)]
+    datas += [_filler(rng, n) for n in sizes[1:]]
+    app = build_image([Segment(a, d) for a, d in zip(lay["app"], datas)],
+                      chip_id=lay["chip_id"], entry=lay["app_entry"], flash_size=flash_size)
+    return Firmware(lay["bl_offset"], bootloader, build_partition_table(parts),
+                    app_part.offset, app, tuple(parts))

@@ -1,0 +1,275 @@
+"""ESP firmware images and partition tables: parse, check and build the bytes.
+
+Used by the virtual device's boot path (the checks a ROM and bootloader make) and
+by the station (profile checks, the example firmware). Follows ESP-IDF's app image
+format: 8-byte header, 16-byte extended header, segments, a checksum byte at the
+next 16-byte boundary, then an optional SHA-256 of everything before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+IMAGE_MAGIC = 0xE9
+CHECKSUM_SEED = 0xEF
+APP_DESC_MAGIC = 0xABCD5432
+PARTITION_MAGIC = b"\xaa\x50"
+PARTITION_MD5_MAGIC = b"\xeb\xeb"
+PARTITION_TABLE_OFFSET = 0x8000
+PARTITION_TABLE_SIZE = 0xC00
+EXT_HEADER_FMT = "<BBBBHBHH4sB"
+APP_DESC_FMT = "<II8s32s32s16s16s32s32sHHB3s72s"
+MAX_SEGMENTS = 16
+
+FLASH_MODES = {"qio": 0, "qout": 1, "dio": 2, "dout": 3}
+FLASH_SIZES = {"1MB": 0x0, "2MB": 0x1, "4MB": 0x2, "8MB": 0x3, "16MB": 0x4}
+FLASH_FREQS = {"40m": 0x0, "26m": 0x1, "20m": 0x2, "80m": 0xF}
+
+
+class ImageError(Exception):
+    """An image that a ROM or bootloader would refuse; the message is its words."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    load_addr: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AppDescription:
+    project_name: str
+    version: str
+    idf_version: str
+    compile_date: str
+    compile_time: str
+    secure_version: int
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    chip_id: int
+    entry: int
+    flash_mode: int
+    flash_size_code: int
+    flash_freq_code: int
+    segments: tuple[tuple[int, int, int], ...]  # (file offset, load addr, length)
+    length: int  # bytes including checksum and hash
+    hash_appended: bool
+    app: AppDescription | None
+
+    @property
+    def flash_size_name(self) -> str:
+        names = {v: k for k, v in FLASH_SIZES.items()}
+        return names.get(self.flash_size_code, "?")
+
+    @property
+    def flash_mode_name(self) -> str:
+        names = {v: k for k, v in FLASH_MODES.items()}
+        return names.get(self.flash_mode, "?").upper()
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def parse_app_description(segment: bytes) -> AppDescription | None:
+    if len(segment) < 256:
+        return None
+    fields = struct.unpack(APP_DESC_FMT, segment[:256])
+    if fields[0] != APP_DESC_MAGIC:
+        return None
+    return AppDescription(
+        project_name=_cstr(fields[4]),
+        version=_cstr(fields[3]),
+        idf_version=_cstr(fields[7]),
+        compile_date=_cstr(fields[6]),
+        compile_time=_cstr(fields[5]),
+        secure_version=fields[1],
+    )
+
+
+def check_image(read: Callable[[int, int], bytes], offset: int, limit: int,
+                chip_id: int | None = None) -> ImageInfo:
+    """Check an image in flash as the ROM/bootloader does; raise ImageError if bad.
+
+    `read(offset, length)` reads flash; `limit` is how many bytes the image may span.
+    """
+    head = read(offset, 24)
+    magic, count, mode, size_freq, entry = struct.unpack("<BBBBI", head[:8])
+    if magic != IMAGE_MAGIC:
+        raise ImageError(f"invalid header: 0x{struct.unpack('<I', head[:4])[0]:08x}")
+    if count == 0 or count > MAX_SEGMENTS:
+        raise ImageError(f"image at 0x{offset:x} has invalid segment count {count}")
+    ext = struct.unpack(EXT_HEADER_FMT, head[8:24])
+    image_chip_id, hash_appended = ext[4], ext[9] == 1
+    if chip_id is not None and image_chip_id != chip_id:
+        raise ImageError(
+            f"mismatch chip ID, expected {chip_id}, found {image_chip_id}"
+        )
+    pos = 24
+    checksum = CHECKSUM_SEED
+    segments = []
+    app = None
+    for i in range(count):
+        if pos + 8 > limit:
+            raise ImageError(f"image at 0x{offset:x} runs past its partition")
+        load_addr, length = struct.unpack("<II", read(offset + pos, 8))
+        pos += 8
+        if length > limit or pos + length > limit:
+            raise ImageError(
+                f"image at 0x{offset:x} has invalid segment {i} length 0x{length:x}"
+            )
+        data = read(offset + pos, length)
+        if i == 0:
+            app = parse_app_description(data)
+        segments.append((pos, load_addr, length))
+        checksum = _xor(data, checksum)
+        pos += length
+    pos += 15 - (pos % 16)  # pad so the checksum byte ends a 16-byte line
+    stored = read(offset + pos, 1)[0]
+    pos += 1
+    if stored != checksum:
+        raise ImageError(
+            f"Checksum failed. Calculated 0x{checksum:x} read 0x{stored:x}"
+        )
+    if hash_appended:
+        body = read(offset, pos)
+        digest = read(offset + pos, 32)
+        if hashlib.sha256(body).digest() != digest:
+            raise ImageError("Image hash failed - image is corrupt")
+        pos += 32
+    return ImageInfo(
+        chip_id=image_chip_id, entry=entry, flash_mode=mode,
+        flash_size_code=size_freq >> 4, flash_freq_code=size_freq & 0xF,
+        segments=tuple(segments), length=pos, hash_appended=hash_appended, app=app,
+    )
+
+
+def check_image_bytes(data: bytes, chip_id: int | None = None) -> ImageInfo:
+    def read(off: int, n: int) -> bytes:
+        chunk = data[off : off + n]
+        return chunk + b"\xff" * (n - len(chunk))
+
+    return check_image(read, 0, len(data), chip_id)
+
+
+def _xor(data: bytes, seed: int) -> int:
+    if not data:
+        return seed
+    # XOR all bytes quickly: fold the big integer down to one byte.
+    n = int.from_bytes(data, "little")
+    width = len(data)
+    while width > 1:
+        half = (width + 1) // 2
+        n = (n & ((1 << (8 * half)) - 1)) ^ (n >> (8 * half))
+        width = half
+    return (n & 0xFF) ^ seed
+
+
+# -- building ---------------------------------------------------------------------
+
+
+def app_description(project_name: str, version: str, idf_version: str = "v5.1.2",
+                    date: str = "Nov 26 2026", time: str = "12:00:00",
+                    secure_version: int = 0) -> bytes:
+    return struct.pack(
+        APP_DESC_FMT, APP_DESC_MAGIC, secure_version, b"", version.encode()[:31],
+        project_name.encode()[:31], time.encode()[:15], date.encode()[:15],
+        idf_version.encode()[:31], hashlib.sha256(project_name.encode()).digest(),
+        0, 0, 16, b"", b"",
+    )
+
+
+def build_image(segments: list[Segment], *, chip_id: int, entry: int,
+                flash_mode: str = "dio", flash_size: str = "4MB",
+                flash_freq: str = "40m", hash_appended: bool = True) -> bytes:
+    """Assemble an ESP image that `esptool image-info` and the ROM accept."""
+    out = bytearray(struct.pack(
+        "<BBBBI", IMAGE_MAGIC, len(segments), FLASH_MODES[flash_mode],
+        (FLASH_SIZES[flash_size] << 4) | FLASH_FREQS[flash_freq], entry,
+    ))
+    out += struct.pack(EXT_HEADER_FMT, 0xEE, 0, 0, 0, chip_id, 0, 0, 0xFFFF,
+                       b"\0" * 4, 1 if hash_appended else 0)
+    checksum = CHECKSUM_SEED
+    for seg in segments:
+        data = seg.data + b"\0" * (-len(seg.data) % 4)
+        out += struct.pack("<II", seg.load_addr, len(data)) + data
+        checksum = _xor(data, checksum)
+    out += b"\0" * (15 - len(out) % 16)
+    out.append(checksum)
+    if hash_appended:
+        out += hashlib.sha256(out).digest()
+    return bytes(out)
+
+
+# -- partition tables ---------------------------------------------------------------
+
+PARTITION_TYPES = {"app": 0x00, "data": 0x01}
+PARTITION_SUBTYPES = {
+    "app": {"factory": 0x00, "ota_0": 0x10, "ota_1": 0x11, "test": 0x20},
+    "data": {"ota": 0x00, "phy": 0x01, "nvs": 0x02, "coredump": 0x03,
+             "nvs_keys": 0x04, "spiffs": 0x82, "fat": 0x81},
+}
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    type: int
+    subtype: int
+    offset: int
+    size: int
+    flags: int = 0
+
+    @property
+    def type_name(self) -> str:
+        return {0: "app", 1: "data"}.get(self.type, f"0x{self.type:02x}")
+
+    @property
+    def subtype_name(self) -> str:
+        names = {v: k for k, v in PARTITION_SUBTYPES.get(self.type_name, {}).items()}
+        return names.get(self.subtype, f"0x{self.subtype:02x}")
+
+
+def parse_partition_table(data: bytes) -> list[Partition]:
+    """Parse a partition table as the bootloader does; raise ImageError if bad."""
+    parts: list[Partition] = []
+    for pos in range(0, min(len(data), PARTITION_TABLE_SIZE), 32):
+        entry = data[pos : pos + 32]
+        if entry[:2] == PARTITION_MAGIC:
+            _, ptype, sub, off, size, name, flags = struct.unpack("<2sBBII16sI", entry)
+            parts.append(Partition(_cstr(name), ptype, sub, off, size, flags))
+        elif entry[:2] == PARTITION_MD5_MAGIC:
+            if hashlib.md5(data[:pos]).digest() != entry[16:32]:
+                raise ImageError("Partition table MD5 mismatch")
+        elif entry == b"\xff" * 32:
+            break
+        else:
+            raise ImageError(f"partition {pos // 32} invalid magic number 0x{entry[0]:x}")
+    if not parts:
+        raise ImageError("Failed to verify partition table")
+    return parts
+
+
+def build_partition_table(parts: list[Partition]) -> bytes:
+    out = bytearray()
+    for p in parts:
+        out += struct.pack("<2sBBII16sI", PARTITION_MAGIC, p.type, p.subtype, p.offset,
+                           p.size, p.name.encode()[:15], p.flags)
+    out += PARTITION_MD5_MAGIC + b"\xff" * 14 + hashlib.md5(out).digest()
+    out += b"\xff" * (PARTITION_TABLE_SIZE - len(out))
+    return bytes(out)
+
+
+def boot_partition(parts: list[Partition]) -> Partition | None:
+    """The app the bootloader starts: factory if present, else ota_0 (otadata unread)."""
+    apps = [p for p in parts if p.type == 0]
+    for wanted in (0x00, 0x10):
+        for p in apps:
+            if p.subtype == wanted:
+                return p
+    return apps[0] if apps else None

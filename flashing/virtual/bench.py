@@ -1,0 +1,175 @@
+"""A bench of virtual boards, and the control interface other processes use.
+
+`VirtualBench` starts N boards, each with a `vesp://` socket and a pty, optionally
+keeping their flash and MAC in a state directory. `ControlServer` answers JSON
+lines on a Unix socket (`<run dir>/control.sock`):
+
+    {"device": 0, "op": "reset", "mode": "download"}   -> {"ok": true, "state": {...}}
+
+ops: state, reset (mode download|app), power_cycle, unplug, replug, swap,
+fault (name, value), clear_faults, console, list. `ControlClient` is the Python side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .device import VirtualDevice
+from .link import PtyPort, SocketPort
+from .nor import parse_size
+
+
+@dataclass
+class BenchSlot:
+    device: VirtualDevice
+    socket: SocketPort
+    pty: PtyPort
+
+    @property
+    def url(self) -> str:
+        return self.socket.url
+
+    def info(self) -> dict:
+        d = self.device.state()
+        return {"index": d["index"], "chip": d["chip"], "mac": d["mac"],
+                "flash_size": d["flash_size"], "pty": self.pty.path, "url": self.url,
+                "mode": d["mode"], "flash_file": d["flash_file"]}
+
+
+class VirtualBench:
+    def __init__(self, count: int = 1, chip: str = "esp32", flash_size: str | int = "4MB",
+                 state_dir: Path | str | None = None, run_dir: Path | str | None = None,
+                 realtime: bool = False, control: bool = True, seed: int | None = None):
+        self.state_dir = Path(state_dir) if state_dir else None
+        self._tmp = None
+        if run_dir is None:
+            if self.state_dir:
+                run_dir = self.state_dir
+            else:
+                self._tmp = tempfile.TemporaryDirectory(prefix="vesp-")
+                run_dir = self._tmp.name
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.slots: list[BenchSlot] = []
+        size = parse_size(flash_size)
+        for i in range(count):
+            dev = VirtualDevice(chip, index=i, flash_size=size, state_dir=self.state_dir,
+                                realtime=realtime,
+                                seed=None if seed is None else seed + i)
+            sock = SocketPort(dev, self.run_dir / f"board-{i}.sock")
+            self.slots.append(BenchSlot(dev, sock, PtyPort(dev)))
+        self.control = ControlServer(self, self.run_dir / "control.sock") if control else None
+
+    def __enter__(self) -> "VirtualBench":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getitem__(self, i: int) -> BenchSlot:
+        return self.slots[i]
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def close(self) -> None:
+        if self.control:
+            self.control.close()
+        for slot in self.slots:
+            slot.socket.close()
+            slot.pty.close()
+            slot.device.close()
+        if self._tmp:
+            self._tmp.cleanup()
+
+
+OPS = ("state", "reset", "power_cycle", "unplug", "replug", "swap", "fault",
+       "clear_faults", "console", "list")
+
+
+class ControlServer:
+    def __init__(self, bench: VirtualBench, path: Path):
+        self.bench = bench
+        self.path = path
+        if path.exists():
+            path.unlink()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        self._sock.listen(8)
+        threading.Thread(target=self._accept, daemon=True, name="vesp-control").start()
+
+    def close(self) -> None:
+        self._sock.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                try:
+                    reply = {"ok": True, **self.handle(json.loads(line))}
+                except Exception as exc:  # every bad request gets an answer, not a hang
+                    reply = {"ok": False, "error": str(exc)}
+                f.write(json.dumps(reply).encode() + b"\n")
+                f.flush()
+
+    def handle(self, req: dict) -> dict:
+        op = req.get("op")
+        if op not in OPS:
+            raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+        if op == "list":
+            return {"devices": [s.info() for s in self.bench.slots]}
+        idx = req.get("device")
+        if not isinstance(idx, int) or not 0 <= idx < len(self.bench.slots):
+            raise ValueError(f"device must be an index from 0 to {len(self.bench.slots) - 1}")
+        dev = self.bench.slots[idx].device
+        if op == "console":
+            return {"console": dev.console_text()}
+        if op == "reset":
+            return {"state": dev.reset(req.get("mode", "download"))}
+        if op == "fault":
+            return {"state": dev.set_fault(req["name"], req.get("value", True))}
+        if op == "swap":
+            mac = req.get("mac")
+            return {"state": dev.swap(bytes.fromhex(mac.replace(":", "")) if mac else None)}
+        return {"state": getattr(dev, op)()}
+
+
+class ControlClient:
+    """Talk to a running `station virtual` from another process."""
+
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+
+    def request(self, op: str, device: int | None = None, **args: Any) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(self.path)
+            s.settimeout(60)
+            s.sendall(json.dumps({"op": op, "device": device, **args}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+        reply = json.loads(buf)
+        if not reply.pop("ok"):
+            raise RuntimeError(reply["error"])
+        return reply

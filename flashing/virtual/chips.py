@@ -1,0 +1,173 @@
+"""Chip models of the virtual device: what each ESP32-family ROM shows to esptool.
+
+Each model carries the facts esptool reads from a real chip: the chip id or magic
+register used for detection, the eFuse words that hold the MAC and revision, the
+SPI register block used for raw flash commands, and the ROM's boot banner.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+# ESP32 ROM-calibrated clock: 8M clock eFuse byte and RTC calibration chosen so the
+# ROM's crystal estimate is exactly 40 MHz (cali * 15625 * ck8m / 40 == 40e6).
+ESP32_CK8M = 160
+ESP32_RTC_CALI = 640
+XTAL_HZ = 40_000_000
+
+
+@dataclass(frozen=True)
+class SpiRegisters:
+    base: int
+    usr: int
+    usr1: int
+    usr2: int
+    mosi_dlen: int
+    miso_dlen: int
+    w0: int
+    addr_msb: bool  # ESP32 left-aligns the address in SPI_ADDR_REG
+
+    @property
+    def cmd(self) -> int:
+        return self.base
+
+    @property
+    def addr(self) -> int:
+        return self.base + 0x04
+
+
+@dataclass(frozen=True)
+class ChipModel:
+    key: str  # esptool's --chip name
+    name: str  # esptool's CHIP_NAME
+    image_chip_id: int
+    magic_value: int  # value of the word at 0x40001000
+    rom_has_security_info: bool  # ROM implements GET_SECURITY_INFO (not ESP32)
+    supports_secure_download: bool
+    spi: SpiRegisters
+    bootloader_offset: int
+    uart_clkdiv_reg: int
+    mac_oui: bytes
+    rom_banner: str  # first line(s) the ROM prints after reset
+    download_boot: str  # "boot:0x.. (...)" text in download mode
+    flash_boot: str  # "boot:0x.. (...)" text for SPI boot
+    poweron_reset: str
+    wdt_reset: str
+    sw_reset: str
+    idf_target: str
+    extra_registers: dict[int, int] = field(default_factory=dict)
+
+    def efuse_registers(self, mac: bytes) -> dict[int, int]:
+        """The eFuse words esptool reads for MAC, package and revision."""
+        if self.key == "esp32":
+            base = 0x3FF5A000
+            word1 = struct.unpack(">I", mac[2:6])[0]
+            word2 = (0x5A << 16) | struct.unpack(">H", mac[0:2])[0]  # 0x5A: MAC CRC byte
+            word3 = (1 << 9) | (1 << 15)  # package D0WD, revision bit 0
+            word4 = ESP32_CK8M
+            word5 = 1 << 20  # revision bit 1 -> with APB_CTL_DATE bit: v3.0
+            return {
+                base + 0x04: word1,
+                base + 0x08: word2,
+                base + 0x0C: word3,
+                base + 0x10: word4,
+                base + 0x14: word5,
+            }
+        base = 0x60008800 if self.key == "esp32c3" else 0x60007000
+        mac0 = struct.unpack(">I", mac[2:6])[0]
+        mac1 = struct.unpack(">H", mac[0:2])[0]
+        block1 = base + 0x44
+        minor = 4 if self.key == "esp32c3" else 2
+        return {
+            block1: mac0,
+            block1 + 4: mac1,
+            block1 + 12: (minor & 0x7) << 18,  # package 0, minor revision low bits
+            block1 + 20: 0,  # major revision 0
+        }
+
+    def registers(self, mac: bytes) -> dict[int, int]:
+        regs = {0x40001000: self.magic_value}
+        regs.update(self.efuse_registers(mac))
+        regs.update(self.extra_registers)
+        return regs
+
+    def banner(self, reset: str, boot: str) -> str:
+        return f"{self.rom_banner}rst:{reset},boot:{boot}\n"
+
+
+ESP32 = ChipModel(
+    key="esp32",
+    name="ESP32",
+    image_chip_id=0,
+    magic_value=0x00F01D83,
+    rom_has_security_info=False,
+    supports_secure_download=False,
+    spi=SpiRegisters(0x3FF42000, 0x1C, 0x20, 0x24, 0x28, 0x2C, 0x80, True),
+    bootloader_offset=0x1000,
+    uart_clkdiv_reg=0x3FF40014,
+    mac_oui=bytes.fromhex("240ac4"),
+    rom_banner="ets Jun  8 2016 00:22:57\n\n",
+    download_boot="0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))",
+    flash_boot="0x13 (SPI_FAST_FLASH_BOOT)",
+    poweron_reset="0x1 (POWERON_RESET)",
+    wdt_reset="0x10 (RTCWDT_RTC_RESET)",
+    sw_reset="0xc (SW_CPU_RESET)",
+    idf_target="esp32",
+    extra_registers={
+        0x3FF6607C: 1 << 31,  # APB_CTL_DATE: revision bit 2
+        0x3FF5F06C: ESP32_RTC_CALI << 7,  # RTCCALICFG1
+    },
+)
+
+ESP32C3 = ChipModel(
+    key="esp32c3",
+    name="ESP32-C3",
+    image_chip_id=5,
+    magic_value=0x1B31506F,
+    rom_has_security_info=True,
+    supports_secure_download=True,
+    spi=SpiRegisters(0x60002000, 0x18, 0x1C, 0x20, 0x24, 0x28, 0x58, False),
+    bootloader_offset=0x0,
+    uart_clkdiv_reg=0x60000014,
+    mac_oui=bytes.fromhex("348518"),
+    rom_banner="ESP-ROM:esp32c3-api1-20210207\nBuild:Feb  7 2021\n",
+    download_boot="0x4 (DOWNLOAD(USB/UART0/1))",
+    flash_boot="0xc (SPI_FAST_FLASH_BOOT)",
+    poweron_reset="0x1 (POWERON)",
+    wdt_reset="0x10 (RTCWDT_RTC_RST)",
+    sw_reset="0x3 (RTC_SW_SYS_RST)",
+    idf_target="esp32c3",
+)
+
+ESP32S3 = ChipModel(
+    key="esp32s3",
+    name="ESP32-S3",
+    image_chip_id=9,
+    magic_value=0x00000009,
+    rom_has_security_info=True,
+    supports_secure_download=True,
+    spi=SpiRegisters(0x60002000, 0x18, 0x1C, 0x20, 0x24, 0x28, 0x58, False),
+    bootloader_offset=0x0,
+    uart_clkdiv_reg=0x60000014,
+    mac_oui=bytes.fromhex("f412fa"),
+    rom_banner="ESP-ROM:esp32s3-20210327\nBuild:Mar 27 2021\n",
+    download_boot="0x0 (DOWNLOAD(USB/UART0))",
+    flash_boot="0x8 (SPI_FAST_FLASH_BOOT)",
+    poweron_reset="0x1 (POWERON)",
+    wdt_reset="0x10 (RTCWDT_RTC_RST)",
+    sw_reset="0x3 (RTC_SW_SYS_RST)",
+    idf_target="esp32s3",
+)
+
+CHIPS: dict[str, ChipModel] = {c.key: c for c in (ESP32, ESP32C3, ESP32S3)}
+
+
+def chip_by_name(name: str) -> ChipModel:
+    key = name.lower().replace("-", "")
+    try:
+        return CHIPS[key]
+    except KeyError:
+        raise ValueError(
+            f"unknown chip {name!r}: the virtual device models {', '.join(CHIPS)}"
+        ) from None

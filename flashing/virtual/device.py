@@ -1,0 +1,546 @@
+"""A virtual ESP32-family board: chip, flash, UART wire, auto-reset circuit, faults.
+
+The device runs on its own thread and owns all its state; transports (the
+reset-capable socket link and the pty) hand it bytes, line changes and the host's
+baud rate through a queue. It is reached like any board: through a serial port.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import math
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from .boot import boot_from_flash
+from .chips import ESP32_CK8M, ESP32_RTC_CALI, ChipModel, chip_by_name
+from .loader import Loader
+from .nor import NorFlash, sfdp_table
+from .slip import SlipDecoder, encode
+
+STRAP_DELAY = 0.005  # EN's RC delay: the chip samples IO0 this long after EN rises
+BOOTLOOP_PERIOD = 0.5  # watchdog reset period of a board that cannot boot
+CONSOLE_KEEP = 64 * 1024
+BAUD_TOLERANCE = 0.03  # a UART still decodes within about 3 %
+GARBLE_RATE = 0.01  # byte error rate on a link driven above what it can carry
+
+
+@dataclass
+class Faults:
+    """Injectable faults; each mirrors a way real boards fail at the line."""
+
+    noise: float = 0.0  # probability that a byte on the wire is corrupted
+    no_answer: bool = False  # board without auto-reset, sitting in its app
+    flash_dead: bool = False  # SPI flash does not answer (RDID reads FFFFFF)
+    secure_download: bool = False  # Secure Download Mode eFuse burnt
+    no_download_mode: bool = False  # IO0 never reaches the chip: always boots flash
+    unplug_after: int | None = None  # host bytes until the cable is pulled
+    garble_above: int | None = None  # baud above which the link corrupts bytes
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+@dataclass
+class Sink:
+    """Where the device's UART output goes, and the baud rate that end listens at."""
+
+    write: Callable[[bytes], None]
+    baud: Callable[[], int | None]
+
+
+class VirtualDevice:
+    def __init__(self, chip: str | ChipModel = "esp32", *, index: int = 0,
+                 flash_size: int = 4 * 1024 * 1024, mac: bytes | None = None,
+                 state_dir: Path | None = None, realtime: bool = False,
+                 seed: int | None = None):
+        self.chip = chip if isinstance(chip, ChipModel) else chip_by_name(chip)
+        self.index = index
+        self.realtime = realtime
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.rng = random.Random(seed if seed is not None else os.urandom(8))
+        self.faults = Faults()
+        self.flash_size = flash_size
+        self.mac = mac
+        self._load_identity()
+        flash_path = self.state_dir / f"device-{index}.flash" if self.state_dir else None
+        self.flash = NorFlash(self.flash_size, flash_path)
+        self.sfdp = sfdp_table(self.flash.part)
+        self.regs: dict[int, int] = {}
+        self._reset_registers()
+        self.sinks: list[Sink] = []
+        self.links: list[Any] = []  # transports told about unplug/replug
+        self.firmware_hooks: list[Callable[["VirtualDevice", Any], None]] = []
+        # wire and circuit state (device thread only)
+        self.powered = True
+        self.mode = "off"
+        self.loader: Loader | None = None
+        self.decoder = SlipDecoder()
+        self.baud: int | None = 115200
+        self.host_baud = 115200
+        self.reset_capable_hosts = 0
+        self.dtr = self.rts = False
+        self.en_low = False
+        self.io0_low = False
+        self.strap_at: float | None = None
+        self.rx_clock = self.tx_clock = self.flash_ready_at = 0.0
+        self.bytes_in = self.bytes_out = 0
+        self.bytes_since_plug = 0
+        self.console = bytearray()
+        self.app = None
+        self.boot_error: str | None = None
+        self.boots = 0
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"vdev-{index}", daemon=True)
+        self._stopped = threading.Event()
+        self._thread.start()
+        self.call(lambda: self._power_up("poweron"))
+
+    # -- identity and persistence ---------------------------------------------------
+    def _identity_path(self) -> Path | None:
+        return self.state_dir / f"device-{self.index}.json" if self.state_dir else None
+
+    def _load_identity(self) -> None:
+        path = self._identity_path()
+        if path and path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("chip") == self.chip.key:
+                self.mac = bytes.fromhex(saved["mac"].replace(":", ""))
+                self.flash_size = saved["flash_size"]
+        if self.mac is None:
+            self.mac = self.chip.mac_oui + bytes(self.rng.randrange(256) for _ in range(3))
+        self._save_identity()
+
+    def _save_identity(self) -> None:
+        path = self._identity_path()
+        if path:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"chip": self.chip.key, "mac": self.mac_text,
+                                       "flash_size": self.flash_size}))
+            os.replace(tmp, path)
+
+    @property
+    def mac_text(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.mac)
+
+    def _reset_registers(self) -> None:
+        self.regs = dict(self.chip.registers(self.mac))
+
+    # -- thread-safe entry points (any thread) --------------------------------------
+    def host_write(self, data: bytes, host_baud: int | None, t: float | None = None) -> None:
+        self._events.put(("rx", data, host_baud, t or time.monotonic()))
+
+    def host_lines(self, dtr: bool, rts: bool, t: float | None = None) -> None:
+        self._events.put(("lines", dtr, rts, t or time.monotonic()))
+
+    def reset_capable_host(self, attached: bool) -> None:
+        self._events.put(("host", attached))
+
+    def call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Run fn on the device thread and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self._events.put(("call", fn, box, done))
+        if not done.wait(timeout):
+            raise TimeoutError(f"virtual device {self.index} did not answer")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def close(self) -> None:
+        if not self._stopped.is_set():
+            self._events.put(("stop",))
+            self._thread.join(5)
+        self.flash.close()
+
+    # -- control (documented interface; any thread) ---------------------------------
+    def reset(self, mode: str = "download") -> dict:
+        """Reset the chip into 'download' mode or into the 'app', as a button press would."""
+        if mode not in ("download", "app"):
+            raise ValueError("reset mode is 'download' or 'app'")
+        return self.call(lambda: (self._chip_reset(), self._start(mode == "download", "poweron"),
+                                  self.describe())[-1])
+
+    def power_cycle(self) -> dict:
+        return self.call(lambda: (self._power_off(), self._power_up("poweron"), self.describe())[-1])
+
+    def unplug(self) -> dict:
+        return self.call(lambda: (self._unplug(), self.describe())[-1])
+
+    def replug(self) -> dict:
+        return self.call(lambda: (self._replug(), self.describe())[-1])
+
+    def swap(self, mac: bytes | None = None) -> dict:
+        """Take the board out and put a new blank one (new MAC, erased flash) in its place."""
+        def do():
+            self._unplug()
+            self.mac = mac or self.chip.mac_oui + bytes(self.rng.randrange(256) for _ in range(3))
+            self._reset_registers()
+            self.flash.wipe()
+            self.faults = Faults()
+            self.boots = self.bytes_in = self.bytes_out = 0
+            self._save_identity()
+            self._replug()
+            return self.describe()
+        return self.call(do)
+
+    def set_fault(self, name: str, value: Any = True) -> dict:
+        if name not in Faults.names():
+            raise ValueError(f"unknown fault {name!r}; faults: {', '.join(Faults.names())}")
+        def do():
+            setattr(self.faults, name, value)
+            return self.describe()
+        return self.call(do)
+
+    def clear_faults(self) -> dict:
+        def do():
+            self.faults = Faults()
+            return self.describe()
+        return self.call(do)
+
+    def state(self) -> dict:
+        return self.call(self.describe)
+
+    def console_text(self) -> str:
+        return self.call(lambda: self.console.decode("utf-8", "replace"))
+
+    def describe(self) -> dict:
+        return {
+            "index": self.index, "chip": self.chip.name, "mac": self.mac_text,
+            "flash_size": self.flash_size, "flash_part": self.flash.part.name,
+            "powered": self.powered, "mode": self._mode_name(), "baud": self.baud,
+            "stub": self.loader.stub.version if self.loader and self.loader.stub else None,
+            "app": asdict(self.app) if self.app else None, "boot_error": self.boot_error,
+            "boots": self.boots, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+            "faults": {k: v for k, v in asdict(self.faults).items() if v not in (None, False, 0.0)},
+            "realtime": self.realtime,
+            "flash_file": str(self.flash.path) if self.flash.path else None,
+        }
+
+    def _mode_name(self) -> str:
+        if self.mode == "rom" and self.loader and self.loader.stub:
+            return "stub"
+        return self.mode
+
+    # -- the device thread ------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                timeout = None
+                if self._timers:
+                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                try:
+                    ev = self._events.get(timeout=timeout)
+                except queue.Empty:
+                    ev = None
+                if ev is not None:
+                    kind = ev[0]
+                    if kind == "stop":
+                        return
+                    if kind == "rx":
+                        self._on_rx(ev[1], ev[2], ev[3])
+                    elif kind == "lines":
+                        self._on_lines(ev[1], ev[2], ev[3])
+                    elif kind == "host":
+                        self.reset_capable_hosts += 1 if ev[1] else -1
+                    elif kind == "call":
+                        _, fn, box, done = ev
+                        try:
+                            box["result"] = fn()
+                        except Exception as exc:  # handed back to the caller
+                            box["error"] = exc
+                        done.set()
+                self._run_timers()
+        finally:
+            self._stopped.set()
+
+    def schedule(self, delay: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, fn = heapq.heappop(self._timers)
+            fn()
+
+    # -- power, reset and boot ----------------------------------------------------------
+    def _power_off(self) -> None:
+        self.mode = "off"
+        self.loader = None
+        self.app = None
+        self._timers.clear()
+        self.flash.sync()
+
+    def _power_up(self, cause: str) -> None:
+        if not self.powered:
+            return
+        # with no reset-capable host attached the board sits in a jig holding IO0 low
+        if self.reset_capable_hosts == 0:
+            download = True
+        else:
+            download = self.io0_low
+        if self.faults.no_answer or self.faults.no_download_mode:
+            download = False
+        self._start(download, cause)
+
+    def _chip_reset(self) -> None:
+        self.mode = "reset"
+        self.loader = None
+        self.app = None
+        self._timers.clear()
+        self.decoder.reset()
+        self.flash.sync()
+
+    def _start(self, download: bool, cause: str) -> None:
+        if not self.powered:
+            return
+        if self.faults.no_download_mode:
+            download = False
+        self._timers.clear()
+        self.decoder.reset()
+        self.mode = "booting"
+        self.boots += 1
+        self.console.clear()
+        self._reset_registers()
+        reset_text = {"poweron": self.chip.poweron_reset, "wdt": self.chip.wdt_reset,
+                      "sw": self.chip.sw_reset}[cause]
+        if download:
+            self.mode = "rom"
+            self.app = None
+            self.loader = Loader(self)
+            self.baud = None  # the ROM auto-bauds on the first SYNC
+            self._print(self.chip.banner(reset_text, self.chip.download_boot) + "waiting for download\n")
+            return
+        self.loader = None
+        self.baud = 115200
+        result = boot_from_flash(self.chip, self.flash.read, self.flash.size, reset_text)
+        self._print(result.log)
+        self.boot_error = result.error
+        if result.app is None:
+            self.mode = "bootloop"
+            self.app = None
+            self.schedule(BOOTLOOP_PERIOD, lambda: self._start(False, "wdt"))
+            return
+        self.mode = "app"
+        self.app = result.app
+        for hook in self.firmware_hooks:
+            hook(self, result)
+        if not self.firmware_hooks:
+            self._print(f"I ({300 + 7 * len(result.log) // 100}) app: {result.app.project_name} "
+                        f"{result.app.version} running\n")
+
+    def soft_reset_to_rom(self) -> None:
+        self._start(True, "sw")
+
+    def leave_loader(self) -> None:
+        self.flash.sync()
+        self._start(False, "sw")
+
+    def run_unknown_ram_code(self, entry: int) -> None:
+        self.mode = "halted"  # running code we cannot emulate: the UART falls silent
+        self.loader = None
+
+    def _unplug(self) -> None:
+        if not self.powered:
+            return
+        self._power_off()
+        self.powered = False
+        for link in self.links:
+            link.unplugged()
+
+    def _replug(self) -> None:
+        if self.powered:
+            return
+        self.powered = True
+        self.bytes_since_plug = 0
+        self.dtr = self.rts = False
+        self.en_low = self.io0_low = False
+        self.strap_at = None
+        for link in self.links:
+            link.replugged()
+        self._power_up("poweron")
+
+    # -- the auto-reset circuit ---------------------------------------------------------
+    def _on_lines(self, dtr: bool, rts: bool, t: float) -> None:
+        if not self.powered or self.faults.no_answer:
+            return
+        if self.strap_at is not None and t >= self.strap_at:
+            self._resolve_strap()
+        self.dtr, self.rts = dtr, rts
+        en_low = rts and not dtr  # transistor pair of the classic dev-board circuit
+        io0_low = dtr and not rts
+        self.io0_low = io0_low and not self.faults.no_download_mode
+        if en_low and not self.en_low:
+            self.en_low = True
+            self.strap_at = None
+            self._chip_reset()
+        elif not en_low and self.en_low:
+            self.en_low = False
+            self.strap_at = t + STRAP_DELAY
+            self.schedule(max(0.0, self.strap_at - time.monotonic()), self._strap_timer)
+
+    def _strap_timer(self) -> None:
+        if self.strap_at is not None and time.monotonic() >= self.strap_at:
+            self._resolve_strap()
+
+    def _resolve_strap(self) -> None:
+        self.strap_at = None
+        if self.mode == "reset":
+            self._start(self.io0_low, "poweron")
+
+    # -- the wire -------------------------------------------------------------------------
+    def _on_rx(self, data: bytes, host_baud: int | None, t: float) -> None:
+        if host_baud:
+            self.host_baud = host_baud
+        if not self.powered:
+            return
+        if self.faults.unplug_after is not None:
+            left = self.faults.unplug_after - self.bytes_since_plug
+            if len(data) >= left:
+                self.bytes_since_plug += max(0, left)
+                self.faults.unplug_after = None
+                self._unplug()
+                return
+        self.bytes_in += len(data)
+        self.bytes_since_plug += len(data)
+        if self.realtime:
+            arrive = max(t, self.rx_clock) + len(data) * 10 / self.host_baud
+            self.rx_clock = arrive
+            self._sleep_until(arrive)
+        if self.mode != "rom" or self.loader is None:
+            return  # in reset, in the app (console input is ignored) or silent
+        if self.baud is None:
+            self.baud = self.host_baud  # ROM auto-baud locks on the first sync
+        data = self._corrupt(data, self.host_baud, self.baud)
+        for frame in self.decoder.feed(data):
+            if self.loader is None:
+                break
+            self.loader.handle(frame)
+
+    def _corrupt(self, data: bytes, sender: int | None, receiver: int | None) -> bytes:
+        """What arrives when a UART reads bytes sent at `sender` baud at `receiver` baud."""
+        if sender and receiver and abs(sender / receiver - 1) > BAUD_TOLERANCE:
+            # wrong rate: framing errors; fewer or more bytes, none of them right
+            n = max(1, int(len(data) * receiver / sender))
+            return bytes(self.rng.randrange(256) for _ in range(min(n, 4096)))
+        rate = self.faults.noise
+        if self.faults.garble_above and sender and sender > self.faults.garble_above:
+            rate = max(rate, GARBLE_RATE)
+        if rate <= 0:
+            return data
+        out = bytearray(data)
+        i = -1
+        log_q = math.log(1 - min(rate, 0.999999))
+        while True:
+            i += int(math.log(1 - self.rng.random()) / log_q) + 1
+            if i >= len(out):
+                break
+            out[i] ^= 1 << self.rng.randrange(8)
+        return bytes(out)
+
+    def _print(self, text: str) -> None:
+        raw = text.replace("\n", "\r\n").encode()
+        self.console += text.encode()
+        if len(self.console) > CONSOLE_KEEP:
+            del self.console[: len(self.console) - CONSOLE_KEEP]
+        self.tx(raw)
+
+    def send_frame(self, payload: bytes) -> None:
+        self.tx(encode(payload))
+
+    def tx(self, data: bytes) -> None:
+        if not self.powered or self.mode in ("off", "reset"):
+            return
+        dev_baud = self.baud or 115200
+        self.bytes_out += len(data)
+        if self.realtime:
+            done = max(time.monotonic(), self.tx_clock) + len(data) * 10 / dev_baud
+            self.tx_clock = done
+            self._sleep_until(done)
+        for sink in list(self.sinks):
+            try:
+                sink.write(self._corrupt(data, dev_baud, sink.baud()))
+            except OSError:
+                pass  # the host end went away; a UART does not notice
+
+    def set_baud(self, baud: int) -> None:
+        self.baud = baud
+
+    # -- flash timing -------------------------------------------------------------------
+    def _sleep_until(self, t: float) -> None:
+        delay = t - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def flash_busy(self, seconds: float, pipelined: bool) -> None:
+        """Account for flash latency; the stub overlaps it with the next block's transfer."""
+        if not self.realtime or seconds <= 0:
+            return
+        now = time.monotonic()
+        if pipelined:
+            start = max(now, self.flash_ready_at)
+            self.flash_ready_at = start + seconds
+            self._sleep_until(start)
+        else:
+            self.flash_drain()
+            self.flash_ready_at = time.monotonic() + seconds
+            self._sleep_until(self.flash_ready_at)
+
+    def flash_drain(self) -> None:
+        if self.realtime:
+            self._sleep_until(self.flash_ready_at)
+
+    # -- registers and the SPI flash controller --------------------------------------------
+    def rom_crystal_hz(self) -> float:
+        return ESP32_RTC_CALI * 15625 * ESP32_CK8M / 40
+
+    def read_register(self, addr: int) -> int:
+        if addr == self.chip.uart_clkdiv_reg:
+            return int(40_000_000 / (self.baud or self.host_baud or 115200)) & 0xFFFFF
+        return self.regs.get(addr, 0)
+
+    def write_register(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
+        old = self.regs.get(addr, 0)
+        self.regs[addr] = (old & ~mask) | (value & mask)
+        spi = self.chip.spi
+        if addr == spi.cmd and self.regs[addr] & (1 << 18):
+            self._spi_command()
+            self.regs[addr] &= ~(1 << 18)
+
+    def _spi_command(self) -> None:
+        spi = self.chip.spi
+        usr = self.regs.get(spi.base + spi.usr, 0)
+        opcode = self.regs.get(spi.base + spi.usr2, 0) & 0xFF
+        miso_bits = self.regs.get(spi.base + spi.miso_dlen, 0) + 1 if usr & (1 << 28) else 0
+        addr = 0
+        if usr & (1 << 30):
+            addr_len = ((self.regs.get(spi.base + spi.usr1, 0) >> 26) & 0x3F) + 1
+            addr = self.regs.get(spi.addr, 0)
+            if spi.addr_msb:
+                addr >>= 32 - addr_len
+        if self.faults.flash_dead:
+            result = 0xFFFFFFFF  # MISO floats high
+        elif opcode == 0x9F:
+            result = self.flash.part.rdid
+        elif opcode == 0x5A:
+            chunk = self.sfdp[addr : addr + 4] if addr < len(self.sfdp) else b""
+            result = int.from_bytes(chunk.ljust(4, b"\xff"), "little")
+        else:
+            result = 0  # status registers read 0: not busy, nothing protected
+        if miso_bits:
+            result &= (1 << min(miso_bits, 32)) - 1
+            self.regs[spi.base + spi.w0] = result
