@@ -92,6 +92,34 @@ def cmd_virtual_ctl(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+# -- station demo -------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start virtual boards, flash generated firmware with esptool, boot them."""
+    import time
+
+    from esptool import cmds
+
+    from flashing.firmware import build_firmware
+    from flashing.virtual.bench import VirtualBench
+
+    fw = build_firmware(args.chip, project="relay", version="1.0.0")
+    with VirtualBench(args.count, args.chip) as bench:
+        for slot in bench.slots:
+            _err(f"board {slot.device.index}: {slot.device.mac_text} on {slot.url}")
+            esp = cmds.run_stub(cmds.detect_chip(slot.url, connect_mode="no-reset"))
+            esp.change_baud(921600)
+            cmds.attach_flash(esp)
+            cmds.write_flash(esp, fw.regions())
+            esp._port.close()
+            state = slot.device.reset("app")
+            time.sleep(0.05)
+            print(slot.device.console_text(), flush=True)
+            _err(f"board {slot.device.index}: {state['mode']} "
+                 f"({state['app']['project_name']} {state['app']['version']})")
+    return Exit.OK
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing model: wire at baud/10 bytes/s, flash erase/program latency")
     v.add_argument("--json", action="store_true", help="one JSON object per board per line")
     v.set_defaults(func=cmd_virtual)
+
+    d = sub.add_parser("demo", help="flash virtual boards with the example firmware")
+    d.add_argument("--count", type=int, default=2)
+    d.add_argument("--chip", default="esp32")
+    d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("virtual-ctl", help="act on a running `station virtual` board")
     c.add_argument("--control", required=True, type=Path, help="the control socket it printed")

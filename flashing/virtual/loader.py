@@ -164,6 +164,8 @@ class Loader:
                                    and not self.in_stub and op not in SDM_ALLOWED):
             self.fail(op, CommandError(ROM_INVALID_MSG, STUB_NOT_IMPLEMENTED))
             return
+        if self.in_stub and op not in (FLASH_DATA, FLASH_DEFL_DATA):
+            self.dev.flash_drain()  # the stub handles one command at a time
         handler = self._handlers[op]
         try:
             handler(self, op, data, chk)

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""The project's two everyday commands, on a machine that has only python3 >= 3.11.
+
+    python3 tasks.py demo    # the station with virtual boards and the example profile
+    python3 tasks.py test    # the test suite (what CI runs)
+    python3 tasks.py bench   # the benchmark scripts (slow; prints the numbers we quote)
+
+Each creates or updates the local virtual environment `.venv` first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = Path(os.environ.get("STATION_VENV", ROOT / ".venv"))
+PY = VENV / "bin" / "python"
+STAMP = VENV / ".installed"
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit("The station needs Python 3.11 or newer.")
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == want and PY.exists():
+        return
+    if not PY.exists():
+        print(f"creating {VENV} ...", file=sys.stderr)
+        try:
+            venv.create(VENV, with_pip=True)
+        except Exception as exc:  # e.g. Debian without python3-venv
+            sys.exit(f"could not create a virtual environment ({exc}); "
+                     "install your distribution's python3-venv package")
+    print("installing the station and its dependencies ...", file=sys.stderr)
+    subprocess.run([PY, "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
+    subprocess.run([PY, "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"], check=True)
+    STAMP.write_text(want)
+
+
+def main() -> int:
+    task = sys.argv[1] if len(sys.argv) > 1 else "help"
+    extra = sys.argv[2:]
+    if task not in ("demo", "test", "bench"):
+        print(__doc__)
+        return 0 if task == "help" else 2
+    ensure_venv()
+    if task == "demo":
+        return subprocess.call([PY, "-m", "station", "demo", *extra], cwd=ROOT)
+    if task == "test":
+        return subprocess.call([PY, "-m", "pytest", *extra], cwd=ROOT)
+    rc = 0
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        print(f"== {script.name}", flush=True)
+        rc |= subprocess.call([PY, str(script), *extra], cwd=ROOT)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
