@@ -92,32 +92,167 @@ def cmd_virtual_ctl(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+# -- station flash ---------------------------------------------------------------------------
+
+class _HumanProgress:
+    """Live per-port progress on stderr for people; the summary goes to stdout."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last_pct: dict[str, int] = {}
+
+    def __call__(self, event) -> None:
+        from station.events import Progress, StepStarted, UnitFinished
+
+        with self.lock:
+            if isinstance(event, StepStarted):
+                _err(f"{port_label(event.port)}: {event.step} ...")
+            elif isinstance(event, Progress) and event.total:
+                pct = event.done * 100 // event.total
+                if pct // 10 != self.last_pct.get(event.port, -1) // 10:
+                    self.last_pct[event.port] = pct
+                    bar = "#" * (pct // 5)
+                    _err(f"{port_label(event.port)}: flash [{bar:<20}] {pct:3d}% "
+                         f"{event.done / 1e6:.2f}/{event.total / 1e6:.2f} MB")
+            elif isinstance(event, UnitFinished):
+                r = event.result
+                if r.passed:
+                    _err(f"{port_label(event.port)}: PASS {r.serial} {r.mac}")
+                else:
+                    _err(f"{port_label(event.port)}: {r.outcome.upper()} at {r.failed_step}: {r.error} -> {r.remedy}")
+
+
+class _JsonLines:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        from station.events import LogLine, to_json_dict
+
+        if isinstance(event, LogLine):
+            return  # console and esptool chatter stay out of the data stream
+        line = json.dumps(to_json_dict(event))
+        with self.lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+
+def port_label(port: str) -> str:
+    return port.rsplit("/", 1)[-1] if "://" in port else port
+
+
+def _summary(results) -> None:
+    print(f"{'port':<16} {'result':<7} {'serial':<18} {'mac':<18} {'time':>6}  failed step: message")
+    for r in results:
+        word = {"passed": "PASS", "failed": "FAIL", "aborted": "ABORT"}[r.outcome]
+        msg = "" if r.passed else f"{r.failed_step}: {r.error} -> {r.remedy}"
+        total = sum(r.durations.values())
+        print(f"{port_label(r.port)[:16]:<16} {word:<7} {r.serial or '-':<18} {r.mac or '-':<18} "
+              f"{total:5.1f}s  {msg}")
+    passed = sum(r.passed for r in results)
+    print(f"{passed} of {len(results)} units passed")
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from station.config import ConfigError
+    from station.pipeline import UnitJob
+    from station.runner import open_station, run_units
+
+    if not args.port and not args.virtual:
+        _err("station flash: give --port PORT (one or more) or --virtual N")
+        return Exit.USAGE
+    try:
+        ctx = open_station(args.profile, args.config, args.db)
+    except ConfigError as exc:
+        problems = getattr(exc, "problems", None)
+        _err("station flash: the profile or configuration is not ready; nothing was flashed")
+        for p in problems or [exc]:
+            _err(f"  {p}")
+        return Exit.USAGE
+    bench = None
+    ports = list(args.port or [])
+    if args.virtual:
+        from flashing.virtual.bench import VirtualBench
+
+        size = max(4 * 1024 * 1024, ctx.profile.needed_flash())
+        size = 1 << (size - 1).bit_length()
+        bench = VirtualBench(args.virtual, ctx.profile.chip, size, control=False)
+        ports += [slot.url for slot in bench.slots]
+    serials = list(args.serial or [])
+    if serials and len(serials) != len(ports):
+        _err(f"station flash: {len(serials)} serials for {len(ports)} ports; give one per port")
+        return Exit.USAGE
+    jobs = [UnitJob(port, serials[i] if serials else None, args.rework,
+                    args.operator or ctx.station.operator, args.lot or ctx.station.lot)
+            for i, port in enumerate(ports)]
+    emit = _JsonLines() if args.json else _HumanProgress()
+    try:
+        results = run_units(jobs, ctx, emit)
+    finally:
+        if bench:
+            bench.close()
+        ctx.record.close()
+    if not args.json:
+        _summary(results)
+    return Exit.OK if all(r.passed for r in results) else Exit.UNIT_FAILED
+
+
+def cmd_profile_check(args: argparse.Namespace) -> int:
+    from station.config import ConfigError, StationConfig
+    from station.profile import check_profile, load_profile
+
+    try:
+        station = StationConfig.load(args.config)
+        prof = load_profile(args.profile, station.profiles_dir)
+    except ConfigError as exc:
+        for p in getattr(exc, "problems", None) or [exc]:
+            _err(str(p))
+        return Exit.USAGE
+    problems = check_profile(prof)
+    for p in problems:
+        _err(str(p))
+    if problems:
+        _err(f"{len(problems)} problem(s): profile {prof.name!r} is not ready")
+        return Exit.USAGE
+    print(f"profile {prof.name!r} is ready: {prof.chip}, firmware {prof.firmware_version()}, "
+          f"{len(prof.regions)} regions, config hash {prof.content_hash[:16]}")
+    return Exit.OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from station.config import ConfigError, StationConfig
+    from station.record import Record, export_units
+
+    try:
+        station = StationConfig.load(args.config)
+        record = Record(args.db or station.database)
+    except (ConfigError, Exception) as exc:
+        _err(f"station export: {exc}")
+        return Exit.USAGE
+    n = export_units(record, args.out, args.format, args.since, args.profile)
+    _err(f"wrote {n} provisioned units to {args.out}")
+    return Exit.OK
+
+
 # -- station demo -------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Start virtual boards, flash generated firmware with esptool, boot them."""
-    import time
+    """Provision virtual boards with the example profile, end to end, into var/demo.db."""
+    import os
 
-    from esptool import cmds
+    # the example profile's vendor token comes from the environment; the demo brings its own
+    os.environ.setdefault("RELAY_VENDOR_TOKEN", "demo-tok42")
+    db = args.db or Path("var/demo.db")
+    ns = argparse.Namespace(profile=args.profile, port=None, virtual=args.count, json=False, db=db,
+                            serial=None, rework=False, operator="demo", lot="demo", config=args.config)
+    rc = cmd_flash(ns)
+    if rc != Exit.USAGE:
+        from station.record import Record, export_units
 
-    from flashing.firmware import build_firmware
-    from flashing.virtual.bench import VirtualBench
-
-    fw = build_firmware(args.chip, project="relay", version="1.0.0")
-    with VirtualBench(args.count, args.chip) as bench:
-        for slot in bench.slots:
-            _err(f"board {slot.device.index}: {slot.device.mac_text} on {slot.url}")
-            esp = cmds.run_stub(cmds.detect_chip(slot.url, connect_mode="no-reset"))
-            esp.change_baud(921600)
-            cmds.attach_flash(esp)
-            cmds.write_flash(esp, fw.regions())
-            esp._port.close()
-            state = slot.device.reset("app")
-            time.sleep(0.05)
-            print(slot.device.console_text(), flush=True)
-            _err(f"board {slot.device.index}: {state['mode']} "
-                 f"({state['app']['project_name']} {state['app']['version']})")
-    return Exit.OK
+        out = db.with_name("demo-export.csv")
+        n = export_units(Record(db), out)
+        _err(f"the record is in {db}; {n} provisioned units exported to {out}")
+    return rc
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -137,9 +272,40 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="one JSON object per board per line")
     v.set_defaults(func=cmd_virtual)
 
-    d = sub.add_parser("demo", help="flash virtual boards with the example firmware")
-    d.add_argument("--count", type=int, default=2)
-    d.add_argument("--chip", default="esp32")
+    f = sub.add_parser("flash", help="provision units on fixture ports (or virtual boards)")
+    f.add_argument("--profile", help="profile name under profiles/ or a path (default: station.toml's)")
+    f.add_argument("--port", action="append", help="serial port or pyserial URL; repeat for more")
+    f.add_argument("--virtual", type=int, default=0, help="provision N virtual boards")
+    f.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
+    f.add_argument("--db", type=Path, help="station database (default: station.toml's)")
+    f.add_argument("--serial", action="append", help="serial for each port, in order (from labels)")
+    f.add_argument("--rework", action="store_true", help="re-provision units that already passed")
+    f.add_argument("--operator", default="")
+    f.add_argument("--lot", default="")
+    f.add_argument("--config", type=Path, help="station.toml (default $STATION_CONFIG or ./station.toml)")
+    f.set_defaults(func=cmd_flash)
+
+    pr = sub.add_parser("profile", help="product profiles")
+    prs = pr.add_subparsers(dest="profile_command", required=True)
+    pc = prs.add_parser("check", help="validate a profile without a device")
+    pc.add_argument("profile")
+    pc.add_argument("--config", type=Path)
+    pc.set_defaults(func=cmd_profile_check)
+
+    e = sub.add_parser("export", help="write the provisioned units for audit")
+    e.add_argument("--format", choices=["csv", "jsonl"], default="csv")
+    e.add_argument("--since", help="ISO date or time: units provisioned from then on")
+    e.add_argument("--profile")
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--db", type=Path)
+    e.add_argument("--config", type=Path)
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="provision virtual boards with the example profile")
+    d.add_argument("--count", type=int, default=4)
+    d.add_argument("--profile", default="relay")
+    d.add_argument("--db", type=Path)
+    d.add_argument("--config", type=Path)
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("virtual-ctl", help="act on a running `station virtual` board")

@@ -1,0 +1,272 @@
+"""One esptool session per unit: reset, connect, identify, write, boot the app.
+
+The real esptool does all the protocol work through its Python API; this module
+owns the port (so the station drives the reset lines itself and works with any
+fixture wiring), routes esptool's logger output per thread to the unit it belongs
+to, and turns esptool's errors into messages an operator can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import serial
+from esptool import cmds
+from esptool.loader import ESPLoader
+from esptool.logger import TemplateLogger, log
+from esptool.util import FatalError, NotImplementedInROMError, UnsupportedCommandError
+
+import flashing  # noqa: F401  (registers vesp://)
+
+from .console import BANNER, BootLog, read_boot_log
+
+ROM_BAUD = 115200
+
+
+class EsptoolSink(Protocol):
+    def progress(self, done: int, total: int) -> None: ...
+    def message(self, text: str) -> None: ...
+
+
+_local = threading.local()
+_install_lock = threading.Lock()
+_installed = False
+
+
+class _ThreadRoutedLogger(TemplateLogger):
+    """esptool's one process-wide logger, handing each thread's output to its unit."""
+
+    def _sink(self) -> EsptoolSink | None:
+        return getattr(_local, "sink", None)
+
+    def print(self, *args, **kwargs) -> None:
+        sink = self._sink()
+        text = " ".join(str(a) for a in args).strip()
+        if sink and text:
+            sink.message(text)
+
+    def note(self, message: str) -> None:
+        self.print(f"Note: {message}")
+
+    def warning(self, message: str) -> None:
+        self.print(f"Warning: {message}")
+
+    def error(self, message: str) -> None:
+        self.print(f"Error: {message}")
+
+    def stage(self, finish: bool = False) -> None:
+        pass
+
+    def progress_bar(self, cur_iter: int, total_iters: int, prefix: str = "", suffix: str = "",
+                     bar_length: int = 30) -> None:
+        sink = self._sink()
+        if sink:
+            sink.progress(cur_iter, total_iters)
+
+    def set_verbosity(self, verbosity: str) -> None:
+        pass
+
+
+def install_logger() -> None:
+    """Install the routing logger once per process (never per job)."""
+    global _installed
+    with _install_lock:
+        if not _installed:
+            log.set_logger(_ThreadRoutedLogger())
+            _installed = True
+
+
+@contextlib.contextmanager
+def esptool_output(sink: EsptoolSink | None) -> Iterator[None]:
+    install_logger()
+    previous = getattr(_local, "sink", None)
+    _local.sink = sink
+    try:
+        yield
+    finally:
+        _local.sink = previous
+
+
+class SessionError(Exception):
+    """A failure of one unit's session, with what the operator should do about it."""
+
+    def __init__(self, message: str, remedy: str, detail: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.remedy = remedy
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ChipIdentity:
+    chip: str  # esptool's CHIP_NAME
+    mac: bytes
+    flash_size: str | None  # as esptool reports it, e.g. "4MB"
+    flash_id: int
+    secure_download: bool
+    description: str
+
+
+def flash_size_bytes(name: str | None) -> int:
+    if not name:
+        return 0
+    return int(name.upper().removesuffix("MB")) * 1024 * 1024
+
+
+class UnitSession:
+    """The serial port of one fixture slot and the esptool session on it."""
+
+    def __init__(self, port: str, sink: EsptoolSink | None = None,
+                 cancelled: Callable[[], bool] = lambda: False):
+        self.port_name = port
+        self.sink = sink
+        self.cancelled = cancelled
+        self.serial: serial.SerialBase | None = None
+        self.esp: ESPLoader | None = None
+        self.can_reset = True
+
+    # -- port ----------------------------------------------------------------------------
+    def open(self) -> None:
+        try:
+            s = serial.serial_for_url(self.port_name, do_not_open=True, exclusive=True)
+            s.baudrate = ROM_BAUD
+            s.timeout = 0.1
+            s.open()
+        except (serial.SerialException, OSError, ValueError) as exc:
+            raise SessionError(f"cannot open {self.port_name}: {exc}",
+                               "check the cable and that no other program holds the port") from None
+        self.serial = s
+
+    def close(self) -> None:
+        if self.serial is not None:
+            with contextlib.suppress(Exception):
+                self.serial.close()
+        self.serial = None
+        self.esp = None
+
+    def __enter__(self) -> "UnitSession":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _lines(self, dtr: bool, rts: bool) -> None:
+        try:
+            self.serial.dtr = dtr
+            self.serial.rts = rts
+        except (OSError, serial.SerialException):
+            self.can_reset = False  # a pty or a fixture without reset wiring
+
+    # -- reset ----------------------------------------------------------------------------
+    def enter_download_mode(self) -> str:
+        """Pulse EN with IO0 held low through the dev-board circuit; return the ROM banner."""
+        s = self.serial
+        s.baudrate = ROM_BAUD
+        self._lines(False, True)  # EN low, IO0 high: chip in reset
+        if not self.can_reset:
+            return ""
+        time.sleep(0.1)
+        s.reset_input_buffer()
+        self._lines(True, False)  # IO0 low while EN rises
+        time.sleep(0.05)
+        self._lines(False, False)  # release IO0
+        time.sleep(0.02)
+        return s.read(s.in_waiting).decode("ascii", "replace")
+
+    def reset_into_app(self) -> None:
+        s = self.serial
+        s.baudrate = ROM_BAUD
+        s.reset_input_buffer()
+        self._lines(False, True)  # EN low (DTR released first: both asserted holds EN high)
+        time.sleep(0.1)
+        s.reset_input_buffer()
+        self._lines(False, False)  # EN high with IO0 high: boot from flash
+
+    # -- esptool ----------------------------------------------------------------------------
+    def connect(self, expected_chip: str | None = None) -> ChipIdentity:
+        banner = self.enter_download_mode()
+        m = BANNER.search(banner)
+        if m and "DOWNLOAD" not in m.group(2):
+            raise SessionError(
+                f"the board booted its firmware ({m.group(2)}) instead of download mode",
+                "check the fixture's BOOT/IO0 wiring, or hold BOOT while the board is reset")
+        try:
+            with esptool_output(self.sink):
+                esp = cmds.detect_chip(self.serial, ROM_BAUD, connect_mode="no-reset",
+                                       connect_attempts=2)
+        except FatalError as exc:
+            raise SessionError(f"no device answered on {self.port_name}",
+                               "is the board powered and seated in the fixture, and in download mode?",
+                               str(exc)) from None
+        except (serial.SerialException, OSError) as exc:
+            raise SessionError(f"the port went away while connecting ({exc})",
+                               "check the USB cable and the board, then retry") from None
+        self.esp = esp
+        if expected_chip and esp.CHIP_NAME.replace("-", "").lower() != expected_chip.replace("-", "").lower():
+            raise SessionError(
+                f"wrong chip: found {esp.CHIP_NAME}, the profile is for {expected_chip.upper()}",
+                "put this board aside for the right product, or load the right profile")
+        try:
+            with esptool_output(self.sink):
+                mac = bytes(esp.read_mac("BASE_MAC")) if not esp.secure_download_mode else b""
+                desc = esp.get_chip_description() if not esp.secure_download_mode else esp.CHIP_NAME
+        except (FatalError, UnsupportedCommandError, NotImplementedInROMError) as exc:
+            raise SessionError("could not read the chip's identity", "retry; replace the board if it repeats",
+                               str(exc)) from None
+        if esp.secure_download_mode:
+            return ChipIdentity(esp.CHIP_NAME, mac, None, 0, True, desc)
+        return ChipIdentity(esp.CHIP_NAME, mac, None, 0, False, desc)
+
+    def prepare_flash(self, baud: int) -> ChipIdentity:
+        """Upload the stub, raise the baud rate, attach and identify the flash chip."""
+        esp = self.esp
+        try:
+            with esptool_output(self.sink):
+                esp = cmds.run_stub(esp)
+                if baud != ROM_BAUD:
+                    esp.change_baud(baud)
+                cmds.attach_flash(esp)
+                flash_id = esp.flash_id()
+                size = cmds.detect_flash_size(esp)
+        except FatalError as exc:
+            raise SessionError("the flasher stub did not start or the baud change failed",
+                               "retry; if it repeats, lower the profile's baud rate", str(exc)) from None
+        except (serial.SerialException, OSError) as exc:
+            raise SessionError(f"the port went away ({exc})", "check the USB cable and retry") from None
+        # never let esptool wait for a pulled board and resume on whatever is plugged in next
+        esp.WRITE_FLASH_ATTEMPTS = 1
+        self.esp = esp
+        if flash_id & 0xFFFFFF in (0xFFFFFF, 0):
+            raise SessionError("the flash chip does not answer (ID FFFFFF)",
+                               "replace the board: its flash is dead or not soldered")
+        return ChipIdentity(esp.CHIP_NAME, b"", size, flash_id, False, "")
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write one region, compressed, verified by esptool's MD5 check."""
+        try:
+            with esptool_output(self.sink):
+                cmds.write_flash(self.esp, [(offset, data)], compress=True)
+        except FatalError as exc:
+            raise SessionError(f"writing 0x{offset:x} failed", "retry; replace the board if it repeats",
+                               str(exc)) from None
+        except (serial.SerialException, OSError) as exc:
+            raise SessionError(f"the board was unplugged or the port failed while writing ({exc})",
+                               "reseat the board and retry") from None
+
+    def region_md5(self, offset: int, size: int) -> str:
+        with esptool_output(self.sink):
+            return self.esp.flash_md5sum(offset, size)
+
+    def boot(self, timeout: float = 5.0, settle: float = 0.5) -> BootLog:
+        """Reset into the app and read its boot log at 115200."""
+        self.esp = None
+        self.reset_into_app()
+        if not self.can_reset:
+            raise SessionError("this port cannot reset the board (no DTR/RTS)",
+                               "reset the board by hand, or switch the boot check off for this fixture")
+        return read_boot_log(self.serial, timeout, settle, self.cancelled)

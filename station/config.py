@@ -1,0 +1,84 @@
+"""Station configuration (station.toml): who this station is and how it is set up.
+
+Unknown keys are refused, so a typo in station.toml is an error, not a silent
+default. The file is found at $STATION_CONFIG, else ./station.toml.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A configuration or profile problem: nothing is flashed."""
+
+
+def take(table: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(sorted(allowed))}")
+    return table
+
+
+@dataclass(frozen=True)
+class SmokeDefaults:
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    station_id: str = "station-1"
+    database: Path = Path("var/station.db")
+    profiles_dir: Path = Path("profiles")
+    default_profile: str = "relay"
+    slots: int = 4
+    usb_ports: tuple[str, ...] = ()  # "vid:pid" filters for fixture ports
+    operator: str = ""
+    lot: str = ""
+    admin_password_sha256: str = ""
+    key_file: Path = Path("var/station.key")
+    smoke: SmokeDefaults = field(default_factory=SmokeDefaults)
+    source: Path | None = None
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "StationConfig":
+        path = path or Path(os.environ.get("STATION_CONFIG", "station.toml"))
+        if not path.exists():
+            if path == Path("station.toml"):
+                return cls()
+            raise ConfigError(f"{path}: station configuration not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        take(data, {"station_id", "database", "profiles_dir", "default_profile", "slots",
+                    "ports", "operator", "lot", "admin_password_sha256", "key_file", "smoke"},
+             str(path))
+        base = path.parent
+        ports = take(data.get("ports", {}), {"usb"}, f"{path} [ports]")
+        smoke = take(data.get("smoke", {}), {"timeout_s"}, f"{path} [smoke]")
+        slots = data.get("slots", 4)
+        if not isinstance(slots, int) or not 1 <= slots <= 64:
+            raise ConfigError(f"{path}: slots must be a whole number from 1 to 64")
+        for vp in ports.get("usb", []):
+            if not isinstance(vp, str) or len(vp.split(":")) != 2:
+                raise ConfigError(f"{path} [ports] usb: {vp!r} is not 'vid:pid' in hex")
+        return cls(
+            station_id=str(data.get("station_id", "station-1")),
+            database=base / data.get("database", "var/station.db"),
+            profiles_dir=base / data.get("profiles_dir", "profiles"),
+            default_profile=str(data.get("default_profile", "relay")),
+            slots=slots,
+            usb_ports=tuple(ports.get("usb", ())),
+            operator=str(data.get("operator", "")),
+            lot=str(data.get("lot", "")),
+            admin_password_sha256=str(data.get("admin_password_sha256", "")),
+            key_file=base / data.get("key_file", "var/station.key"),
+            smoke=SmokeDefaults(float(smoke.get("timeout_s", 10.0))),
+            source=path,
+        )

@@ -1,0 +1,82 @@
+"""What the pipeline tells its front ends: small frozen events through one callback.
+
+The CLI writes them as JSON lines, the operator's screen turns them into messages,
+the tests collect them in a list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Union
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    port: str
+    outcome: str  # passed | failed | aborted
+    failed_step: str | None = None
+    error: str | None = None
+    remedy: str | None = None
+    mac: str | None = None
+    serial: str | None = None
+    device_id: str | None = None
+    chip: str | None = None
+    firmware_version: str | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+    attempt_id: int | None = None
+    written_regions: tuple[str, ...] = ()
+    note: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome == "passed"
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    port: str
+    step: str
+
+
+@dataclass(frozen=True)
+class StepFinished:
+    port: str
+    step: str
+    seconds: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Progress:
+    port: str
+    step: str
+    done: int
+    total: int
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class LogLine:
+    port: str
+    source: str  # "esptool" | "boot"
+    text: str
+
+
+@dataclass(frozen=True)
+class UnitFinished:
+    port: str
+    result: UnitResult
+
+
+Event = Union[StepStarted, StepFinished, Progress, LogLine, UnitFinished]
+Emit = Callable[[Event], None]
+
+_NAMES = {StepStarted: "step_started", StepFinished: "step_finished", Progress: "progress",
+          LogLine: "log", UnitFinished: "unit_finished"}
+
+
+def to_json_dict(event: Event) -> dict:
+    d = asdict(event)
+    if isinstance(event, UnitFinished):
+        d = {"port": event.port, **asdict(event.result)}
+    return {"event": _NAMES[type(event)], **d}

@@ -1,0 +1,279 @@
+"""The station's record: every unit and every attempt, in SQLite, for traceability.
+
+Schema changes are an append-only list of migrations (sqlite-utils). The database
+runs in WAL mode and every thread opens its own connection, so all ports write at
+the same time. An attempt that cannot be written (a locked database) is kept in a
+spool file beside the database and added on the next start: no result is lost.
+Secrets never reach the record: a token is kept as a keyed fingerprint only.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import json
+import os
+import secrets as pysecrets
+import sqlite3
+import threading
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("station")
+
+
+@migrations()
+def m001_units_attempts(db: Database) -> None:
+    db["units"].create({
+        "id": int, "mac": str, "serial": str, "chip": str, "profile": str, "device_id": str,
+        "state": str, "created_at": str, "updated_at": str,
+    }, pk="id", not_null={"mac"})
+    db["units"].create_index(["mac"], unique=True)
+    db["units"].create_index(["serial"], unique=True)
+    db["attempts"].create({
+        "id": int, "unit_id": int, "port": str, "station_id": str, "operator": str, "lot": str,
+        "profile": str, "profile_hash": str, "firmware_hashes": str, "config_sha256": str,
+        "token_fingerprint": str, "started_at": str, "ended_at": str, "outcome": str,
+        "failed_step": str, "error": str, "remedy": str, "detail": str, "durations": str,
+        "mac": str, "serial": str, "chip": str, "device_id": str, "firmware_version": str,
+        "baud": int, "rework": int, "written_regions": str,
+    }, pk="id", foreign_keys=[("unit_id", "units", "id")])
+    db["attempts"].create_index(["unit_id"])
+    db["attempts"].create_index(["ended_at"])
+    db["counters"].create({"name": str, "value": int}, pk="name")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Attempt:
+    """One unit through the pipeline once, as the record keeps it."""
+
+    port: str
+    station_id: str
+    profile: str
+    profile_hash: str
+    started_at: str
+    ended_at: str = ""
+    outcome: str = "failed"  # passed | failed | aborted
+    failed_step: str | None = None
+    error: str | None = None
+    remedy: str | None = None
+    detail: str | None = None
+    operator: str = ""
+    lot: str = ""
+    mac: str | None = None
+    serial: str | None = None
+    chip: str | None = None
+    device_id: str | None = None
+    firmware_version: str | None = None
+    firmware_hashes: dict[str, str] = field(default_factory=dict)
+    config_sha256: str | None = None
+    token_fingerprint: str | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+    baud: int | None = None
+    rework: bool = False
+    written_regions: list[str] = field(default_factory=list)
+
+    def row(self) -> dict:
+        d = asdict(self)
+        for k in ("firmware_hashes", "durations", "written_regions"):
+            d[k] = json.dumps(d[k], sort_keys=True)
+        d["rework"] = int(self.rework)
+        return d
+
+
+class RecordError(Exception):
+    def __init__(self, message: str, remedy: str):
+        super().__init__(message)
+        self.remedy = remedy
+
+
+class Record:
+    def __init__(self, path: Path | str, busy_timeout_s: float = 5.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.spool = self.path.with_suffix(self.path.suffix + ".spool")
+        self.busy_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        self._spool_lock = threading.Lock()
+        db = self.db()
+        db.execute("PRAGMA journal_mode=WAL")
+        migrations.apply(db)
+        self.replay_spool()
+
+    def db(self) -> Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = Database(self.path)
+            db.execute(f"PRAGMA busy_timeout={self.busy_ms}")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    def _locked(self, exc: sqlite3.OperationalError) -> RecordError:
+        return RecordError(f"the station database is locked ({exc})",
+                           f"close the other program that holds {self.path}, then retry")
+
+    # -- queries used by the pipeline -----------------------------------------------------
+    def passed_unit(self, mac: str | None = None, serial: str | None = None) -> dict | None:
+        """A unit that already passed, found by MAC or serial."""
+        try:
+            for col, val in (("mac", mac), ("serial", serial)):
+                if val:
+                    rows = list(self.db().query(
+                        f"select * from units where {col} = ? and state = 'provisioned'", [val]))
+                    if rows:
+                        return rows[0]
+        except sqlite3.OperationalError as exc:
+            raise self._locked(exc) from None
+        return None
+
+    def unit_by_mac(self, mac: str) -> dict | None:
+        rows = list(self.db().query("select * from units where mac = ?", [mac]))
+        return rows[0] if rows else None
+
+    def serial_taken(self, serial: str, mac: str) -> bool:
+        rows = list(self.db().query("select mac from units where serial = ?", [serial]))
+        return bool(rows) and rows[0]["mac"] != mac
+
+    def next_counter(self, name: str) -> int:
+        """Atomically take the next value of a persistent counter (serial numbers)."""
+        conn = self.db().conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [name])
+                conn.execute("UPDATE counters SET value = value + 1 WHERE name = ?", [name])
+                value = conn.execute("SELECT value FROM counters WHERE name = ?", [name]).fetchone()[0]
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise self._locked(exc) from None
+        return value
+
+    # -- writing ---------------------------------------------------------------------------
+    def add_attempt(self, attempt: Attempt) -> int | None:
+        """Write the attempt (and its unit). Returns its id, or None if it went to the spool."""
+        try:
+            return self._write(attempt)
+        except sqlite3.OperationalError:
+            with self._spool_lock, open(self.spool, "a") as f:
+                f.write(json.dumps(asdict(attempt)) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            return None
+
+    def _write(self, a: Attempt) -> int:
+        db = self.db()
+        with db.atomic():
+            unit_id = None
+            if a.mac:
+                unit = self.unit_by_mac(a.mac)
+                state = "provisioned" if a.outcome == "passed" else None
+                if unit is None:
+                    unit_id = db["units"].insert({
+                        "mac": a.mac, "serial": a.serial, "chip": a.chip, "profile": a.profile,
+                        "device_id": a.device_id, "state": state or "failed",
+                        "created_at": a.ended_at, "updated_at": a.ended_at}).last_pk
+                else:
+                    unit_id = unit["id"]
+                    changes = {"updated_at": a.ended_at}
+                    if state:
+                        changes.update(state=state, profile=a.profile, device_id=a.device_id, chip=a.chip)
+                    if a.serial and a.serial != unit["serial"]:
+                        changes["serial"] = a.serial
+                    db["units"].update(unit_id, changes)
+            row = a.row()
+            row["unit_id"] = unit_id
+            return db["attempts"].insert(row).last_pk
+
+    def replay_spool(self) -> int:
+        """Add attempts kept while the database was locked; returns how many."""
+        if not self.spool.exists():
+            return 0
+        with self._spool_lock:
+            lines = self.spool.read_text().splitlines()
+            done = 0
+            for line in lines:
+                if line.strip():
+                    self._write(Attempt(**json.loads(line)))
+                    done += 1
+            self.spool.unlink()
+        return done
+
+    # -- reading for people -------------------------------------------------------------------
+    def attempts(self, limit: int = 100) -> list[dict]:
+        return list(self.db().query("select * from attempts order by id desc limit ?", [limit]))
+
+    def provisioned(self, since: str | None = None, profile: str | None = None) -> Iterator[dict]:
+        """Provisioned units with the attempt that passed them (the latest one)."""
+        sql = ("select a.* from attempts a join units u on u.id = a.unit_id "
+               "where a.outcome = 'passed' and u.state = 'provisioned' and a.id = ("
+               "select max(id) from attempts where unit_id = u.id and outcome = 'passed')")
+        args: list = []
+        if since:
+            sql += " and a.ended_at >= ?"
+            args.append(since)
+        if profile:
+            sql += " and a.profile = ?"
+            args.append(profile)
+        yield from self.db().query(sql + " order by a.id", args)
+
+
+EXPORT_FIELDS = ["serial", "mac", "chip", "device_id", "profile", "profile_hash", "firmware_version",
+                 "firmware_hashes", "config_sha256", "token_fingerprint", "station_id", "operator",
+                 "lot", "port", "started_at", "ended_at", "outcome", "durations", "baud", "rework"]
+
+
+def export_units(record: Record, out: Path, fmt: str = "csv", since: str | None = None,
+                 profile: str | None = None) -> int:
+    rows = 0
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, EXPORT_FIELDS, extrasaction="ignore") if fmt == "csv" else None
+        if writer:
+            writer.writeheader()
+        for row in record.provisioned(since, profile):
+            if writer:
+                writer.writerow(row)
+            else:
+                f.write(json.dumps({k: row[k] for k in EXPORT_FIELDS}) + "\n")
+            rows += 1
+    return rows
+
+
+def station_key(path: Path) -> bytes:
+    """The station's secret key for token fingerprints (created on first use)."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = pysecrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex())
+        return key
+
+
+def fingerprint(key: bytes, secret: str) -> str:
+    """Keyed fingerprint: proves which token a unit got, useless to recover it."""
+    return "hmac-sha256:" + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()[:32]
+
+

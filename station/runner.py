@@ -1,0 +1,53 @@
+"""Open the station for a run, and run many ports at once (one thread per port)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Mapping
+
+from .config import ConfigError, StationConfig
+from .events import Emit, UnitResult
+from .pipeline import StationContext, UnitJob, provision_unit
+from .profile import ProfileError, check_profile, load_profile, resolve_secrets
+from .record import Record, station_key
+
+
+def open_station(profile: str | None = None, config: Path | None = None, db: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> StationContext:
+    """Load station.toml and the profile, check the profile, open the record.
+
+    Raises ConfigError (ProfileError listing every problem) when nothing may be flashed.
+    """
+    station = StationConfig.load(config)
+    prof = load_profile(profile or station.default_profile, station.profiles_dir)
+    problems = check_profile(prof, env)
+    if problems:
+        raise ProfileError(problems)
+    secrets, _ = resolve_secrets(prof, env)
+    if prof.checks.smoke != "none":
+        raise ConfigError(f"{prof.path}: checks.smoke = {prof.checks.smoke!r} is not available on "
+                          "this station yet; use 'none'")
+    try:
+        record = Record(db or station.database)
+    except Exception as exc:
+        raise ConfigError(f"cannot open the station database {db or station.database}: {exc}") from None
+    return StationContext(station, prof, secrets, record, station_key(station.key_file))
+
+
+def run_units(jobs: list[UnitJob], ctx: StationContext, emit: Emit,
+              cancel: threading.Event | None = None) -> list[UnitResult]:
+    """Provision every job at the same time; a hung or failing port never stops the others."""
+    results: list[UnitResult | None] = [None] * len(jobs)
+
+    def work(i: int, job: UnitJob) -> None:
+        results[i] = provision_unit(job, ctx, emit, cancel)
+
+    threads = [threading.Thread(target=work, args=(i, j), name=f"unit-{os.path.basename(j.port)}",
+                                daemon=True) for i, j in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r for r in results if r is not None]

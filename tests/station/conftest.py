@@ -1,0 +1,44 @@
+"""Fixtures for the station: a station.toml in a temp dir, a copy of the example profile."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from station.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "tok-987654"
+
+
+@pytest.fixture
+def station_env(tmp_path, monkeypatch):
+    """A station.toml whose database and key live in tmp; the example profile in tmp too."""
+    profiles = tmp_path / "profiles"
+    shutil.copytree(REPO / "profiles" / "relay", profiles / "relay")
+    cfg = tmp_path / "station.toml"
+    cfg.write_text(f'station_id = "test-station"\ndatabase = "station.db"\n'
+                   f'profiles_dir = "profiles"\ndefault_profile = "relay"\nkey_file = "station.key"\n')
+    monkeypatch.setenv("RELAY_VENDOR_TOKEN", TOKEN)
+    monkeypatch.setenv("STATION_CONFIG", str(cfg))
+    return tmp_path
+
+
+def run_station(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def run_station_process(*args: str, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run([sys.executable, "-m", "station", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
