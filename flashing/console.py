@@ -16,6 +16,10 @@ STA_IP = re.compile(r"^(?:I \(\d+\) [\w.]+: )?IP: (\d+\.\d+\.\d+\.\d+)", re.M)
 AP_IP = re.compile(r"AP IP address: (\d+\.\d+\.\d+\.\d+)")
 PANIC = re.compile(r"Guru Meditation Error[^\n]*|abort\(\) was called[^\n]*|"
                    r"Backtrace:[^\n]*|panic'ed[^\n]*")
+HTTP_PORT = re.compile(r"listening on port (\d+)")
+AP_NAME = re.compile(r'access point "([^"]+)" started')
+CONFIG_ERROR = re.compile(r"E \(\d+\) 2smart: (config error: [^\n]+)")
+MQTT_REFUSED = re.compile(r"broker refused login for this device: ([^\n;]+)")
 IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
 
 
@@ -30,6 +34,9 @@ class BootLog:
     ap_ip: str | None
     panic: str | None
     image_error: str | None
+    http_port: int | None = None
+    ap_name: str | None = None
+    config_error: str | None = None
 
     @property
     def boot_loop(self) -> bool:
@@ -39,6 +46,8 @@ class BootLog:
         """What is wrong with this boot, in the words of the line; None if it is clean."""
         if self.panic:
             return f"the firmware crashed after boot ({self.panic.strip()})"
+        if self.config_error:
+            return f"the firmware rejected its configuration: {self.config_error.removeprefix('config error: ')}"
         if self.image_error and not self.app_started:
             loop = " and the board is in a boot loop" if self.boot_loop else ""
             return f"the board cannot boot its firmware: {self.image_error.strip()}{loop}"
@@ -60,6 +69,8 @@ def parse_boot_log(text: str) -> BootLog:
         text=text, banners=len(BANNER.findall(text)), app_started=bool(APP_STARTED.search(text)),
         project=first(PROJECT), version=first(VERSION), sta_ip=first(STA_IP), ap_ip=first(AP_IP),
         panic=first(PANIC), image_error=first(IMAGE_ERRORS),
+        http_port=int(first(HTTP_PORT)) if first(HTTP_PORT) else None, ap_name=first(AP_NAME),
+        config_error=first(CONFIG_ERROR),
     )
 
 

@@ -8,6 +8,7 @@ ESP32-S3. Contents are deterministic filler that compresses like real code
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ _LAYOUT = {
                     bl=[0x3FCE3818, 0x403C9700, 0x403CC700], bl_entry=0x403C9954,
                     app=[0x3C000020, 0x3FC88000, 0x40374000, 0x42000020], app_entry=0x403754BC),
 }
+
+MANIFEST_MARK = b"2SMART-FW:"
+# the keys a firmware built on the 2Smart SDK reads from its config namespace
+SDK_KEYS = ["email", "token", "host", "brport", "mqtts_port", "product_id", "device_id", "serial",
+            "ssid", "psk", "admin_pass", "rootTopic"]
 
 DEFAULT_PARTITIONS = [
     Partition("nvs", 0x01, 0x02, 0x9000, 0x5000),
@@ -57,9 +63,30 @@ def _filler(rng: random.Random, size: int) -> bytes:
     return bytes(out[:size])
 
 
+def twosmart_manifest(device_class: str = "wifi", title: str = "2Smart Relay",
+                      partition: str = "config", namespace: str = "2smart",
+                      keys: list[str] | None = None) -> dict:
+    """What a 2Smart-SDK firmware declares about itself: class, config location and keys."""
+    return {"sdk": "2smart", "class": device_class, "title": title,
+            "config": {"partition": partition, "namespace": namespace, "keys": keys or SDK_KEYS}}
+
+
+def read_manifest(app_head: bytes) -> dict | None:
+    """Find a 2Smart firmware manifest in the first bytes of an app image."""
+    pos = app_head.find(MANIFEST_MARK)
+    if pos < 0:
+        return None
+    end = app_head.find(b"\0", pos)
+    try:
+        return json.loads(app_head[pos + len(MANIFEST_MARK) : end if end > 0 else None])
+    except ValueError:
+        return None
+
+
 def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "1.0.0",
                    app_size: int = 1024 * 1024, flash_size: str = "4MB",
-                   partitions: list[Partition] | None = None, seed: int = 1) -> Firmware:
+                   partitions: list[Partition] | None = None, seed: int = 1,
+                   manifest: dict | None = None) -> Firmware:
     lay = _LAYOUT[chip]
     rng = random.Random(f"{chip}/{project}/{version}/{seed}")
     bl_sizes = [6372, 15920, 3880]
@@ -72,7 +99,8 @@ def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "
     body = max(0, app_size - overhead)
     sizes = [body * 15 // 100, body * 2 // 100, body * 10 // 100]
     sizes.append(body - sum(sizes))
-    datas = [app_description(project, version) + _filler(rng, sizes[0] - 256)]
+    marker = MANIFEST_MARK + json.dumps(manifest or twosmart_manifest()).encode() + b"\0"
+    datas = [app_description(project, version) + marker + _filler(rng, sizes[0] - 256 - len(marker))]
     datas += [_filler(rng, n) for n in sizes[1:]]
     app = build_image([Segment(a, d) for a, d in zip(lay["app"], datas)],
                       chip_id=lay["chip_id"], entry=lay["app_entry"], flash_size=flash_size)

@@ -262,6 +262,13 @@ class UnitSession:
         with esptool_output(self.sink):
             return self.esp.flash_md5sum(offset, size)
 
+    def read_console(self) -> str:
+        """What the board printed since the last read (app mode, 115200)."""
+        try:
+            return self.serial.read(self.serial.in_waiting).decode("utf-8", "replace")
+        except (serial.SerialException, OSError):
+            return ""
+
     def boot(self, timeout: float = 5.0, settle: float = 0.5) -> BootLog:
         """Reset into the app and read its boot log at 115200."""
         self.esp = None

@@ -51,7 +51,7 @@ def cmd_virtual(args: argparse.Namespace) -> int:
                 print(json.dumps(info), flush=True)
             else:
                 print(f"{info['index']:>3}  {info['chip']:<9} {info['mac']}  {info['pty']:<12} "
-                      f"{info['url']}", flush=True)
+                      f"{info['url']}  pairing {info['pairing']}", flush=True)
         control = bench.control.path
         if args.json:
             print(json.dumps({"control": str(control)}), flush=True)
@@ -153,7 +153,7 @@ def _summary(results) -> None:
     print(f"{passed} of {len(results)} units passed")
 
 
-def cmd_flash(args: argparse.Namespace) -> int:
+def cmd_flash(args: argparse.Namespace, station=None) -> int:
     from station.config import ConfigError
     from station.pipeline import UnitJob
     from station.runner import open_station, run_units
@@ -162,7 +162,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
         _err("station flash: give --port PORT (one or more) or --virtual N")
         return Exit.USAGE
     try:
-        ctx = open_station(args.profile, args.config, args.db)
+        ctx = open_station(args.profile, args.config, args.db, smoke=args.smoke, station=station)
     except ConfigError as exc:
         problems = getattr(exc, "problems", None)
         _err("station flash: the profile or configuration is not ready; nothing was flashed")
@@ -177,6 +177,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
         size = max(4 * 1024 * 1024, ctx.profile.needed_flash())
         size = 1 << (size - 1).bit_length()
         bench = VirtualBench(args.virtual, ctx.profile.chip, size, control=False)
+        for slot in bench.slots:
+            slot.device.heartbeat_s = 2.0
         ports += [slot.url for slot in bench.slots]
     serials = list(args.serial or [])
     if serials and len(serials) != len(ports):
@@ -237,15 +239,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 # -- station demo -------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Provision virtual boards with the example profile, end to end, into var/demo.db."""
+    """Provision virtual boards with the example profile, end to end, into var/demo.db.
+
+    The smoke test goes all the way to the broker: the demo runs an embedded MQTT
+    broker with the factory test accounts, so nothing needs installing.
+    """
+    import dataclasses
+    import hashlib
     import os
 
-    # the example profile's vendor token comes from the environment; the demo brings its own
+    from flashing.mqtt import EmbeddedBroker
+    from station.config import ConfigError, StationConfig
+
+    # the example profile's vendor token and the factory test accounts: demo values
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "demo-tok42")
+    os.environ.setdefault("STATION_TEST_TOKEN", "demo-test1")
+    os.environ.setdefault("STATION_MONITOR_PASSWORD", "demo-monitor")
+    try:
+        station = StationConfig.load(args.config)
+    except ConfigError as exc:
+        _err(f"station demo: {exc}")
+        return Exit.USAGE
+    smoke = station.smoke
+    broker = EmbeddedBroker(accounts={
+        hashlib.sha256(smoke.test_email.encode()).hexdigest(): os.environ[smoke.test_token_env],
+        smoke.monitor_user: os.environ[smoke.monitor_password_env]})
+    station = dataclasses.replace(station, smoke=dataclasses.replace(
+        smoke, broker_host=broker.host, broker_port=broker.port, reach="direct", url=""))
+    _err(f"demo broker (embedded MQTT) on {broker.host}:{broker.port}")
     db = args.db or Path("var/demo.db")
     ns = argparse.Namespace(profile=args.profile, port=None, virtual=args.count, json=False, db=db,
-                            serial=None, rework=False, operator="demo", lot="demo", config=args.config)
-    rc = cmd_flash(ns)
+                            serial=None, rework=False, operator="demo", lot="demo", config=args.config,
+                            smoke=args.smoke)
+    try:
+        rc = cmd_flash(ns, station=station)
+    finally:
+        broker.close()
     if rc != Exit.USAGE:
         from station.record import Record, export_units
 
@@ -283,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--operator", default="")
     f.add_argument("--lot", default="")
     f.add_argument("--config", type=Path, help="station.toml (default $STATION_CONFIG or ./station.toml)")
+    f.add_argument("--smoke", choices=["none", "healthcheck", "pair"],
+                   help="smoke-test level for this run (default: the profile's)")
     f.set_defaults(func=cmd_flash)
 
     pr = sub.add_parser("profile", help="product profiles")
@@ -306,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--profile", default="relay")
     d.add_argument("--db", type=Path)
     d.add_argument("--config", type=Path)
+    d.add_argument("--smoke", default="pair", choices=["none", "healthcheck", "pair"])
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("virtual-ctl", help="act on a running `station virtual` board")

@@ -27,7 +27,25 @@ def take(table: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class SmokeDefaults:
+    """How the smoke test reaches devices and which factory test accounts it uses."""
+
     timeout_s: float = 10.0
+    reach: str = "direct"  # "direct" (URL or the IP from the boot log) or "wifi" (nmcli)
+    url: str = ""  # direct: a fixed pairing-server URL instead of the boot log's IP
+    port: int = 80  # the pairing server's port when the boot log does not say
+    wifi_interface: str = "wlan0"
+    test_ssid: str = "factory-test"
+    test_psk_env: str = "STATION_TEST_PSK"
+    test_email: str = "factory-test@example.com"
+    test_token_env: str = "STATION_TEST_TOKEN"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    monitor_user: str = "station-monitor"
+    monitor_password_env: str = "STATION_MONITOR_PASSWORD"
+
+    FIELDS = ("timeout_s", "reach", "url", "port", "wifi_interface", "test_ssid", "test_psk_env",
+              "test_email", "test_token_env", "broker_host", "broker_port", "monitor_user",
+              "monitor_password_env")
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,9 @@ class StationConfig:
              str(path))
         base = path.parent
         ports = take(data.get("ports", {}), {"usb"}, f"{path} [ports]")
-        smoke = take(data.get("smoke", {}), {"timeout_s"}, f"{path} [smoke]")
+        smoke = take(data.get("smoke", {}), set(SmokeDefaults.FIELDS), f"{path} [smoke]")
+        if smoke.get("reach", "direct") not in ("direct", "wifi"):
+            raise ConfigError(f"{path} [smoke] reach: 'direct' or 'wifi'")
         slots = data.get("slots", 4)
         if not isinstance(slots, int) or not 1 <= slots <= 64:
             raise ConfigError(f"{path}: slots must be a whole number from 1 to 64")
@@ -79,6 +99,6 @@ class StationConfig:
             lot=str(data.get("lot", "")),
             admin_password_sha256=str(data.get("admin_password_sha256", "")),
             key_file=base / data.get("key_file", "var/station.key"),
-            smoke=SmokeDefaults(float(smoke.get("timeout_s", 10.0))),
+            smoke=SmokeDefaults(**smoke),
             source=path,
         )

@@ -23,8 +23,9 @@ from .config import StationConfig
 from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitResult
 from .profile import Profile
 from .record import Attempt, Record, RecordError, fingerprint, now_iso
+from .smoke import FactoryAccounts, SmokeFailure, healthcheck, make_reach, pair_and_wait, soak
 
-STEPS = ("connect", "identify", "guard", "serial", "config", "flash", "boot", "record")
+STEPS = ("connect", "identify", "guard", "serial", "config", "flash", "boot", "smoke", "record")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class StationContext:
     record: Record
     key: bytes
     firmware: list[tuple[str, int, bytes]] = field(default_factory=list)  # (name, offset, data)
+    smoke_level: str | None = None  # overrides the profile's level
+    accounts: FactoryAccounts | None = None
+    make_reach: object = make_reach  # the seam for reaching a device (direct, or Wi-Fi via nmcli)
 
     def __post_init__(self) -> None:
         if not self.firmware:
@@ -191,11 +195,15 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                 if want and log.version and log.version != want:
                     raise StepFailure(f"the board runs firmware {log.version}, the profile ships {want}",
                                       "retry; if it repeats, check the profile's app image")
+            level = ctx.smoke_level or profile.checks.smoke
+            if level != "none" and profile.device_class != "other":
+                with step("smoke"):
+                    _smoke(level, ctx, session, log, mac, attempt, image)
         attempt.outcome = "passed"
     except Aborted:
         attempt.outcome, attempt.failed_step = "aborted", current["step"]
         attempt.error, attempt.remedy = "aborted by the operator", "put the board back and start it again"
-    except (StepFailure, SessionError, RecordError) as exc:
+    except (StepFailure, SessionError, RecordError, SmokeFailure) as exc:
         if cancel.is_set():
             attempt.outcome = "aborted"
             attempt.error, attempt.remedy = "aborted by the operator", "put the board back and start it again"
@@ -285,3 +293,35 @@ def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, 
     if token:
         attempt.token_fingerprint = fingerprint(ctx.key, token)
     return image, want
+
+
+def _smoke(level: str, ctx: StationContext, session: UnitSession, log, mac: bytes, attempt: Attempt,
+           image: bytes | None) -> None:
+    profile, settings = ctx.profile, ctx.station.smoke
+    reach = ctx.make_reach(settings)
+    seen: list[str] = []
+
+    def console() -> str:
+        text = session.read_console()
+        seen.append(text)
+        return text
+
+    try:
+        base = reach.open(log, mac, f"{profile.title} AP" if profile.title else None)
+        healthcheck(base, settings.timeout_s)
+        if level == "pair":
+            pair_and_wait(base, profile.device_class, attempt.device_id, settings, ctx.accounts, console)
+        soak(console, profile.checks.smoke_soak_s, "".join(seen))
+    finally:
+        reach.close()
+    if level == "pair" and image is not None:
+        # put the unit's own configuration back, and check that it boots clean with it
+        slot = profile.config_slot()
+        session.connect(profile.chip)
+        session.prepare_flash(profile.baud)
+        session.write(slot.offset, image)
+        again = session.boot(profile.checks.boot_timeout_s, profile.checks.boot_settle_s)
+        problem = again.problem()
+        if problem:
+            raise StepFailure(f"after restoring its configuration: {problem}",
+                              "retry; replace the board if it repeats", again.text[-2000:])

@@ -86,6 +86,7 @@ class Checks:
     boot_timeout_s: float = 5.0
     boot_settle_s: float = 0.5
     smoke: str = "none"
+    smoke_soak_s: float = 1.0  # console watched after the smoke checks for a late crash
 
 
 @dataclass(frozen=True)
@@ -258,13 +259,16 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
         pattern = f"{data.get('name', 'UNIT').upper()[:3]}-{{yymmdd}}-{{seq:05}}"
     chk = data.get("checks", {})
     try:
-        take(chk, {"boot", "boot_timeout_s", "boot_settle_s", "smoke"}, "")
+        take(chk, {"boot", "boot_timeout_s", "boot_settle_s", "smoke", "smoke_soak_s"}, "")
     except ConfigError as exc:
         bad("checks", str(exc).lstrip(": "))
     checks = Checks(bool(chk.get("boot", True)), float(chk.get("boot_timeout_s", 5.0)),
-                    float(chk.get("boot_settle_s", 0.5)), str(chk.get("smoke", "none")))
+                    float(chk.get("boot_settle_s", 0.5)), str(chk.get("smoke", "none")),
+                    float(chk.get("smoke_soak_s", 1.0)))
     if checks.smoke not in SMOKE_LEVELS:
         bad("checks.smoke", f"{checks.smoke!r} is not one of {', '.join(SMOKE_LEVELS)}")
+    elif checks.smoke != "none" and not checks.boot:
+        bad("checks.smoke", "the smoke test needs the boot check (it reads the device's address there)")
     if problems:
         raise ProfileError(problems)
 

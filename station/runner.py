@@ -12,28 +12,34 @@ from .events import Emit, UnitResult
 from .pipeline import StationContext, UnitJob, provision_unit
 from .profile import ProfileError, check_profile, load_profile, resolve_secrets
 from .record import Record, station_key
+from .smoke import FactoryAccounts
 
 
 def open_station(profile: str | None = None, config: Path | None = None, db: Path | None = None,
-                 env: Mapping[str, str] | None = None) -> StationContext:
+                 env: Mapping[str, str] | None = None, smoke: str | None = None,
+                 station: StationConfig | None = None) -> StationContext:
     """Load station.toml and the profile, check the profile, open the record.
 
     Raises ConfigError (ProfileError listing every problem) when nothing may be flashed.
     """
-    station = StationConfig.load(config)
+    station = station or StationConfig.load(config)
     prof = load_profile(profile or station.default_profile, station.profiles_dir)
     problems = check_profile(prof, env)
     if problems:
         raise ProfileError(problems)
     secrets, _ = resolve_secrets(prof, env)
-    if prof.checks.smoke != "none":
-        raise ConfigError(f"{prof.path}: checks.smoke = {prof.checks.smoke!r} is not available on "
-                          "this station yet; use 'none'")
+    level = smoke or prof.checks.smoke
+    accounts = FactoryAccounts.from_settings(station.smoke, env)
+    if level == "pair" and prof.device_class != "other":
+        missing = accounts.missing(station.smoke)
+        if missing:
+            raise ConfigError(f"smoke level 'pair' needs {' and '.join(missing)} in the environment")
     try:
         record = Record(db or station.database)
     except Exception as exc:
         raise ConfigError(f"cannot open the station database {db or station.database}: {exc}") from None
-    return StationContext(station, prof, secrets, record, station_key(station.key_file))
+    return StationContext(station, prof, secrets, record, station_key(station.key_file),
+                          smoke_level=smoke, accounts=accounts)
 
 
 def run_units(jobs: list[UnitJob], ctx: StationContext, emit: Emit,

@@ -42,3 +42,67 @@ def shared_dir() -> Path:
     if not (SHARED / "fixtures").is_dir():
         pytest.skip(f"shared fixtures not found at {SHARED} (set STATION_SHARED_DIR)")
     return SHARED
+
+
+# -- a real MQTT broker ----------------------------------------------------------------------
+
+import hashlib  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+TEST_EMAIL = "factory-test@example.com"
+TEST_TOKEN = "factory-t1"
+MONITOR_USER, MONITOR_PASSWORD = "station-monitor", "monitor-pw-7"
+
+
+@dataclass
+class Broker:
+    host: str
+    port: int
+    test_email: str = TEST_EMAIL
+    test_token: str = TEST_TOKEN
+    monitor_user: str = MONITOR_USER
+    monitor_password: str = MONITOR_PASSWORD
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory):
+    """A real Mosquitto on a free loopback port, with password authentication and an ACL."""
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    passwd = shutil.which("mosquitto_passwd")
+    if not exe or not passwd:
+        if os.environ.get("CI"):
+            pytest.fail("Mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
+        pytest.skip("Mosquitto is not installed (apt-get install mosquitto)")
+    d = tmp_path_factory.mktemp("mosquitto")
+    device_user = hashlib.sha256(TEST_EMAIL.encode()).hexdigest()
+    pw_file = d / "passwd"
+    subprocess.run([passwd, "-c", "-b", str(pw_file), device_user, TEST_TOKEN], check=True, capture_output=True)
+    subprocess.run([passwd, "-b", str(pw_file), MONITOR_USER, MONITOR_PASSWORD], check=True, capture_output=True)
+    (d / "acl").write_text(f"user {MONITOR_USER}\ntopic read #\n\npattern readwrite %u/#\n")
+    port = _free_port()
+    (d / "mosquitto.conf").write_text(
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw_file}\n"
+        f"acl_file {d / 'acl'}\npersistence false\nlog_dest file {d / 'log'}\n")
+    proc = subprocess.Popen([exe, "-c", str(d / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mosquitto did not start: {proc.stderr.read().decode()}")
+            time.sleep(0.05)
+    yield Broker("127.0.0.1", port)
+    proc.terminate()
+    proc.wait(5)

@@ -7,7 +7,8 @@ lines on a Unix socket (`<run dir>/control.sock`):
     {"device": 0, "op": "reset", "mode": "download"}   -> {"ok": true, "state": {...}}
 
 ops: state, reset (mode download|app), power_cycle, unplug, replug, swap,
-fault (name, value), clear_faults, console, list. `ControlClient` is the Python side.
+fault (name, value), clear_faults, console, list, timing (heartbeat_s, mqtt_retry_s).
+`ControlClient` is the Python side.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class BenchSlot:
         d = self.device.state()
         return {"index": d["index"], "chip": d["chip"], "mac": d["mac"],
                 "flash_size": d["flash_size"], "pty": self.pty.path, "url": self.url,
-                "mode": d["mode"], "flash_file": d["flash_file"]}
+                "pairing": d["pairing_url"], "mode": d["mode"], "flash_file": d["flash_file"]}
 
 
 class VirtualBench:
@@ -91,7 +92,7 @@ class VirtualBench:
 
 
 OPS = ("state", "reset", "power_cycle", "unplug", "replug", "swap", "fault",
-       "clear_faults", "console", "list")
+       "clear_faults", "console", "list", "timing")
 
 
 class ControlServer:
@@ -144,6 +145,13 @@ class ControlServer:
             return {"console": dev.console_text()}
         if op == "reset":
             return {"state": dev.reset(req.get("mode", "download"))}
+        if op == "timing":  # the firmware's heartbeat and broker-retry periods, for tests
+            def do():
+                for name in ("heartbeat_s", "mqtt_retry_s"):
+                    if name in req:
+                        setattr(dev, name, float(req[name]))
+                return dev.describe()
+            return {"state": dev.call(do)}
         if op == "fault":
             return {"state": dev.set_fault(req["name"], req.get("value", True))}
         if op == "swap":

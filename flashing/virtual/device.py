@@ -14,12 +14,15 @@ import math
 import os
 import queue
 import random
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
+from ..firmware import read_manifest
+from .app import TwoSmartApp
 from .boot import boot_from_flash
 from .chips import ESP32_CK8M, ESP32_RTC_CALI, ChipModel, chip_by_name
 from .loader import Loader
@@ -29,6 +32,16 @@ from .slip import SlipDecoder, encode
 STRAP_DELAY = 0.005  # EN's RC delay: the chip samples IO0 this long after EN rises
 BOOTLOOP_PERIOD = 0.5  # watchdog reset period of a board that cannot boot
 CONSOLE_KEEP = 64 * 1024
+_hosts = itertools.count(1)
+
+
+def _virtual_address() -> tuple[str, int]:
+    """A loopback address and free port of its own for a board's pairing server."""
+    n = next(_hosts)
+    ip = f"127.77.{os.getpid() % 250}.{n % 250 + 1}"
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return ip, s.getsockname()[1]
 BAUD_TOLERANCE = 0.03  # a UART still decodes within about 3 %
 GARBLE_RATE = 0.01  # byte error rate on a link driven above what it can carry
 
@@ -44,6 +57,9 @@ class Faults:
     no_download_mode: bool = False  # IO0 never reaches the chip: always boots flash
     unplug_after: int | None = None  # host bytes until the cable is pulled
     garble_above: int | None = None  # baud above which the link corrupts bytes
+    pairing: str | None = None  # pairing server "down", answering 500 ("error"), or "hang"
+    mqtt_refused: bool = False  # the broker refuses this device's login
+    panic_after: float | None = None  # firmware panics this many seconds after boot
 
     @classmethod
     def names(cls) -> list[str]:
@@ -79,7 +95,12 @@ class VirtualDevice:
         self._reset_registers()
         self.sinks: list[Sink] = []
         self.links: list[Any] = []  # transports told about unplug/replug
-        self.firmware_hooks: list[Callable[["VirtualDevice", Any], None]] = []
+        # the firmware's view of the world: its network address, heartbeat, broker retry
+        self.net_ip, self.http_port = _virtual_address()
+        self.heartbeat_s = 10.0
+        self.mqtt_retry_s = 5.0
+        self.runtime: TwoSmartApp | None = None
+        self.boot_time = time.monotonic()
         # wire and circuit state (device thread only)
         self.powered = True
         self.mode = "off"
@@ -148,6 +169,13 @@ class VirtualDevice:
     def reset_capable_host(self, attached: bool) -> None:
         self._events.put(("host", attached))
 
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Run fn on the device thread later; do not wait for it."""
+        self._events.put(("call", fn, {}, threading.Event()))
+
+    def uptime_ms(self) -> int:
+        return int((time.monotonic() - self.boot_time) * 1000) + 300
+
     def call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
         """Run fn on the device thread and return its result."""
         if threading.current_thread() is self._thread:
@@ -201,6 +229,8 @@ class VirtualDevice:
     def set_fault(self, name: str, value: Any = True) -> dict:
         if name not in Faults.names():
             raise ValueError(f"unknown fault {name!r}; faults: {', '.join(Faults.names())}")
+        if name == "pairing" and value not in ("down", "error", "hang", None):
+            raise ValueError("pairing fault is 'down', 'error' or 'hang'")
         def do():
             setattr(self.faults, name, value)
             return self.describe()
@@ -228,6 +258,8 @@ class VirtualDevice:
             "boots": self.boots, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "faults": {k: v for k, v in asdict(self.faults).items() if v not in (None, False, 0.0)},
             "realtime": self.realtime,
+            "pairing_url": f"http://{self.net_ip}:{self.http_port}",
+            "app_mode": self.runtime.mode if self.runtime else None,
             "flash_file": str(self.flash.path) if self.flash.path else None,
         }
 
@@ -278,7 +310,13 @@ class VirtualDevice:
             fn()
 
     # -- power, reset and boot ----------------------------------------------------------
+    def _stop_app(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
+            self.runtime = None
+
     def _power_off(self) -> None:
+        self._stop_app()
         self.mode = "off"
         self.loader = None
         self.app = None
@@ -298,6 +336,7 @@ class VirtualDevice:
         self._start(download, cause)
 
     def _chip_reset(self) -> None:
+        self._stop_app()
         self.mode = "reset"
         self.loader = None
         self.app = None
@@ -310,9 +349,11 @@ class VirtualDevice:
             return
         if self.faults.no_download_mode:
             download = False
+        self._stop_app()
         self._timers.clear()
         self.decoder.reset()
         self.mode = "booting"
+        self.boot_time = time.monotonic()
         self.boots += 1
         self.console.clear()
         self._reset_registers()
@@ -337,11 +378,25 @@ class VirtualDevice:
             return
         self.mode = "app"
         self.app = result.app
-        for hook in self.firmware_hooks:
-            hook(self, result)
-        if not self.firmware_hooks:
-            self._print(f"I ({300 + 7 * len(result.log) // 100}) app: {result.app.project_name} "
+        if self.faults.panic_after is not None:
+            self.schedule(self.faults.panic_after, self._panic)
+        manifest = read_manifest(self.flash.read(result.app_offset, 8192))
+        if manifest and manifest.get("sdk") == "2smart":
+            self.runtime = TwoSmartApp(self, manifest, result.app.version)
+            self.runtime.start()
+        else:
+            self._print(f"I ({self.uptime_ms()}) app: {result.app.project_name} "
                         f"{result.app.version} running\n")
+
+    def _panic(self) -> None:
+        if self.mode != "app":
+            return
+        self._stop_app()
+        self._print("Guru Meditation Error: Core  0 panic'ed (LoadProhibited). Exception was unhandled.\n\n"
+                    "Core  0 register dump:\nPC      : 0x400d2f5e  PS      : 0x00060330  A0      : 0x800d3a1c\n\n"
+                    "Backtrace: 0x400d2f5b:0x3ffb1f50 0x400d3a19:0x3ffb1f80 0x4008a1e6:0x3ffb1fb0\n\n"
+                    "Rebooting...\n")
+        self._start(False, "sw")
 
     def soft_reset_to_rom(self) -> None:
         self._start(True, "sw")

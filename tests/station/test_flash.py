@@ -14,7 +14,7 @@ from station.profile import load_profile
 from station.record import Record
 from tests.station.conftest import TOKEN, json_lines, run_station, run_station_process
 
-STEPS = {"connect", "identify", "guard", "serial", "config", "flash", "boot", "record"}
+STEPS = {"connect", "identify", "guard", "serial", "config", "flash", "boot", "smoke", "record"}
 
 
 def test_flash_virtual_4_json_subprocess(station_env):

@@ -1,0 +1,325 @@
+"""A small MQTT 3.1.1 client and broker: enough for 2Smart devices and the smoke test.
+
+The client is what the virtual device's firmware logs in with (username
+sha256(email), password token) and what the station's smoke test subscribes with.
+The broker is the demo's embedded one, so the README's main command needs nothing
+installed; tests use a real Mosquitto. QoS 0 and 1 publish, retained messages,
+wildcard subscriptions, keep-alive, last will, username/password accounts.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
+SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 12, 13, 14
+CONNACK_CODES = {0: "accepted", 1: "unacceptable protocol version", 2: "identifier rejected",
+                 3: "server unavailable", 4: "bad user name or password", 5: "not authorized"}
+
+
+class MqttError(Exception):
+    pass
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n % 128
+        n //= 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack(">H", len(b)) + b
+
+
+def packet(ptype: int, flags: int, body: bytes) -> bytes:
+    return bytes([(ptype << 4) | flags]) + _varint(len(body)) + body
+
+
+def read_packet(sock: socket.socket) -> tuple[int, int, bytes]:
+    head = _recv(sock, 1)[0]
+    mult, length = 1, 0
+    while True:
+        b = _recv(sock, 1)[0]
+        length += (b & 0x7F) * mult
+        if not b & 0x80:
+            break
+        mult *= 128
+    return head >> 4, head & 0x0F, _recv(sock, length)
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def topic_matches(filt: str, topic: str) -> bool:
+    f, t = filt.split("/"), topic.split("/")
+    for i, part in enumerate(f):
+        if part == "#":
+            return True
+        if i >= len(t) or (part != "+" and part != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class MqttClient:
+    def __init__(self, host: str, port: int, client_id: str, username: str | None = None,
+                 password: str | None = None, keepalive: int = 30, timeout: float = 5.0,
+                 will: tuple[str, bytes, bool] | None = None):
+        self.host, self.port, self.client_id = host, port, client_id
+        self.username, self.password, self.keepalive = username, password, keepalive
+        self.timeout, self.will = timeout, will
+        self.sock: socket.socket | None = None
+        self._handlers: list[tuple[str, Callable[[Message], None]]] = []
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._closed = threading.Event()
+        self._subacks: dict[int, threading.Event] = {}
+
+    def connect(self) -> int:
+        """Connect and log in; returns the CONNACK code (0 = accepted)."""
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        flags = 0x02
+        payload = _str(self.client_id)
+        if self.will:
+            topic, msg, retain = self.will
+            flags |= 0x04 | (0x20 if retain else 0)
+            payload += _str(topic) + _str(msg)
+        if self.username is not None:
+            flags |= 0x80
+            payload += _str(self.username)
+        if self.password is not None:
+            flags |= 0x40
+            payload += _str(self.password)
+        body = _str("MQTT") + bytes([4, flags]) + struct.pack(">H", self.keepalive) + payload
+        sock.sendall(packet(CONNECT, 0, body))
+        ptype, _, data = read_packet(sock)
+        if ptype != CONNACK or len(data) != 2:
+            sock.close()
+            raise MqttError("broker did not answer CONNECT with CONNACK")
+        if data[1] != 0:
+            sock.close()
+            return data[1]
+        sock.settimeout(None)
+        self.sock = sock
+        threading.Thread(target=self._reader, daemon=True, name=f"mqtt-{self.client_id}").start()
+        threading.Thread(target=self._pinger, daemon=True).start()
+        return 0
+
+    def _send(self, data: bytes) -> None:
+        with self._lock:
+            if self.sock is None:
+                raise MqttError("not connected")
+            self.sock.sendall(data)
+
+    def publish(self, topic: str, payload: bytes | str, retain: bool = False) -> None:
+        body = _str(topic) + (payload.encode() if isinstance(payload, str) else payload)
+        self._send(packet(PUBLISH, 0x01 if retain else 0, body))
+
+    def subscribe(self, topic_filter: str, handler: Callable[[Message], None], wait: float = 5.0) -> None:
+        self._pid = self._pid % 65535 + 1
+        done = threading.Event()
+        self._subacks[self._pid] = done
+        self._handlers.append((topic_filter, handler))
+        self._send(packet(SUBSCRIBE, 0x02, struct.pack(">H", self._pid) + _str(topic_filter) + b"\x00"))
+        if not done.wait(wait):
+            raise MqttError(f"no SUBACK for {topic_filter}")
+
+    def _reader(self) -> None:
+        try:
+            while not self._closed.is_set():
+                ptype, flags, data = read_packet(self.sock)
+                if ptype == PUBLISH:
+                    tlen = struct.unpack(">H", data[:2])[0]
+                    topic = data[2 : 2 + tlen].decode()
+                    pos = 2 + tlen
+                    if (flags >> 1) & 3:
+                        pid = data[pos : pos + 2]
+                        pos += 2
+                        self._send(packet(PUBACK, 0, pid))
+                    msg = Message(topic, data[pos:], bool(flags & 1))
+                    for filt, handler in list(self._handlers):
+                        if topic_matches(filt, topic):
+                            handler(msg)
+                elif ptype == SUBACK:
+                    ev = self._subacks.pop(struct.unpack(">H", data[:2])[0], None)
+                    if ev:
+                        ev.set()
+        except (OSError, ConnectionError, MqttError):
+            pass
+        finally:
+            self._closed.set()
+
+    def _pinger(self) -> None:
+        while not self._closed.wait(max(1.0, self.keepalive / 2)):
+            try:
+                self._send(packet(PINGREQ, 0, b""))
+            except (OSError, MqttError):
+                return
+
+    @property
+    def connected(self) -> bool:
+        return self.sock is not None and not self._closed.is_set()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        return self._closed.wait(timeout)
+
+    def close(self) -> None:
+        if self.sock is not None and not self._closed.is_set():
+            try:
+                self._send(packet(DISCONNECT, 0, b""))
+            except (OSError, MqttError):
+                pass
+        self._closed.set()
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+
+class EmbeddedBroker:
+    """A broker for demos on loopback: accounts optional, retained messages, wildcards."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 accounts: dict[str, str] | None = None):
+        self.accounts = accounts  # None: anyone may log in
+        self._srv = socket.create_server((host, port))
+        self.host, self.port = self._srv.getsockname()[:2]
+        self._lock = threading.Lock()
+        self._subs: list[tuple[socket.socket, str]] = []
+        self._retained: dict[str, bytes] = {}
+        self._clients: set[socket.socket] = set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True, name="mqtt-broker").start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._srv.close()
+        with self._lock:
+            for c in list(self._clients):
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _deliver(self, topic: str, payload: bytes, retain_flag: bool, only: socket.socket | None = None) -> None:
+        data = packet(PUBLISH, 0x01 if retain_flag else 0, _str(topic) + payload)
+        with self._lock:
+            targets = [(c, f) for c, f in self._subs if only is None or c is only]
+        for c, f in targets:
+            if topic_matches(f, topic):
+                try:
+                    c.sendall(data)
+                except OSError:
+                    pass
+
+    def _serve(self, conn: socket.socket) -> None:
+        will = None
+        try:
+            ptype, _, data = read_packet(conn)
+            if ptype != CONNECT:
+                return
+            pos = 2 + struct.unpack(">H", data[:2])[0]
+            flags = data[pos + 1]
+            pos += 4
+
+            def field() -> bytes:
+                nonlocal pos
+                n = struct.unpack(">H", data[pos : pos + 2])[0]
+                v = data[pos + 2 : pos + 2 + n]
+                pos += 2 + n
+                return v
+
+            field()  # client id
+            if flags & 0x04:
+                will = (field().decode(), field(), bool(flags & 0x20))
+            user = field().decode() if flags & 0x80 else None
+            pw = field().decode() if flags & 0x40 else None
+            if self.accounts is not None and (user not in self.accounts or self.accounts[user] != pw):
+                conn.sendall(packet(CONNACK, 0, b"\x00\x05"))
+                return
+            conn.sendall(packet(CONNACK, 0, b"\x00\x00"))
+            with self._lock:
+                self._clients.add(conn)
+            while True:
+                ptype, flags, data = read_packet(conn)
+                if ptype == PUBLISH:
+                    tlen = struct.unpack(">H", data[:2])[0]
+                    topic = data[2 : 2 + tlen].decode()
+                    pos = 2 + tlen
+                    if (flags >> 1) & 3:
+                        conn.sendall(packet(PUBACK, 0, data[pos : pos + 2]))
+                        pos += 2
+                    payload = data[pos:]
+                    if flags & 1:
+                        with self._lock:
+                            if payload:
+                                self._retained[topic] = payload
+                            else:
+                                self._retained.pop(topic, None)
+                    self._deliver(topic, payload, False)
+                elif ptype == SUBSCRIBE:
+                    pid = data[:2]
+                    pos, filters = 2, []
+                    while pos < len(data):
+                        n = struct.unpack(">H", data[pos : pos + 2])[0]
+                        filters.append(data[pos + 2 : pos + 2 + n].decode())
+                        pos += 3 + n
+                    with self._lock:
+                        self._subs += [(conn, f) for f in filters]
+                        retained = list(self._retained.items())
+                    conn.sendall(packet(SUBACK, 0, pid + b"\x00" * len(filters)))
+                    for topic, payload in retained:
+                        if any(topic_matches(f, topic) for f in filters):
+                            conn.sendall(packet(PUBLISH, 0x01, _str(topic) + payload))
+                elif ptype == PINGREQ:
+                    conn.sendall(packet(PINGRESP, 0, b""))
+                elif ptype == DISCONNECT:
+                    will = None
+                    return
+        except (OSError, ConnectionError, struct.error, IndexError):
+            pass
+        finally:
+            with self._lock:
+                self._subs = [(c, f) for c, f in self._subs if c is not conn]
+                self._clients.discard(conn)
+            if will:
+                topic, payload, retain = will
+                if retain:
+                    with self._lock:
+                        self._retained[topic] = payload
+                self._deliver(topic, payload, False)
+            conn.close()

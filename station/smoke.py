@@ -1,0 +1,237 @@
+"""The smoke test: the device's local pairing server, and optionally its broker login.
+
+Levels: `none`; `healthcheck` (GET /healthcheck answers 200 within the timeout);
+`pair` (a pairing as the 2Smart mobile app does it, with the factory's test Wi-Fi
+and test-broker account, waiting until the device's `$state` is `ready` on that
+broker; then the pipeline restores the unit's own configuration and checks that it
+boots clean). The device is reached `direct` (a URL, or the IP its boot log
+printed) or over `wifi` (joining its access point by SSID and BSSID with
+NetworkManager's nmcli, one join at a time per interface).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable, Mapping
+from urllib.parse import urlencode
+
+from flashing.console import MQTT_REFUSED, BootLog, parse_boot_log
+from flashing.mqtt import CONNACK_CODES, Message, MqttClient, MqttError
+
+from .config import SmokeDefaults
+
+
+class SmokeFailure(Exception):
+    def __init__(self, message: str, remedy: str, detail: str | None = None):
+        super().__init__(message)
+        self.message, self.remedy, self.detail = message, remedy, detail
+
+
+@dataclass(frozen=True)
+class FactoryAccounts:
+    """The factory's test Wi-Fi and broker accounts, with their secrets resolved."""
+
+    test_ssid: str
+    test_psk: str
+    test_email: str
+    test_token: str
+    monitor_user: str
+    monitor_password: str
+
+    @classmethod
+    def from_settings(cls, s: SmokeDefaults, env: Mapping[str, str] | None = None) -> "FactoryAccounts":
+        env = os.environ if env is None else env
+        return cls(s.test_ssid, env.get(s.test_psk_env, ""), s.test_email, env.get(s.test_token_env, ""),
+                   s.monitor_user, env.get(s.monitor_password_env, ""))
+
+    def missing(self, s: SmokeDefaults) -> list[str]:
+        out = []
+        if not self.test_token:
+            out.append(f"the factory test token ({s.test_token_env})")
+        if not self.monitor_password:
+            out.append(f"the broker monitor password ({s.monitor_password_env})")
+        return out
+
+
+# -- reaching the device ---------------------------------------------------------------------
+
+class DirectReach:
+    """The pairing server at a fixed URL, or at the IP and port the boot log printed."""
+
+    def __init__(self, settings: SmokeDefaults):
+        self.settings = settings
+
+    def open(self, boot: BootLog, mac: bytes, ap_name: str | None) -> str:
+        if self.settings.url:
+            return self.settings.url.rstrip("/")
+        ip = boot.sta_ip or boot.ap_ip
+        if not ip:
+            raise SmokeFailure("the boot log shows no IP address for the device",
+                               "check that the firmware starts its access point or joins the network")
+        return f"http://{ip}:{boot.http_port or self.settings.port}"
+
+    def close(self) -> None:
+        pass
+
+
+_iface_locks: dict[str, threading.Lock] = {}
+_iface_guard = threading.Lock()
+
+
+def soft_ap_bssid(mac: bytes) -> str:
+    """The soft-AP MAC: base MAC + 1 in the last byte, with carry."""
+    n = (int.from_bytes(mac, "big") + 1) % (1 << 48)
+    return ":".join(f"{b:02x}" for b in n.to_bytes(6, "big"))
+
+
+class WifiReach:
+    """Join the device's AP with nmcli on a named interface, one join at a time per interface.
+
+    Several boards on a bench broadcast the same SSID, so the join names the BSSID too.
+    """
+
+    SDK_AP_URL = "http://192.168.4.1"  # the SDK's soft-AP address; station.toml [smoke] url overrides
+
+    def __init__(self, settings: SmokeDefaults, run: Callable[..., subprocess.CompletedProcess] = subprocess.run):
+        self.settings = settings
+        self.run = run
+        self.iface = settings.wifi_interface
+        with _iface_guard:
+            self.lock = _iface_locks.setdefault(self.iface, threading.Lock())
+        self.joined: str | None = None
+
+    def open(self, boot: BootLog, mac: bytes, ap_name: str | None) -> str:
+        ssid = boot.ap_name or ap_name
+        if not ssid:
+            raise SmokeFailure("the device did not say which access point it started",
+                               "check the firmware's boot log; it must start its AP")
+        bssid = soft_ap_bssid(mac)
+        if not self.lock.acquire(timeout=self.settings.timeout_s * 4):
+            raise SmokeFailure(f"interface {self.iface} stayed busy with another board",
+                               "retry when the other slots are done")
+        cmd = ["nmcli", "--wait", str(int(self.settings.timeout_s)), "device", "wifi", "connect", ssid,
+               "bssid", bssid, "ifname", self.iface]
+        try:
+            r = self.run(cmd, capture_output=True, text=True, timeout=self.settings.timeout_s + 5)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.lock.release()
+            raise SmokeFailure(f"nmcli could not run: {exc}", "install NetworkManager or use reach = direct")
+        if r.returncode != 0:
+            self.lock.release()
+            raise SmokeFailure(f"could not join the device's access point {ssid} ({bssid}) on {self.iface}",
+                               "check that the board is powered and its AP is up; retry", r.stderr.strip())
+        self.joined = ssid
+        return (self.settings.url or self.SDK_AP_URL).rstrip("/")
+
+    def close(self) -> None:
+        if self.joined is not None:
+            try:
+                self.run(["nmcli", "connection", "down", "id", self.joined], capture_output=True,
+                         text=True, timeout=self.settings.timeout_s + 5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            self.joined = None
+            self.lock.release()
+
+
+def make_reach(settings: SmokeDefaults) -> DirectReach | WifiReach:
+    return WifiReach(settings) if settings.reach == "wifi" else DirectReach(settings)
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+def http_get(url: str, timeout: float) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise SmokeFailure(f"the pairing server did not answer within {timeout:g} s ({url})",
+                               "the firmware may be hung: power-cycle and retry, else replace the board") from None
+        raise SmokeFailure(f"no answer from the pairing server at {url} ({reason})",
+                           "check that the firmware starts its pairing server; retry") from None
+
+
+def healthcheck(base: str, timeout: float) -> None:
+    status, body = http_get(base + "/healthcheck", timeout)
+    if status != 200:
+        raise SmokeFailure(f"/healthcheck answered {status} {body.strip()[:80]!r}, not 200",
+                           "the firmware's pairing server is unhealthy: retry, else replace the board")
+
+
+def pair_and_wait(base: str, device_class: str, device_id: str, settings: SmokeDefaults,
+                  accounts: FactoryAccounts, console: Callable[[], str]) -> float:
+    """Pair as the mobile app does; wait for `$state` = ready on the test broker.
+
+    Returns the seconds from the pairing request to `ready`. `console` returns what
+    the board printed since the last call (to tell a refused login from silence).
+    """
+    user = hashlib.sha256(accounts.test_email.encode()).hexdigest()
+    topic = f"{user}/sweet-home/{device_id}/$state"
+    ready = threading.Event()
+
+    def on_state(msg: Message) -> None:
+        if not msg.retain and msg.payload == b"ready":  # a retained one is from an earlier run
+            ready.set()
+
+    monitor = MqttClient(settings.broker_host, settings.broker_port,
+                         f"station-smoke-{device_id}", accounts.monitor_user, accounts.monitor_password)
+    try:
+        rc = monitor.connect()
+    except (OSError, MqttError) as exc:
+        raise SmokeFailure(f"the test broker {settings.broker_host}:{settings.broker_port} is unreachable "
+                           f"({exc})", "start the factory test broker, or check station.toml [smoke]") from None
+    if rc != 0:
+        raise SmokeFailure(f"the test broker refused the station's monitor login ({CONNACK_CODES.get(rc, rc)})",
+                           "check the monitor account in station.toml [smoke]")
+    try:
+        monitor.subscribe(topic, on_state)
+        params = {"wsp": accounts.test_email, "token": accounts.test_token,
+                  "host": settings.broker_host, "brport": str(settings.broker_port)}
+        if device_class == "wifi":
+            params = {"ssid": accounts.test_ssid, "psk": accounts.test_psk, **params}
+        t0 = time.monotonic()
+        status, body = http_get(f"{base}/pair?{urlencode(params)}", settings.timeout_s)
+        if status != 200:
+            raise SmokeFailure(f"/pair answered {status} {body.strip()[:80]!r}, not 200 OK",
+                               "the device refused the pairing data: check the firmware; retry")
+        seen = ""
+        deadline = t0 + settings.timeout_s
+        while time.monotonic() < deadline:
+            if ready.wait(0.1):
+                return time.monotonic() - t0
+            seen += console()
+            refused = MQTT_REFUSED.search(seen)
+            if refused:
+                raise SmokeFailure(f"the broker refused this device's login ({refused.group(1).strip()})",
+                                   "check the factory test account on the broker; replace the board if "
+                                   "others pass", seen[-1500:])
+        raise SmokeFailure(f"timeout: the device did not report $state = ready on the test broker within "
+                           f"{settings.timeout_s:g} s", "check the test Wi-Fi and broker; retry", seen[-1500:])
+    finally:
+        monitor.close()
+
+
+def soak(console: Callable[[], str], seconds: float, seen: str = "") -> None:
+    """Keep watching the console after the checks: a crash soon after boot fails the unit."""
+    deadline = time.monotonic() + seconds
+    text = seen
+    while True:
+        text += console()
+        log = parse_boot_log(text)
+        if log.panic:
+            raise SmokeFailure(f"the firmware crashed after boot ({log.panic.strip()})",
+                               "replace the board if a retry crashes the same way", text[-2000:])
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)

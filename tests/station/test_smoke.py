@@ -1,0 +1,189 @@
+"""The smoke test against virtual boards' pairing servers and a real Mosquitto."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flashing.firmware import build_firmware, twosmart_manifest
+from flashing.virtual.bench import VirtualBench
+from station.config import SmokeDefaults
+from station.smoke import WifiReach, soft_ap_bssid
+from flashing.console import parse_boot_log
+from tests.conftest import MONITOR_PASSWORD, TEST_EMAIL, TEST_TOKEN
+from tests.station.conftest import json_lines, run_station
+
+
+def smoke_config(env: Path, broker, timeout: float = 5, extra: str = "") -> None:
+    cfg = env / "station.toml"
+    base = cfg.read_text().split("\n[smoke]")[0]
+    cfg.write_text(base + f'\n[smoke]\ntimeout_s = {timeout}\nbroker_port = {broker.port}\n'
+                   f'test_email = "{TEST_EMAIL}"\n{extra}')
+
+
+@pytest.fixture
+def pair_env(station_env, mosquitto, monkeypatch):
+    monkeypatch.setenv("STATION_TEST_TOKEN", TEST_TOKEN)
+    monkeypatch.setenv("STATION_MONITOR_PASSWORD", MONITOR_PASSWORD)
+    smoke_config(station_env, mosquitto)
+    return station_env
+
+
+def finished(out: str) -> dict[str, dict]:
+    return {e["port"]: e for e in json_lines(out) if e["event"] == "unit_finished"}
+
+
+def flash(capsys, bench, *extra: str) -> tuple[int, dict[str, dict]]:
+    ports = sum((["--port", s.url] for s in bench.slots), [])
+    rc, out, err = run_station(capsys, "flash", *ports, "--json", *extra)
+    return rc, finished(out)
+
+
+def test_healthcheck_level_passes(station_env, capsys):
+    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
+        rc, res = flash(capsys, bench, "--smoke", "healthcheck")
+        assert rc == 0 and all(r["durations"]["smoke"] > 0 for r in res.values())
+
+
+def test_pair_level_with_mosquitto_and_an_independent_subscriber(pair_env, mosquitto, capsys):
+    user = hashlib.sha256(TEST_EMAIL.encode()).hexdigest()
+    sub = subprocess.Popen(["mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-u",
+                            mosquitto.monitor_user, "-P", MONITOR_PASSWORD, "-v", "-t", f"{user}/sweet-home/+/$state"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    try:
+        with VirtualBench(3, "esp32", run_dir=pair_env / "run") as bench:
+            for s in bench.slots:
+                s.device.heartbeat_s = 1
+            rc, res = flash(capsys, bench, "--smoke", "pair")
+            assert rc == 0, res
+            for s in bench.slots:
+                # restored afterwards: the unit's own config, no Wi-Fi, so its AP is up again
+                assert s.device.state()["app_mode"] == "ap"
+            ids = [s.device.mac_text.replace(":", "-") for s in bench.slots]
+    finally:
+        time.sleep(0.3)
+        sub.terminate()
+        out = sub.communicate(timeout=5)[0]
+    for device_id in ids:
+        assert f"{user}/sweet-home/{device_id}/$state ready" in out
+
+
+@pytest.mark.parametrize("fault,value,level,expect", [
+    ("pairing", "down", "healthcheck", "no answer from the pairing server"),
+    ("pairing", "error", "healthcheck", "/healthcheck answered 500"),
+    ("pairing", "hang", "healthcheck", "did not answer within 2 s"),
+    ("mqtt_refused", True, "pair", "the broker refused this device's login (not authorized"),
+    ("panic_after", 1.2, "healthcheck", "the firmware crashed after boot (Guru Meditation Error"),
+])
+def test_faults_fail_the_smoke_step_while_others_pass(pair_env, mosquitto, capsys, fault, value, level, expect):
+    smoke_config(pair_env, mosquitto, timeout=2)
+    with VirtualBench(3, "esp32", run_dir=pair_env / "run") as bench:
+        for s in bench.slots:
+            s.device.mqtt_retry_s = 0.3
+        victim = bench[1]
+        victim.device.set_fault(fault, value)
+        rc, res = flash(capsys, bench, "--smoke", level)
+        assert rc == 1
+        assert [res[s.url]["outcome"] for s in bench.slots] == ["passed", "failed", "passed"]
+        bad = res[victim.url]
+        assert bad["failed_step"] == "smoke", bad
+        assert expect in bad["error"], bad["error"]
+
+
+def test_wrong_key_name_profile_fails(station_env, capsys):
+    p = station_env / "profiles/relay/profile.toml"
+    p.write_text(p.read_text().replace('key = "token"', 'key = "tokn"'))
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        rc, res = flash(capsys, bench)
+        bad = res[bench[0].url]
+        assert rc == 1 and bad["failed_step"] == "boot"
+        assert "the firmware rejected its configuration: unknown key(s) 'tokn'" in bad["error"]
+
+
+def make_profile(env: Path, device_class: str, keys: bool = True, smoke: str = "healthcheck") -> str:
+    """A profile for a device of another class, with firmware that declares that class."""
+    d = env / "profiles" / device_class
+    (d / "fw").mkdir(parents=True)
+    fw = build_firmware("esp32", project=device_class, version="2.0.0", app_size=120_000,
+                        manifest=twosmart_manifest(device_class, title=f"2Smart {device_class}"))
+    regions = []
+    for name, off, data in (("bootloader", 0x1000, fw.bootloader), ("partition-table", 0x8000, fw.partition_table),
+                            ("app", 0x10000, fw.app)):
+        (d / "fw" / f"{name}.bin").write_bytes(data)
+        regions.append(f'{{ name = "{name}", offset = "{hex(off)}", file = "fw/{name}.bin", '
+                       f'sha256 = "{hashlib.sha256(data).hexdigest()}" }}')
+    text = (f'name = "{device_class}"\ntitle = "2Smart {device_class}"\nchip = "esp32"\n'
+            f'device_class = "{device_class}"\n\n[firmware]\nregions = [\n  ' + ",\n  ".join(regions) + "\n]\n")
+    if keys:
+        text += ('\n[config]\npartition = "config"\nnamespace = "2smart"\n'
+                 '[[config.keys]]\nkey = "email"\ntype = "string"\nmax_length = 64\nvalue = "v@example.com"\n'
+                 '[[config.keys]]\nkey = "device_id"\ntype = "string"\nmax_length = 32\nunit = "device_id"\n')
+    text += f'\n[checks]\nboot = true\nsmoke = "{smoke}"\n'
+    (d / "profile.toml").write_text(text)
+    return device_class
+
+
+def test_no_wifi_device_pairs_without_wifi_keys(pair_env, capsys):
+    name = make_profile(pair_env, "no-wifi", smoke="pair")
+    with VirtualBench(1, "esp32", run_dir=pair_env / "run") as bench:
+        rc, res = flash(capsys, bench, "--profile", name)
+        assert rc == 0, res
+        assert "eth: link up" in bench[0].device.console_text()
+    p = pair_env / "profiles/no-wifi/profile.toml"
+    p.write_text(p.read_text().replace('[checks]', '[[config.keys]]\nkey = "ssid"\ntype = "string"\n'
+                                       'max_length = 32\nvalue = "x"\n\n[checks]'))
+    rc, out, err = run_station(capsys, "profile", "check", "no-wifi")
+    assert rc == 2 and "No-Wi-Fi devices never get Wi-Fi keys" in err
+
+
+def test_other_device_gets_no_config_and_no_smoke(station_env, capsys):
+    name = make_profile(station_env, "other", keys=False, smoke="pair")
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        rc, res = flash(capsys, bench, "--profile", name)
+        r = res[bench[0].url]
+        assert rc == 0 and "smoke" not in r["durations"] and "config" not in r["written_regions"]
+        assert bench[0].device.state()["app_mode"] == "hub"
+
+
+def test_wifi_reach_through_nmcli_seam(tmp_path, monkeypatch):
+    """The Wi-Fi path cannot run here: a fake nmcli on PATH records what the station asks."""
+    log = tmp_path / "nmcli.log"
+    fake = tmp_path / "bin" / "nmcli"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nsleep 0.2\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    settings = SmokeDefaults(reach="wifi", wifi_interface="wlx-test", timeout_s=5)
+    boot = parse_boot_log('I (301) wifi_ap: access point "2Smart Relay AP" started\nAP IP address: 192.168.4.1\n')
+    macs = [bytes.fromhex("240ac41234ff"), bytes.fromhex("240ac4123500")]
+    spans = []
+
+    def join(mac: bytes) -> None:
+        reach = WifiReach(settings)
+        t0 = time.monotonic()
+        assert reach.open(boot, mac, None) == "http://192.168.4.1"
+        time.sleep(0.1)
+        reach.close()
+        spans.append((t0, time.monotonic()))
+
+    threads = [threading.Thread(target=join, args=(m,)) for m in macs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = log.read_text().splitlines()
+    connects = [l for l in lines if " wifi connect " in l]
+    assert len(connects) == 2
+    assert "wifi connect 2Smart Relay AP bssid 24:0a:c4:12:35:00 ifname wlx-test" in lines[0] + "".join(connects)
+    assert any("bssid 24:0a:c4:12:35:01 ifname wlx-test" in l for l in connects)  # carry into the next byte
+    assert lines[1].startswith("connection down id 2Smart Relay AP")  # one join at a time per interface
+    assert soft_ap_bssid(bytes.fromhex("ffffffffffff")) == "00:00:00:00:00:00"
