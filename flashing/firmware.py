@@ -65,10 +65,14 @@ def _filler(rng: random.Random, size: int) -> bytes:
 
 def twosmart_manifest(device_class: str = "wifi", title: str = "2Smart Relay",
                       partition: str = "config", namespace: str = "2smart",
-                      keys: list[str] | None = None) -> dict:
-    """What a 2Smart-SDK firmware declares about itself: class, config location and keys."""
+                      keys: list[str] | None = None, encrypted: bool = False) -> dict:
+    """What a 2Smart-SDK firmware declares about itself: class, config location and keys.
+
+    `encrypted`: built with NVS encryption, reading its keys from the nvs_keys partition.
+    """
     return {"sdk": "2smart", "class": device_class, "title": title,
-            "config": {"partition": partition, "namespace": namespace, "keys": keys or SDK_KEYS}}
+            "config": {"partition": partition, "namespace": namespace, "keys": keys or SDK_KEYS,
+                       "encrypted": encrypted}}
 
 
 def read_manifest(app_head: bytes) -> dict | None:

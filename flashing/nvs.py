@@ -11,6 +11,7 @@ NVS reader, and the station checks every image it built before writing it.
 from __future__ import annotations
 
 import io
+import secrets
 import struct
 import zlib
 from dataclasses import dataclass
@@ -76,8 +77,45 @@ def validate_entry(entry: NvsEntry) -> None:
                        f"(string, {', '.join(INT_TYPES)})")
 
 
-def build_partition(namespace: str, entries: list[NvsEntry], size: int) -> bytes:
-    """An NVS image of exactly `size` bytes holding `entries` in `namespace`."""
+KEYS_SIZE = 64  # XTS-AES-256: encryption key + tweak key
+
+
+def new_keys() -> bytes:
+    """NVS encryption keys from the OS's cryptographic generator (not the generator's random)."""
+    return secrets.token_bytes(KEYS_SIZE)
+
+
+def keys_partition(keys: bytes, size: int = PAGE) -> bytes:
+    """The `nvs_keys` partition: both keys, their CRC32, then erased flash."""
+    if len(keys) != KEYS_SIZE:
+        raise NvsError("NVS encryption needs 64 bytes of keys")
+    body = keys + struct.pack("<I", zlib.crc32(keys, 0xFFFFFFFF))
+    return body + b"\xff" * (size - len(body))
+
+
+def read_keys_partition(data: bytes) -> bytes:
+    keys = data[:KEYS_SIZE]
+    if keys == b"\xff" * KEYS_SIZE:
+        raise NvsError("the nvs_keys partition is empty")
+    if struct.unpack_from("<I", data, KEYS_SIZE)[0] != zlib.crc32(keys, 0xFFFFFFFF):
+        raise NvsError("the nvs_keys partition fails its CRC")
+    return keys
+
+
+def _xts(keys: bytes, address: int, data: bytes, decrypt: bool) -> bytes:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    cipher = Cipher(algorithms.AES(keys), modes.XTS(address.to_bytes(16, "little")))
+    op = cipher.decryptor() if decrypt else cipher.encryptor()
+    return op.update(data) + op.finalize()
+
+
+def build_partition(namespace: str, entries: list[NvsEntry], size: int, keys: bytes | None = None) -> bytes:
+    """An NVS image of exactly `size` bytes holding `entries` in `namespace`.
+
+    With `keys` (64 bytes) the entries are XTS-AES encrypted as ESP-IDF's NVS
+    encryption expects, each 32-byte entry tweaked by its address in the partition.
+    """
     from esp_idf_nvs_partition_gen import nvs_partition_gen as gen
 
     validate_key(namespace, "namespace")
@@ -97,7 +135,10 @@ def build_partition(namespace: str, entries: list[NvsEntry], size: int) -> bytes
         raise NvsError(f"config needs {need} NVS entries; a 0x{size:x} partition holds {usable}")
     out = io.BytesIO()
     try:
-        nvs = gen.nvs_open(out, size - PAGE, gen.Page.VERSION2)  # one page stays reserved
+        if keys is not None and len(keys) != KEYS_SIZE:
+            raise NvsError("NVS encryption needs 64 bytes of keys")
+        nvs = gen.nvs_open(out, size - PAGE, gen.Page.VERSION2,  # one page stays reserved
+                           is_encrypt=keys is not None, key=keys)
         gen.write_entry(nvs, namespace, "namespace", "", "")
         for e in entries:
             gen.write_entry(nvs, e.key, "data", e.type, str(e.value))
@@ -116,10 +157,15 @@ def _crc(data: bytes) -> int:
     return zlib.crc32(data, 0xFFFFFFFF)
 
 
-def read_partition(image: bytes) -> dict[str, dict[str, str | int | bytes]]:
-    """Decode an NVS image: {namespace: {key: value}}. Raises NvsError on corruption."""
+def read_partition(image: bytes, keys: bytes | None = None) -> dict[str, dict[str, str | int | bytes]]:
+    """Decode an NVS image: {namespace: {key: value}}. Raises NvsError on corruption.
+
+    With `keys`, entries are decrypted first; wrong keys show up as CRC mismatches.
+    """
     if len(image) % PAGE:
         raise NvsError("image size is not a multiple of 4096")
+    if keys is not None:
+        image = _decrypt_entries(image, keys)
     namespaces: dict[int, str] = {}
     raw: list[tuple[int, str, int | str | bytes]] = []
     pages = []
@@ -170,3 +216,18 @@ def read_partition(image: bytes) -> dict[str, dict[str, str | int | bytes]]:
     for ns, key, value in raw:
         result.setdefault(namespaces.get(ns, f"#{ns}"), {})[key] = value
     return result
+
+
+def _decrypt_entries(image: bytes, keys: bytes) -> bytes:
+    out = bytearray(image)
+    for p in range(len(image) // PAGE):
+        base = p * PAGE
+        if struct.unpack_from("<I", image, base)[0] == 0xFFFFFFFF:
+            continue
+        bitmap = image[base + 32 : base + 64]
+        for i in range(ENTRIES_PER_PAGE):
+            if (bitmap[i // 4] >> ((i % 4) * 2)) & 3 == 3:
+                continue  # never written: still erased flash
+            addr = base + 64 + i * ENTRY
+            out[addr : addr + ENTRY] = _xts(keys, addr, image[addr : addr + ENTRY], decrypt=True)
+    return bytes(out)

@@ -210,7 +210,7 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
         for p in getattr(exc, "problems", None) or [exc]:
             _err(str(p))
         return Exit.USAGE
-    problems = check_profile(prof)
+    problems = check_profile(prof, store_path=station.secrets_file)
     for p in problems:
         _err(str(p))
     if problems:
@@ -221,18 +221,113 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _open_record(args) -> tuple:
+    from station.config import StationConfig
+    from station.record import Record
+
+    station = StationConfig.load(args.config)
+    return station, Record(args.db or station.database)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    from station.audit import AuditError, ExportFilter, export, merge, signing_key, verify
+    from station.config import ConfigError
+
+    action = getattr(args, "export_action", None)
+    try:
+        if action == "verify":
+            pem = args.pubkey.read_bytes() if args.pubkey else None
+            try:
+                m = verify(args.file, pem)
+            except AuditError as exc:
+                _err(f"NOT VERIFIED: {exc}")
+                return Exit.UNIT_FAILED
+            print(f"verified: {args.file} ({m['rows']} rows, station {m['station_id']}, "
+                  f"sha256 {m['sha256'][:16]}…, signed by key {m['public_key_sha256'][:16]}…)")
+            return Exit.OK
+        station, record = _open_record(args)
+        key = signing_key(station.signing_key)
+        if action == "merge":
+            if not args.out:
+                _err("station export merge: --out is needed")
+                return Exit.USAGE
+            try:
+                manifest, conflicts = merge(args.files, args.out, station.station_id, key)
+            except AuditError as exc:
+                _err(f"station export merge: {exc}")
+                return Exit.UNIT_FAILED
+            if conflicts:
+                _err(f"refused: {len(conflicts)} conflicting record(s); nothing was written")
+                for c in conflicts:
+                    _err(f"  {c}")
+                return Exit.UNIT_FAILED
+            _err(f"merged {len(args.files)} exports: {manifest['rows']} units -> {args.out}")
+            return Exit.OK
+        if not args.out:
+            _err("station export: --out FILE is needed")
+            return Exit.USAGE
+        f = ExportFilter(args.since, args.until, args.profile, args.outcome, args.operator,
+                         args.station, args.lot)
+        m = export(record, args.out, args.format, f, station.station_id, key)
+        _err(f"wrote {m['rows']} {m['kind']} to {args.out}, signed manifest {args.out}.manifest.json")
+        return Exit.OK
+    except (ConfigError, OSError) as exc:
+        _err(f"station export: {exc}")
+        return Exit.USAGE
+
+
+def cmd_db_verify(args: argparse.Namespace) -> int:
+    from station.config import ConfigError
+
+    try:
+        _, record = _open_record(args)
+    except ConfigError as exc:
+        _err(f"station db verify: {exc}")
+        return Exit.USAGE
+    problems = record.verify_chain()
+    for p in problems:
+        print(p)
+    if problems:
+        _err("the record has been tampered with (see above)")
+        return Exit.UNIT_FAILED
+    n = record.db().execute("select count(*) from attempts").fetchone()[0]
+    print(f"the record is intact: {n} attempts, every station's chain verified")
+    return Exit.OK
+
+
+def cmd_secrets(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+
     from station.config import ConfigError, StationConfig
-    from station.record import Record, export_units
+    from station.secrets import PASSPHRASE_ENV, SecretStore, SecretStoreError
 
     try:
         station = StationConfig.load(args.config)
-        record = Record(args.db or station.database)
-    except (ConfigError, Exception) as exc:
-        _err(f"station export: {exc}")
+        passphrase = os.environ.get(PASSPHRASE_ENV) or (
+            getpass.getpass("secrets passphrase: ") if sys.stdin.isatty() else "")
+        store = SecretStore(station.secrets_file, passphrase)
+        if args.secrets_action == "list":
+            for name in store.names():
+                print(name)
+        elif args.secrets_action == "set":
+            if sys.stdin.isatty():
+                value = getpass.getpass(f"value of {args.name}: ")
+            else:
+                value = sys.stdin.readline().rstrip("\n")
+            if not value:
+                _err("station secrets set: empty value; nothing stored")
+                return Exit.USAGE
+            store.set(args.name, value)
+            _err(f"stored {args.name} in {station.secrets_file}")
+        elif args.secrets_action == "remove":
+            if not store.remove(args.name):
+                _err(f"station secrets remove: {args.name} is not stored")
+                return Exit.UNIT_FAILED
+            _err(f"removed {args.name}")
+    except (ConfigError, SecretStoreError) as exc:
+        _err(f"station secrets: {exc}")
         return Exit.USAGE
-    n = export_units(record, args.out, args.format, args.since, args.profile)
-    _err(f"wrote {n} provisioned units to {args.out}")
     return Exit.OK
 
 
@@ -276,11 +371,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         broker.close()
     if rc != Exit.USAGE:
-        from station.record import Record, export_units
+        from station.record import Record
+
+        from station.audit import ExportFilter, export, signing_key
 
         out = db.with_name("demo-export.csv")
-        n = export_units(Record(db), out)
-        _err(f"the record is in {db}; {n} provisioned units exported to {out}")
+        m = export(Record(db), out, "csv", ExportFilter(), station.station_id, signing_key(station.signing_key))
+        _err(f"the record is in {db}; {m['rows']} provisioned units exported to {out} (signed manifest "
+             f"beside it: station export verify {out})")
     return rc
 
 
@@ -323,14 +421,48 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--config", type=Path)
     pc.set_defaults(func=cmd_profile_check)
 
-    e = sub.add_parser("export", help="write the provisioned units for audit")
+    e = sub.add_parser("export", help="signed exports of the record for audit (and verify, merge)")
     e.add_argument("--format", choices=["csv", "jsonl"], default="csv")
-    e.add_argument("--since", help="ISO date or time: units provisioned from then on")
+    e.add_argument("--since", help="ISO date or time: from then on")
+    e.add_argument("--until", help="ISO date or time: before then")
     e.add_argument("--profile")
-    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--outcome", choices=["passed", "failed", "aborted", "any"],
+                   help="export attempts with this outcome (default: the provisioned units)")
+    e.add_argument("--operator")
+    e.add_argument("--station", help="station id")
+    e.add_argument("--lot")
+    e.add_argument("--out", type=Path)
     e.add_argument("--db", type=Path)
     e.add_argument("--config", type=Path)
-    e.set_defaults(func=cmd_export)
+    e.set_defaults(func=cmd_export, export_action=None)
+    es = e.add_subparsers(dest="export_action")
+    ev = es.add_parser("verify", help="check an export's signature and hash")
+    ev.add_argument("file", type=Path)
+    ev.add_argument("--pubkey", type=Path, help="the station's public key (default: the one beside the file)")
+    ev.set_defaults(func=cmd_export)
+    em = es.add_parser("merge", help="join exports of several stations into one audit set")
+    em.add_argument("files", type=Path, nargs="+")
+    em.add_argument("--out", type=Path)
+    em.add_argument("--db", type=Path)
+    em.add_argument("--config", type=Path)
+    em.set_defaults(func=cmd_export)
+
+    db = sub.add_parser("db", help="the station database")
+    dbs = db.add_subparsers(dest="db_action", required=True)
+    dv = dbs.add_parser("verify", help="walk the hash chain; name the first tampered row")
+    dv.add_argument("--db", type=Path)
+    dv.add_argument("--config", type=Path)
+    dv.set_defaults(func=cmd_db_verify)
+
+    sc = sub.add_parser("secrets", help="the encrypted secrets file (tokens, Wi-Fi passwords)")
+    scs = sc.add_subparsers(dest="secrets_action", required=True)
+    ss = scs.add_parser("set", help="store a secret; the value is read from stdin or asked for")
+    ss.add_argument("name")
+    scs.add_parser("list", help="names of the stored secrets")
+    sr = scs.add_parser("remove")
+    sr.add_argument("name")
+    sc.add_argument("--config", type=Path)
+    sc.set_defaults(func=cmd_secrets)
 
     d = sub.add_parser("demo", help="provision virtual boards with the example profile")
     d.add_argument("--count", type=int, default=4)

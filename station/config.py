@@ -60,6 +60,8 @@ class StationConfig:
     lot: str = ""
     admin_password_sha256: str = ""
     key_file: Path = Path("var/station.key")
+    signing_key: Path = Path("var/station-ed25519.pem")
+    secrets_file: Path = Path("var/secrets.enc")
     smoke: SmokeDefaults = field(default_factory=SmokeDefaults)
     source: Path | None = None
 
@@ -75,7 +77,8 @@ class StationConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         take(data, {"station_id", "database", "profiles_dir", "default_profile", "slots",
-                    "ports", "operator", "lot", "admin_password_sha256", "key_file", "smoke"},
+                    "ports", "operator", "lot", "admin_password_sha256", "key_file", "smoke",
+                    "signing_key", "secrets_file"},
              str(path))
         base = path.parent
         ports = take(data.get("ports", {}), {"usb"}, f"{path} [ports]")
@@ -99,6 +102,8 @@ class StationConfig:
             lot=str(data.get("lot", "")),
             admin_password_sha256=str(data.get("admin_password_sha256", "")),
             key_file=base / data.get("key_file", "var/station.key"),
+            signing_key=base / data.get("signing_key", "var/station-ed25519.pem"),
+            secrets_file=base / data.get("secrets_file", "var/secrets.enc"),
             smoke=SmokeDefaults(**smoke),
             source=path,
         )

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterator
 
-from flashing.nvs import NvsEntry, NvsError, build_partition, read_partition
+import hmac
+
+from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, new_keys, read_partition
 from flashing.session import SessionError, UnitSession, flash_size_bytes
 
 from .config import StationConfig
@@ -107,7 +109,8 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
     profile = ctx.profile
     attempt = Attempt(port=job.port, station_id=ctx.station.station_id, profile=profile.name,
                       profile_hash=profile.content_hash, started_at=now_iso(),
-                      operator=job.operator, lot=job.lot, rework=job.rework,
+                      operator=job.operator, lot=job.lot or ctx.station.lot or profile.lot,
+                      rework=job.rework,
                       firmware_hashes=profile.firmware_hashes(), baud=profile.baud)
     sink = _UnitSink(job.port, emit)
     session = UnitSession(job.port, sink, cancelled=cancel.is_set)
@@ -168,12 +171,15 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         with step("serial"):
             attempt.serial = _assign_serial(job, ctx, attempt.mac)
         with step("config"):
-            image, values = _build_config(ctx, attempt)
+            image, keys_image, values = _build_config(ctx, attempt)
         with step("flash"):
             regions = [(name, off, data) for name, off, data in ctx.firmware]
             if image is not None:
                 slot = profile.config_slot()
                 regions.append(("config", slot.offset, image))
+            if keys_image is not None:
+                kslot = next(p for p in profile.partitions if p.name == profile.keys_partition)
+                regions.append(("nvs_keys", kslot.offset, keys_image))
             sink.total = sum(len(d) for _, _, d in regions)
             for name, offset, data in regions:
                 sink.region, sink.size = name, len(data)
@@ -254,10 +260,10 @@ def _assign_serial(job: UnitJob, ctx: StationContext, mac: str) -> str:
     return render_serial(profile.serial_pattern, record.next_counter(counter), now)
 
 
-def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, dict]:
+def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, bytes | None, dict]:
     profile = ctx.profile
     if profile.device_class == "other" or not profile.keys:
-        return None, {}
+        return None, None, {}
     slot = profile.config_slot()
     if slot is None:
         raise StepFailure(f"partition {profile.config_partition!r} is not in the firmware's table",
@@ -279,9 +285,15 @@ def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, 
             raise StepFailure(f"value for {k.key!r} is {len(str(value).encode())} bytes; the schema "
                               f"allows {k.max_length}", "fix the profile or the value given")
         entries.append(NvsEntry(k.key, k.type, value))
+    keys = None
+    if profile.encryption == "per-unit":
+        keys = new_keys()
+    elif profile.encryption == "per-lot":
+        # derived from the station's random key and the lot: one set per lot, never stored
+        keys = hmac.new(ctx.key, f"nvs-lot:{profile.name}:{attempt.lot}".encode(), "sha512").digest()
     try:
-        image = build_partition(profile.namespace, entries, slot.size)
-        back = read_partition(image).get(profile.namespace, {})
+        image = build_partition(profile.namespace, entries, slot.size, keys)
+        back = read_partition(image, keys).get(profile.namespace, {})
     except NvsError as exc:
         raise StepFailure(f"the config partition cannot be built: {exc}", "fix the profile") from None
     want = {e.key: e.value for e in entries}
@@ -292,7 +304,7 @@ def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, 
     token = next((ctx.secrets.get(k.secret) for k in profile.keys if k.key == "token" and k.secret), None)
     if token:
         attempt.token_fingerprint = fingerprint(ctx.key, token)
-    return image, want
+    return image, keys_partition(keys) if keys else None, want
 
 
 def _smoke(level: str, ctx: StationContext, session: UnitSession, log, mac: bytes, attempt: Attempt,

@@ -78,6 +78,7 @@ class SecretSource:
     env: str | None
     file: Path | None
     optional: bool
+    store: str | None = None  # a name in the station's encrypted secrets file
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ class Profile:
     checks: Checks
     content_hash: str
     product_id: str = ""
+    lot: str = ""  # the default production lot
+    encryption: str = "none"  # NVS encryption of the config: none | per-unit | per-lot
+    keys_partition: str = "nvs_keys"
     partitions: tuple[Partition, ...] = field(default=())
 
     @property
@@ -173,7 +177,7 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
 
     try:
         take(data, {"name", "title", "chip", "device_class", "baud", "product_id", "firmware",
-                    "config", "secrets", "serial", "checks"}, f)
+                    "config", "secrets", "serial", "checks", "lot"}, f)
     except ConfigError as exc:
         bad("(top level)", str(exc).split(": ", 1)[1])
     chip = str(data.get("chip", ""))
@@ -221,7 +225,7 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
     cfg = data.get("config", {})
     keys: list[ConfigKey] = []
     try:
-        take(cfg, {"partition", "namespace", "keys"}, "")
+        take(cfg, {"partition", "namespace", "keys", "encryption", "keys_partition"}, "")
     except ConfigError as exc:
         bad("config", str(exc).lstrip(": "))
     for i, k in enumerate(cfg.get("keys", [])):
@@ -246,13 +250,13 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
             bad(f"secrets.{name}", "must be a table with env or file")
             continue
         try:
-            take(s, {"env", "file", "optional"}, "")
+            take(s, {"env", "file", "optional", "store"}, "")
         except ConfigError as exc:
             bad(f"secrets.{name}", str(exc).lstrip(": "))
         if "value" in s:
             bad(f"secrets.{name}", "secrets are never written into a profile")
         secrets.append(SecretSource(name, s.get("env"), path.parent / s["file"] if "file" in s else None,
-                                    bool(s.get("optional", False))))
+                                    bool(s.get("optional", False)), s.get("store")))
     serial = data.get("serial", {})
     pattern = serial.get("pattern")
     if pattern is None and not serial.get("given", False):
@@ -288,13 +292,26 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
         config_partition=cfg.get("partition"), namespace=str(cfg.get("namespace", "2smart")),
         keys=tuple(keys), secrets=tuple(secrets), serial_pattern=pattern, checks=checks,
         content_hash=content.hexdigest(), product_id=str(data.get("product_id", "")),
+        lot=str(data.get("lot", "")),
+        encryption=str(cfg.get("encryption", "none")),
+        keys_partition=str(cfg.get("keys_partition", "nvs_keys")),
         partitions=partitions,
     )
 
 
-def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None) -> tuple[dict[str, str], list[Problem]]:
-    """Read every secret the profile names, from the environment or a file."""
+def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None,
+                    store_path: Path | None = None) -> tuple[dict[str, str], list[Problem]]:
+    """Read every secret the profile names: environment, a file, or the encrypted store."""
     env = os.environ if env is None else env
+    stored: dict[str, str] | None = None
+    store_error = None
+    if any(s.store for s in profile.secrets):
+        from .secrets import PASSPHRASE_ENV, SecretStore, SecretStoreError
+
+        try:
+            stored = SecretStore(store_path or Path("var/secrets.enc"), env.get(PASSPHRASE_ENV, "")).load()
+        except SecretStoreError as exc:
+            store_error = str(exc)
     values: dict[str, str] = {}
     problems: list[Problem] = []
     f = str(profile.path)
@@ -302,6 +319,16 @@ def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None) -> t
         value = None
         if s.env and env.get(s.env):
             value = env[s.env]
+        elif s.store:
+            if stored is None:
+                if not s.optional:
+                    problems.append(Problem(f, f"secrets.{s.name}.store", store_error or "no secrets file"))
+                continue
+            value = stored.get(s.store)
+            if value is None and not s.optional:
+                problems.append(Problem(f, f"secrets.{s.name}.store", f"{s.store!r} is not in the secrets "
+                                        f"file: station secrets set {s.store}"))
+                continue
         elif s.file is not None:
             try:
                 value = s.file.read_text().strip()
@@ -318,7 +345,8 @@ def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None) -> t
     return values, problems
 
 
-def check_profile(profile: Profile, env: Mapping[str, str] | None = None) -> list[Problem]:
+def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
+                  store_path: Path | None = None) -> list[Problem]:
     """Everything that can be checked without a device. An empty list means ready."""
     problems: list[Problem] = []
     f = str(profile.path)
@@ -374,7 +402,7 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None) -> lis
             problems.append(Problem(f, "config", "'other' devices get no config partition"))
     else:
         problems += _check_config(profile, parts)
-    secrets, secret_problems = resolve_secrets(profile, env)
+    secrets, secret_problems = resolve_secrets(profile, env, store_path)
     problems += secret_problems
     for k in profile.keys:
         if k.secret and k.secret not in {s.name for s in profile.secrets}:
@@ -397,6 +425,13 @@ def _check_config(profile: Profile, parts: list[Partition]) -> list[Problem]:
     elif slot is not None and (slot.type, slot.subtype) != (1, 2):
         problems.append(Problem(f, "config.partition", f"{slot.name!r} is {slot.type_name}/{slot.subtype_name}, "
                                 "not data/nvs"))
+    if profile.encryption not in ("none", "per-unit", "per-lot"):
+        problems.append(Problem(f, "config.encryption", f"{profile.encryption!r} is not none, per-unit or per-lot"))
+    elif profile.encryption != "none" and parts:
+        kslot = next((p for p in parts if p.name == profile.keys_partition), None)
+        if kslot is None or (kslot.type, kslot.subtype) != (1, 4):
+            problems.append(Problem(f, "config.keys_partition", f"NVS encryption needs a data/nvs_keys "
+                                    f"partition named {profile.keys_partition!r} in the partition table"))
     try:
         validate_key(profile.namespace, "namespace")
     except NvsError as exc:

@@ -9,7 +9,6 @@ Secrets never reach the record: a token is kept as a keyed fingerprint only.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
 import json
@@ -48,6 +47,29 @@ def m001_units_attempts(db: Database) -> None:
     db["attempts"].create_index(["unit_id"])
     db["attempts"].create_index(["ended_at"])
     db["counters"].create({"name": str, "value": int}, pk="name")
+
+
+CHAIN_GENESIS = "0" * 64
+HASHED_EXCLUDE = ("prev_hash", "row_hash")
+
+
+def row_digest(prev_hash: str, row: dict) -> str:
+    """The hash that chains an attempt row to the one before it (one chain per station)."""
+    body = {k: v for k, v in row.items() if k not in HASHED_EXCLUDE}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+@migrations()
+def m002_hash_chain(db: Database) -> None:
+    db["attempts"].add_column("prev_hash", str)
+    db["attempts"].add_column("row_hash", str)
+    heads: dict[str, str] = {}
+    for row in list(db.query("select * from attempts order by id")):
+        prev = heads.get(row["station_id"], CHAIN_GENESIS)
+        digest = row_digest(prev, row)
+        db.execute("update attempts set prev_hash = ?, row_hash = ? where id = ?", [prev, digest, row["id"]])
+        heads[row["station_id"]] = digest
 
 
 def now_iso() -> str:
@@ -183,27 +205,44 @@ class Record:
 
     def _write(self, a: Attempt) -> int:
         db = self.db()
-        with db.atomic():
-            unit_id = None
-            if a.mac:
-                unit = self.unit_by_mac(a.mac)
-                state = "provisioned" if a.outcome == "passed" else None
-                if unit is None:
-                    unit_id = db["units"].insert({
-                        "mac": a.mac, "serial": a.serial, "chip": a.chip, "profile": a.profile,
-                        "device_id": a.device_id, "state": state or "failed",
-                        "created_at": a.ended_at, "updated_at": a.ended_at}).last_pk
-                else:
-                    unit_id = unit["id"]
-                    changes = {"updated_at": a.ended_at}
-                    if state:
-                        changes.update(state=state, profile=a.profile, device_id=a.device_id, chip=a.chip)
-                    if a.serial and a.serial != unit["serial"]:
-                        changes["serial"] = a.serial
-                    db["units"].update(unit_id, changes)
-            row = a.row()
-            row["unit_id"] = unit_id
-            return db["attempts"].insert(row).last_pk
+        db.conn.execute("BEGIN IMMEDIATE")  # one writer at a time: the chain never forks
+        try:
+            attempt_id = self._write_in_transaction(db, a)
+            db.conn.execute("COMMIT")
+        except BaseException:
+            if db.conn.in_transaction:
+                db.conn.execute("ROLLBACK")
+            raise
+        return attempt_id
+
+    def _write_in_transaction(self, db: Database, a: Attempt) -> int:
+        unit_id = None
+        if a.mac:
+            unit = self.unit_by_mac(a.mac)
+            state = "provisioned" if a.outcome == "passed" else None
+            if unit is None:
+                unit_id = db["units"].insert({
+                    "mac": a.mac, "serial": a.serial, "chip": a.chip, "profile": a.profile,
+                    "device_id": a.device_id, "state": state or "failed",
+                    "created_at": a.ended_at, "updated_at": a.ended_at}).last_pk
+            else:
+                unit_id = unit["id"]
+                changes = {"updated_at": a.ended_at}
+                if state:
+                    changes.update(state=state, profile=a.profile, device_id=a.device_id, chip=a.chip)
+                if a.serial and a.serial != unit["serial"]:
+                    changes["serial"] = a.serial
+                db["units"].update(unit_id, changes)
+        row = a.row()
+        row["unit_id"] = unit_id
+        head = db.execute("select row_hash from attempts where station_id = ? order by id desc limit 1",
+                          [a.station_id]).fetchone()
+        row["id"] = (db.execute("select coalesce(max(id), 0) + 1 from attempts").fetchone()[0])
+        row["prev_hash"] = head[0] if head else CHAIN_GENESIS
+        full = {c.name: None for c in db["attempts"].columns}
+        full.update(row)
+        row["row_hash"] = row_digest(row["prev_hash"], full)
+        return db["attempts"].insert(row).last_pk
 
     def replay_spool(self) -> int:
         """Add attempts kept while the database was locked; returns how many."""
@@ -219,44 +258,42 @@ class Record:
             self.spool.unlink()
         return done
 
+    # -- tamper evidence -------------------------------------------------------------------------
+    def chain_head(self, station_id: str) -> str:
+        row = self.db().execute("select row_hash from attempts where station_id = ? order by id desc limit 1",
+                                [station_id]).fetchone()
+        return row[0] if row else CHAIN_GENESIS
+
+    def verify_chain(self) -> list[str]:
+        """Walk every station's chain; name the first row that was edited, deleted or inserted."""
+        problems: list[str] = []
+        heads: dict[str, str] = {}
+        broken: set[str] = set()
+        for row in self.db().query("select * from attempts order by id"):
+            station = row["station_id"]
+            if station in broken:
+                continue
+            expected_prev = heads.get(station, CHAIN_GENESIS)
+            if row["prev_hash"] != expected_prev:
+                problems.append(f"station {station}: attempt {row['id']} does not follow the row before it: "
+                                "a row was deleted or inserted out of order just before it")
+                broken.add(station)
+                continue
+            if row_digest(row["prev_hash"], row) != row["row_hash"]:
+                problems.append(f"station {station}: attempt {row['id']} was edited after it was recorded")
+                broken.add(station)
+                continue
+            heads[station] = row["row_hash"]
+        return problems
+
     # -- reading for people -------------------------------------------------------------------
     def attempts(self, limit: int = 100) -> list[dict]:
         return list(self.db().query("select * from attempts order by id desc limit ?", [limit]))
-
-    def provisioned(self, since: str | None = None, profile: str | None = None) -> Iterator[dict]:
-        """Provisioned units with the attempt that passed them (the latest one)."""
-        sql = ("select a.* from attempts a join units u on u.id = a.unit_id "
-               "where a.outcome = 'passed' and u.state = 'provisioned' and a.id = ("
-               "select max(id) from attempts where unit_id = u.id and outcome = 'passed')")
-        args: list = []
-        if since:
-            sql += " and a.ended_at >= ?"
-            args.append(since)
-        if profile:
-            sql += " and a.profile = ?"
-            args.append(profile)
-        yield from self.db().query(sql + " order by a.id", args)
 
 
 EXPORT_FIELDS = ["serial", "mac", "chip", "device_id", "profile", "profile_hash", "firmware_version",
                  "firmware_hashes", "config_sha256", "token_fingerprint", "station_id", "operator",
                  "lot", "port", "started_at", "ended_at", "outcome", "durations", "baud", "rework"]
-
-
-def export_units(record: Record, out: Path, fmt: str = "csv", since: str | None = None,
-                 profile: str | None = None) -> int:
-    rows = 0
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, EXPORT_FIELDS, extrasaction="ignore") if fmt == "csv" else None
-        if writer:
-            writer.writeheader()
-        for row in record.provisioned(since, profile):
-            if writer:
-                writer.writerow(row)
-            else:
-                f.write(json.dumps({k: row[k] for k in EXPORT_FIELDS}) + "\n")
-            rows += 1
-    return rows
 
 
 def station_key(path: Path) -> bytes:

@@ -24,10 +24,10 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
     """
     station = station or StationConfig.load(config)
     prof = load_profile(profile or station.default_profile, station.profiles_dir)
-    problems = check_profile(prof, env)
+    problems = check_profile(prof, env, station.secrets_file)
     if problems:
         raise ProfileError(problems)
-    secrets, _ = resolve_secrets(prof, env)
+    secrets, _ = resolve_secrets(prof, env, station.secrets_file)
     level = smoke or prof.checks.smoke
     accounts = FactoryAccounts.from_settings(station.smoke, env)
     if level == "pair" and prof.device_class != "other":

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 
 from ..images import PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE, ImageError, parse_partition_table
 from ..mqtt import CONNACK_CODES, MqttClient, MqttError
-from ..nvs import NvsEntry, NvsError, build_partition, read_partition
+from ..nvs import NvsEntry, NvsError, build_partition, read_keys_partition, read_partition
 
 if TYPE_CHECKING:
     from .device import VirtualDevice
@@ -41,6 +41,8 @@ class TwoSmartApp:
         self.partition = cfg.get("partition", "config")
         self.namespace = cfg.get("namespace", "2smart")
         self.known_keys = set(cfg.get("keys", []))
+        self.encrypted = bool(cfg.get("encrypted", False))
+        self.keys: bytes | None = None
         self.title = manifest.get("title", "2Smart device")
         self.config: dict[str, str | int] = {}
         self.stopped = threading.Event()
@@ -112,12 +114,23 @@ class TwoSmartApp:
             return f"partition table: {exc}"
         if slot is None:
             return f"no partition {self.partition!r} in the partition table"
+        if self.encrypted:
+            parts = parse_partition_table(self.dev.flash.read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+            kslot = next((p for p in parts if p.type == 1 and p.subtype == 4), None)
+            if kslot is None:
+                return "NVS encryption is on but there is no nvs_keys partition"
+            try:
+                self.keys = read_keys_partition(self.dev.flash.read(kslot.offset, kslot.size))
+            except NvsError as exc:
+                return f"NVS encryption keys unusable: {exc}"
         image = self.dev.flash.read(slot.offset, slot.size)
         if image.count(0xFF) == len(image):
             return None  # nothing pre-specified: wait for pairing
         try:
-            values = read_partition(image).get(self.namespace, {})
+            values = read_partition(image, self.keys).get(self.namespace, {})
         except NvsError as exc:
+            if self.encrypted:
+                return f"cannot decrypt partition {self.partition!r}: the NVS keys do not match ({exc})"
             return f"partition {self.partition!r} is corrupt: {exc}"
         unknown = sorted(set(values) - self.known_keys)
         if unknown:
@@ -131,7 +144,8 @@ class TwoSmartApp:
         merged = {**self.config, **{k: v for k, v in updates.items() if v is not None}}
         slot = self._slot()
         image = build_partition(self.namespace, [
-            NvsEntry(k, "string" if isinstance(v, str) else "u32", v) for k, v in merged.items()], slot.size)
+            NvsEntry(k, "string" if isinstance(v, str) else "u32", v) for k, v in merged.items()], slot.size,
+            self.keys)
         self.dev.flash.erase(slot.offset, slot.size)
         self.dev.flash.program(slot.offset, image)
         self.dev.flash.sync()
