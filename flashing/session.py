@@ -188,9 +188,14 @@ class UnitSession:
         self._lines(False, False)  # EN high with IO0 high: boot from flash
 
     # -- esptool ----------------------------------------------------------------------------
-    def connect(self, expected_chip: str | None = None) -> ChipIdentity:
-        banner = self.enter_download_mode()
-        m = BANNER.search(banner)
+    def connect(self, expected_chip: str | None = None, resets: int = 3) -> ChipIdentity:
+        # the classic circuit passes through "both asserted" between the two line changes;
+        # a slow host can miss the strap window, so a board that booted its app gets another pulse
+        for _ in range(resets):
+            banner = self.enter_download_mode()
+            m = BANNER.search(banner)
+            if not (m and "DOWNLOAD" not in m.group(2)):
+                break
         if m and "DOWNLOAD" not in m.group(2):
             raise SessionError(
                 f"the board booted its firmware ({m.group(2)}) instead of download mode",

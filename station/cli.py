@@ -333,47 +333,55 @@ def cmd_secrets(args: argparse.Namespace) -> int:
 
 # -- station demo -------------------------------------------------------------------------
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Provision virtual boards with the example profile, end to end, into var/demo.db.
-
-    The smoke test goes all the way to the broker: the demo runs an embedded MQTT
-    broker with the factory test accounts, so nothing needs installing.
-    """
+def _demo_station(args):
+    """station.toml with the demo's embedded broker as the factory test broker."""
     import dataclasses
     import hashlib
     import os
 
     from flashing.mqtt import EmbeddedBroker
-    from station.config import ConfigError, StationConfig
+    from station.config import StationConfig
 
     # the example profile's vendor token and the factory test accounts: demo values
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "demo-tok42")
     os.environ.setdefault("STATION_TEST_TOKEN", "demo-test1")
     os.environ.setdefault("STATION_MONITOR_PASSWORD", "demo-monitor")
-    try:
-        station = StationConfig.load(args.config)
-    except ConfigError as exc:
-        _err(f"station demo: {exc}")
-        return Exit.USAGE
+    station = StationConfig.load(args.config)
     smoke = station.smoke
     broker = EmbeddedBroker(accounts={
         hashlib.sha256(smoke.test_email.encode()).hexdigest(): os.environ[smoke.test_token_env],
         smoke.monitor_user: os.environ[smoke.monitor_password_env]})
     station = dataclasses.replace(station, smoke=dataclasses.replace(
         smoke, broker_host=broker.host, broker_port=broker.port, reach="direct", url=""))
-    _err(f"demo broker (embedded MQTT) on {broker.host}:{broker.port}")
+    return station, broker
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The station with virtual boards and the example profile (the operator's screen)."""
+    from station.config import ConfigError
+
+    try:
+        station, broker = _demo_station(args)
+    except ConfigError as exc:
+        _err(f"station demo: {exc}")
+        return Exit.USAGE
     db = args.db or Path("var/demo.db")
+    try:
+        if args.batch:
+            return _demo_batch(args, station, db)
+        return _demo_screen(args, station, db)
+    finally:
+        broker.close()
+
+
+def _demo_batch(args, station, db: Path) -> int:
     ns = argparse.Namespace(profile=args.profile, port=None, virtual=args.count, json=False, db=db,
                             serial=None, rework=False, operator="demo", lot="demo", config=args.config,
                             smoke=args.smoke)
-    try:
-        rc = cmd_flash(ns, station=station)
-    finally:
-        broker.close()
+    rc = cmd_flash(ns, station=station)
     if rc != Exit.USAGE:
-        from station.record import Record
-
         from station.audit import ExportFilter, export, signing_key
+        from station.record import Record
 
         out = db.with_name("demo-export.csv")
         m = export(Record(db), out, "csv", ExportFilter(), station.station_id, signing_key(station.signing_key))
@@ -382,11 +390,64 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def _demo_screen(args, station, db: Path) -> int:
+    from flashing.virtual.bench import VirtualBench
+    from station.config import ConfigError
+    from station.demo import DemoLine
+    from station.runner import open_station
+    from station.tui import StationApp
+
+    def opener(name: str):
+        return open_station(name, db=db, smoke=args.smoke, station=station)
+
+    try:
+        ctx = opener(args.profile)
+    except ConfigError as exc:
+        _err(f"station demo: {exc}")
+        return Exit.USAGE
+    size = max(4 * 1024 * 1024, ctx.profile.needed_flash())
+    with VirtualBench(args.count, ctx.profile.chip, 1 << (size - 1).bit_length()) as bench:
+        for slot in bench.slots:
+            slot.device.heartbeat_s = 2.0
+        app = StationApp(ctx, [s.url for s in bench.slots], operator=args.operator, open_profile=opener)
+        demo = DemoLine(bench, app.line, faulty_share=args.faulty).start()
+        try:
+            app.run()
+        finally:
+            demo.stop()
+            app.line.shutdown()
+    return Exit.OK
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    """The operator's screen on the fixture's real ports."""
+    from flashing.ports import fixture_ports
+    from station.config import ConfigError
+    from station.runner import open_station
+    from station.tui import StationApp
+
+    try:
+        ctx = open_station(args.profile, args.config, args.db)
+    except ConfigError as exc:
+        for p in getattr(exc, "problems", None) or [exc]:
+            _err(f"station: {p}")
+        return Exit.USAGE
+    ports = args.port or fixture_ports(ctx.station.usb_ports)[: ctx.station.slots]
+    if not ports:
+        _err("station: no fixture port found (USB VID:PID in station.toml [ports]); "
+             "plug in the fixture or give --port")
+        return Exit.USAGE
+    app = StationApp(ctx, ports, operator=args.operator,
+                     open_profile=lambda name: open_station(name, args.config, args.db))
+    app.run()
+    return Exit.OK
+
+
 # -- parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="station", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command")
 
     v = sub.add_parser("virtual", help="start virtual ESP boards and serve them until interrupted")
     v.add_argument("--chip", default="esp32", help="esp32, esp32c3 or esp32s3 (default esp32)")
@@ -464,8 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--config", type=Path)
     sc.set_defaults(func=cmd_secrets)
 
-    d = sub.add_parser("demo", help="provision virtual boards with the example profile")
+    t = sub.add_parser("tui", help="the operator's screen on the fixture's ports (the default)")
+    t.add_argument("--profile")
+    t.add_argument("--port", action="append")
+    t.add_argument("--operator", help="skip the operator prompt")
+    t.add_argument("--db", type=Path)
+    t.add_argument("--config", type=Path)
+    t.set_defaults(func=cmd_tui)
+
+    d = sub.add_parser("demo", help="the operator's screen with virtual boards and the example profile")
     d.add_argument("--count", type=int, default=4)
+    d.add_argument("--batch", action="store_true", help="no screen: provision the boards once, CLI output")
+    d.add_argument("--operator", help="skip the operator prompt")
+    d.add_argument("--faulty", type=float, default=0.2, help="share of faulty boards (default 0.2)")
     d.add_argument("--profile", default="relay")
     d.add_argument("--db", type=Path)
     d.add_argument("--config", type=Path)
@@ -484,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv or ["tui"])
     return int(args.func(args))
 
 

@@ -63,16 +63,26 @@ class LogLine:
 
 
 @dataclass(frozen=True)
+class UnitInfo:
+    """What is known of the unit so far: after connect (MAC, chip), after the serial step."""
+
+    port: str
+    mac: str | None = None
+    chip: str | None = None
+    serial: str | None = None
+
+
+@dataclass(frozen=True)
 class UnitFinished:
     port: str
     result: UnitResult
 
 
-Event = Union[StepStarted, StepFinished, Progress, LogLine, UnitFinished]
+Event = Union[StepStarted, StepFinished, Progress, LogLine, UnitInfo, UnitFinished]
 Emit = Callable[[Event], None]
 
 _NAMES = {StepStarted: "step_started", StepFinished: "step_finished", Progress: "progress",
-          LogLine: "log", UnitFinished: "unit_finished"}
+          LogLine: "log", UnitInfo: "unit_info", UnitFinished: "unit_finished"}
 
 
 def to_json_dict(event: Event) -> dict:

@@ -22,7 +22,7 @@ from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, ne
 from flashing.session import SessionError, UnitSession, flash_size_bytes
 
 from .config import StationConfig
-from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitResult
+from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult
 from .profile import Profile
 from .record import Attempt, Record, RecordError, fingerprint, now_iso
 from .smoke import FactoryAccounts, SmokeFailure, healthcheck, make_reach, pair_and_wait, soak
@@ -154,6 +154,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         mac = ident.mac
         attempt.mac = ":".join(f"{b:02x}" for b in mac)
         attempt.device_id = device_id_from_mac(mac)
+        emit(UnitInfo(job.port, attempt.mac, attempt.chip))
         with step("identify"):
             info = session.prepare_flash(profile.baud)
             need = profile.needed_flash()
@@ -170,6 +171,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                                       "put it with the finished units, or re-provision it on purpose (--rework)")
         with step("serial"):
             attempt.serial = _assign_serial(job, ctx, attempt.mac)
+        emit(UnitInfo(job.port, serial=attempt.serial))
         with step("config"):
             image, keys_image, values = _build_config(ctx, attempt)
         with step("flash"):

@@ -29,7 +29,7 @@ from .loader import Loader
 from .nor import NorFlash, sfdp_table
 from .slip import SlipDecoder, encode
 
-STRAP_DELAY = 0.005  # EN's RC delay: the chip samples IO0 this long after EN rises
+STRAP_DELAY = 0.010  # EN's RC delay (10 kOhm, 1 uF): the chip samples IO0 this long after EN rises
 BOOTLOOP_PERIOD = 0.5  # watchdog reset period of a board that cannot boot
 CONSOLE_KEEP = 64 * 1024
 _hosts = itertools.count(1)
@@ -212,14 +212,17 @@ class VirtualDevice:
     def replug(self) -> dict:
         return self.call(lambda: (self._replug(), self.describe())[-1])
 
-    def swap(self, mac: bytes | None = None) -> dict:
-        """Take the board out and put a new blank one (new MAC, erased flash) in its place."""
+    def swap(self, mac: bytes | None = None, faults: dict | None = None) -> dict:
+        """Take the board out and put a new blank one (new MAC, erased flash) in its place.
+
+        `faults` makes the new board a faulty one from the moment it is plugged in.
+        """
         def do():
             self._unplug()
             self.mac = mac or self.chip.mac_oui + bytes(self.rng.randrange(256) for _ in range(3))
             self._reset_registers()
             self.flash.wipe()
-            self.faults = Faults()
+            self.faults = Faults(**(faults or {}))
             self.boots = self.bytes_in = self.bytes_out = 0
             self._save_identity()
             self._replug()

@@ -1,0 +1,257 @@
+"""The production line at one station: slots, hot-plug, auto-start, scans, counters.
+
+Headless: the operator's screen shows it and drives it, the tests drive it too.
+Each slot is a fixture port. A board arriving on a port starts its run by itself
+(unless paused, or the profile takes serials from labels and none was scanned yet);
+a board pulled mid-run aborts it. Runs go through `spawn` (the screen passes its
+thread workers) and report through `on_change(slot_index)`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from flashing.ports import present
+
+from .events import Event, LogLine, Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
+from .pipeline import StationContext, UnitJob, provision_unit
+
+NEXT_ACTION = {
+    "connect": "check the board is seated, then retry",
+    "identify": "replace board",
+    "guard": "set aside: already provisioned",
+    "serial": "scan a new label, then retry",
+    "config": "call the engineer: profile problem",
+    "flash": "reseat the board, then retry",
+    "boot": "replace board",
+    "smoke": "retry; replace board if it fails again",
+}
+
+
+@dataclass
+class Slot:
+    index: int
+    port: str
+    status: str = "empty"  # empty | waiting | running | passed | failed | aborted
+    step: str = ""
+    mac: str | None = None
+    chip: str | None = None
+    serial: str | None = None
+    scanned: str | None = None  # serial from a label, waiting for its board
+    done: int = 0
+    total: int = 0
+    rate: float = 0.0  # bytes per second while flashing
+    started: float | None = None
+    ended: float | None = None
+    result: UnitResult | None = None
+    present: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    log: deque = field(default_factory=lambda: deque(maxlen=400))
+    _progress_t: tuple[float, int] | None = None
+
+    @property
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.monotonic()) - self.started
+
+    @property
+    def eta(self) -> float | None:
+        if self.rate > 0 and self.total:
+            return (self.total - self.done) / self.rate
+        return None
+
+    @property
+    def reason(self) -> str:
+        r = self.result
+        if not r or r.passed:
+            return ""
+        return f"{r.failed_step}: {r.error}"
+
+    @property
+    def action(self) -> str:
+        r = self.result
+        if not r or r.passed:
+            return "swap in the next board" if r else ""
+        if r.outcome == "aborted":
+            return "put the board back to run it again"
+        return NEXT_ACTION.get(r.failed_step or "", "retry")
+
+
+class Line:
+    def __init__(self, ctx: StationContext, ports: list[str], on_change: Callable[[int], None],
+                 spawn: Callable[[Callable[[], None]], None] | None = None, operator: str = "",
+                 lot: str = ""):
+        self.ctx = ctx
+        self.slots = [Slot(i, p) for i, p in enumerate(ports)]
+        self.on_change = on_change
+        self.spawn = spawn or (lambda fn: threading.Thread(target=fn, daemon=True).start())
+        self.operator = operator
+        self.lot = lot or ctx.station.lot or ctx.profile.lot
+        self.paused = False
+        self.lock = threading.Lock()
+        self.passed = 0
+        self.failed = 0
+        self.cycles: list[float] = []
+        self.opened = time.monotonic()
+
+    # -- counters -------------------------------------------------------------------------
+    @property
+    def yield_pct(self) -> float | None:
+        n = self.passed + self.failed
+        return 100.0 * self.passed / n if n else None
+
+    @property
+    def units_per_hour(self) -> float:
+        hours = max(time.monotonic() - self.opened, 1.0) / 3600
+        return self.passed / hours
+
+    @property
+    def mean_cycle(self) -> float | None:
+        return sum(self.cycles) / len(self.cycles) if self.cycles else None
+
+    @property
+    def labels_needed(self) -> bool:
+        return self.ctx.profile.serial_pattern is None
+
+    def running(self) -> list[Slot]:
+        return [s for s in self.slots if s.status == "running"]
+
+    # -- hot-plug -----------------------------------------------------------------------------
+    def poll(self) -> None:
+        """Look at every port: start runs on boards that arrived, abort runs whose board left."""
+        for slot in self.slots:
+            here = present(slot.port)
+            if here and not slot.present:
+                slot.present = True
+                if slot.status in ("empty", "passed", "failed", "aborted"):
+                    self._reset(slot, "waiting")
+                self.on_change(slot.index)
+            elif not here and slot.present:
+                slot.present = False
+                if slot.status == "running":
+                    slot.cancel.set()  # the board was pulled: the run ends as aborted
+                elif slot.status == "waiting":
+                    slot.status = "empty"
+                self.on_change(slot.index)
+            if slot.status == "waiting" and slot.present and not self.paused:
+                if not self.labels_needed or slot.scanned:
+                    self.start(slot.index)
+
+    def _reset(self, slot: Slot, status: str) -> None:
+        slot.status, slot.step, slot.result = status, "", None
+        slot.mac = slot.chip = slot.serial = None
+        slot.done = slot.total = 0
+        slot.rate = 0.0
+        slot.started = slot.ended = None
+        slot.cancel = threading.Event()
+        slot.log.clear()
+
+    # -- operator actions ---------------------------------------------------------------------
+    def start(self, index: int) -> bool:
+        slot = self.slots[index]
+        with self.lock:
+            if slot.status == "running":
+                return False
+            self._reset(slot, "running")
+            slot.started = time.monotonic()
+        job = UnitJob(slot.port, serial=slot.scanned, operator=self.operator, lot=self.lot)
+        slot.scanned = None
+        cancel = slot.cancel
+        self.on_change(index)
+        self.spawn(lambda: provision_unit(job, self.ctx, lambda e: self._event(slot, e), cancel))
+        return True
+
+    def retry(self, index: int) -> bool:
+        slot = self.slots[index]
+        if slot.status not in ("failed", "aborted") or not present(slot.port):
+            return False
+        if self.labels_needed and slot.result and slot.result.serial:
+            slot.scanned = slot.result.serial
+        return self.start(index)
+
+    def abort(self, index: int) -> bool:
+        slot = self.slots[index]
+        if slot.status != "running":
+            return False
+        slot.cancel.set()
+        return True
+
+    def toggle_pause(self) -> bool:
+        self.paused = not self.paused
+        return self.paused
+
+    def scan(self, serial: str, index: int | None = None) -> tuple[bool, str]:
+        """A label scanned: give it to the chosen slot or the next board waiting for one."""
+        serial = serial.strip()
+        if not serial:
+            return False, "empty scan"
+        if self.ctx.record.passed_unit(serial=serial) or any(
+                s.scanned == serial or (s.status == "running" and s.serial == serial) for s in self.slots):
+            return False, f"serial {serial} is already used"
+        candidates = [self.slots[index]] if index is not None else [
+            s for s in self.slots if s.status in ("waiting", "empty") and not s.scanned]
+        for slot in sorted(candidates, key=lambda s: (s.status != "waiting", s.index)):
+            if slot.status in ("waiting", "empty") and not slot.scanned:
+                slot.scanned = serial
+                self.on_change(slot.index)
+                return True, f"{serial} -> slot {slot.index + 1}"
+        return False, "no board is waiting for a label"
+
+    def history(self, query: str = "", limit: int = 200) -> list[dict]:
+        q = f"%{query.strip()}%"
+        return list(self.ctx.record.db().query(
+            "select id, serial, mac, outcome, failed_step, error, port, operator, lot, ended_at from attempts "
+            "where (? = '%%' or serial like ? or mac like ?) order by id desc limit ?", [q, q, q, limit]))
+
+    def switch(self, ctx: StationContext | None = None, lot: str | None = None) -> None:
+        if self.running():
+            raise RuntimeError("wait until no slot is running")
+        if ctx is not None:
+            self.ctx = ctx
+        if lot is not None:
+            self.lot = lot
+
+    def shutdown(self) -> None:
+        for slot in self.running():
+            slot.cancel.set()
+
+    # -- events from the pipeline (worker threads) -------------------------------------------------
+    def _event(self, slot: Slot, e: Event) -> None:
+        if isinstance(e, StepStarted):
+            slot.step = e.step
+            slot.log.append(f"-- {e.step}")
+        elif isinstance(e, Progress):
+            now = time.monotonic()
+            if slot._progress_t and e.done > slot._progress_t[1]:
+                t0, d0 = slot._progress_t
+                if now - t0 > 0.2:
+                    slot.rate = (e.done - d0) / (now - t0)
+                    slot._progress_t = (now, e.done)
+            elif not slot._progress_t:
+                slot._progress_t = (now, e.done)
+            slot.done, slot.total = e.done, e.total
+        elif isinstance(e, LogLine):
+            slot.log.append(e.text)
+        elif isinstance(e, UnitFinished):
+            r = e.result
+            slot.result = r
+            slot.mac, slot.chip, slot.serial = r.mac, r.chip, r.serial
+            slot.ended = time.monotonic()
+            slot.status = r.outcome
+            slot.step = ""
+            with self.lock:
+                if r.passed:
+                    self.passed += 1
+                    self.cycles.append(slot.elapsed)
+                elif r.outcome == "failed":
+                    self.failed += 1
+            slot.log.append(f"== {r.outcome.upper()} {r.error or ''}")
+        elif isinstance(e, UnitInfo):
+            slot.mac, slot.chip = e.mac or slot.mac, e.chip or slot.chip
+            slot.serial = e.serial or slot.serial
+        self.on_change(slot.index)

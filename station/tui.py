@@ -1,0 +1,370 @@
+"""The operator's screen: one card per fixture slot, PASS or FAIL at a glance.
+
+A thin Textual front end over `station.line.Line`: it shows the slots and passes
+the operator's keys and scans on; the line does the work in thread workers, so a
+hung port never freezes the screen. Keys are function keys (a barcode scanner types
+into the scan field): F2 history, F3/F4 choose a slot, F5 retry, F8 abort, F9 pause,
+F10 admin (switch profile or lot), Ctrl+Q quit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Grid, Horizontal, Vertical
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLog, Static
+
+from .line import Line, Slot
+from .pipeline import StationContext
+
+STATUS_WORD = {"empty": "NO BOARD", "waiting": "READY", "running": "WORKING", "passed": "PASS",
+               "failed": "FAIL", "aborted": "ABORTED"}
+
+
+class SlotChanged(Message):
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, SlotChanged) and message.index == self.index
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+class SlotCard(Vertical):
+    def __init__(self, index: int) -> None:
+        super().__init__(id=f"slot-{index}", classes="card")
+        self.index = index
+
+    def compose(self) -> ComposeResult:
+        yield Label("", classes="title")
+        yield Static("", classes="ident")
+        yield Static("", classes="step")
+        yield ProgressBar(total=100, show_eta=False, show_percentage=False)
+        yield Static("", classes="rate")
+        yield Static("", classes="outcome")
+        yield Static("", classes="action")
+
+    def show(self, slot: Slot, selected: bool, labels_needed: bool) -> None:
+        self.set_class(selected, "selected")
+        for status in STATUS_WORD:
+            self.set_class(slot.status == status, status)
+        port = slot.port.rsplit("/", 1)[-1] if "://" in slot.port else slot.port
+        self.query_one(".title", Label).update(f"{slot.index + 1}  {port}")
+        ident = f"{slot.chip or '-'}  {slot.mac or '--:--:--:--:--:--'}\nSN {slot.serial or slot.scanned or '-'}"
+        self.query_one(".ident", Static).update(ident)
+        step = slot.step if slot.status == "running" else ""
+        waiting = slot.status == "waiting" and labels_needed and not slot.scanned
+        self.query_one(".step", Static).update(
+            f"step: {step}" if step else ("scan the label" if waiting else ""))
+        bar = self.query_one(ProgressBar)
+        pct = 100 * slot.done / slot.total if slot.total else (100 if slot.status == "passed" else 0)
+        bar.update(progress=pct)
+        rate = ""
+        if slot.status == "running" and slot.total and slot.step == "flash":
+            eta = f"  {slot.eta:.0f} s left" if slot.eta is not None else ""
+            rate = f"{_mb(slot.done)}/{_mb(slot.total)} MB  {slot.rate / 1e3:.0f} kB/s{eta}"
+        self.query_one(".rate", Static).update(rate)
+        self.query_one(".outcome", Static).update(STATUS_WORD[slot.status])
+        action = ""
+        if slot.status in ("failed", "aborted"):
+            action = f"{slot.reason}\n→ {slot.action}"
+        elif slot.status == "passed":
+            action = f"→ {slot.action}"
+        if slot.started is not None:
+            action = f"{slot.elapsed:5.1f} s  {action}"
+        self.query_one(".action", Static).update(action)
+
+
+class TextPrompt(ModalScreen[str | None]):
+    """Ask one thing (operator name, admin password, profile, lot)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, question: str, password: bool = False, value: str = "") -> None:
+        super().__init__()
+        self.question, self.password, self.value = question, password, value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question)
+            yield Input(value=self.value, password=self.password, id="answer")
+
+    @on(Input.Submitted, "#answer")
+    def submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip())
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class Confirm(ModalScreen[bool]):
+    BINDINGS = [Binding("y", "yes", "Yes"), Binding("n,escape", "no", "No")]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self.question)
+            yield Label("[b]Y[/b] yes   [b]N[/b] no")
+
+    def action_yes(self) -> None:
+        self.dismiss(True)
+
+    def action_no(self) -> None:
+        self.dismiss(False)
+
+
+class HistoryScreen(Screen):
+    BINDINGS = [Binding("escape,f2", "app.pop_screen", "Back")]
+
+    def __init__(self, line: Line) -> None:
+        super().__init__()
+        self.line = line
+
+    def compose(self) -> ComposeResult:
+        yield Label("History — type a serial or MAC to search; Esc goes back", id="history-title")
+        yield Input(placeholder="serial or MAC", id="search")
+        yield DataTable(id="history", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns("#", "serial", "MAC", "result", "step", "message", "lot", "operator", "time")
+        self.fill("")
+        self.query_one("#search", Input).focus()
+
+    @on(Input.Changed, "#search")
+    def search(self, event: Input.Changed) -> None:
+        self.fill(event.value)
+
+    def fill(self, query: str) -> None:
+        table = self.query_one(DataTable)
+        table.clear()
+        for r in self.line.history(query):
+            table.add_row(str(r["id"]), r["serial"] or "-", r["mac"] or "-", r["outcome"].upper(),
+                          r["failed_step"] or "", (r["error"] or "")[:50], r["lot"] or "", r["operator"] or "",
+                          (r["ended_at"] or "")[11:19])
+
+
+class StationApp(App):
+    TITLE = "Provisioning station"
+    CSS = """
+    Screen { layout: vertical; }
+    #header { height: 2; background: $boost; padding: 0 1; }
+    #slots { grid-size: 4; grid-gutter: 0 1; height: 1fr; }
+    .card { border: round $panel-lighten-2; padding: 0 1; height: 100%; }
+    .card.selected { border: double $accent; }
+    .card .title { text-style: bold; }
+    .card .outcome { height: 3; content-align: center middle; text-style: bold; background: $panel; }
+    .card.passed .outcome { background: green; color: white; }
+    .card.failed .outcome { background: red; color: white; }
+    .card.aborted .outcome { background: darkorange; color: black; }
+    .card.running .outcome { background: $warning-darken-2; color: black; }
+    .card.failed { border: round red; }
+    .card.passed { border: round green; }
+    .card .action { height: auto; }
+    #bottom { height: 9; }
+    #log { width: 1fr; border: round $panel-lighten-2; }
+    #scan { width: 40; }
+    #scan.refused { background: red; }
+    #dialog { width: 60; height: auto; border: thick $accent; padding: 1 2; background: $surface; }
+    TextPrompt, Confirm { align: center middle; }
+    """
+    BINDINGS = [
+        Binding("f2", "history", "History"),
+        Binding("f3", "select(-1)", "Prev slot"),
+        Binding("f4", "select(1)", "Next slot"),
+        Binding("f5", "retry", "Retry"),
+        Binding("f8", "abort", "Abort"),
+        Binding("f9", "pause", "Pause"),
+        Binding("f10", "admin", "Admin"),
+        Binding("ctrl+q", "quit_station", "Quit", priority=True),
+    ]
+
+    def __init__(self, ctx: StationContext, ports: list[str], operator: str | None = None,
+                 open_profile: Callable[[str], StationContext] | None = None, poll_interval: float = 0.2):
+        super().__init__()
+        self.line = Line(ctx, ports, self._changed, self._spawn, operator or "")
+        self.ask_operator = operator is None
+        self.open_profile = open_profile
+        self.poll_interval = poll_interval
+        self.selected = 0
+        self.chosen: int | None = None  # a slot the operator picked for the next scan
+
+    # -- layout ---------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Static("", id="header")
+        with Grid(id="slots"):
+            for slot in self.line.slots:
+                yield SlotCard(slot.index)
+        with Horizontal(id="bottom"):
+            yield RichLog(id="log", max_lines=400, wrap=False)
+            with Vertical(id="scan-box"):
+                yield Label("Scan label")
+                yield Input(placeholder="scan or type a serial", id="scan")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        # the main screen's widgets, kept: a dialog on top must not hide them from updates
+        self.header_view = self.query_one("#header", Static)
+        self.cards = {c.index: c for c in self.query(SlotCard)}
+        self.log_view = self.query_one("#log", RichLog)
+        self.slots_view = self.query_one("#slots")
+        self.scan_field = self.query_one("#scan", Input)
+        self._columns()
+        for slot in self.line.slots:
+            self._show(slot.index)
+        self._header()
+        self.set_interval(self.poll_interval, self._poll)
+        self.set_interval(1.0, self._tick)
+        self.scan_field.focus()
+        if self.ask_operator:
+            self.push_screen(TextPrompt("Operator: type your name or scan your badge"), self._set_operator)
+
+    def on_resize(self) -> None:
+        self._columns()
+
+    def _columns(self) -> None:
+        n = len(self.line.slots)
+        cols = 4 if self.size.width >= 140 else 2
+        if hasattr(self, "slots_view"):
+            self.slots_view.styles.grid_size_columns = min(cols, max(1, n))
+
+    def _set_operator(self, name: str | None) -> None:
+        self.line.operator = name or "unknown"
+        self._header()
+
+    # -- the line's state on screen ------------------------------------------------------------------
+    def _spawn(self, fn: Callable[[], None]) -> None:
+        self.run_worker(fn, thread=True, exit_on_error=False, group="slots")
+
+    def _changed(self, index: int) -> None:
+        self.post_message(SlotChanged(index))  # from worker threads; merged when they come fast
+
+    def on_slot_changed(self, message: SlotChanged) -> None:
+        self._show(message.index)
+        self._header()
+
+    def _show(self, index: int) -> None:
+        slot = self.line.slots[index]
+        self.cards[index].show(slot, index == self.selected, self.line.labels_needed)
+        if index == self.selected:
+            self._log()
+
+    def _log(self) -> None:
+        log = self.log_view
+        log.border_title = f"slot {self.selected + 1}: events and boot log"
+        log.clear()
+        for text in list(self.line.slots[self.selected].log)[-60:]:
+            log.write(text)
+
+    def _header(self) -> None:
+        line, prof = self.line, self.line.ctx.profile
+        y = f"{line.yield_pct:.0f}%" if line.yield_pct is not None else "-"
+        cyc = f"{line.mean_cycle:.1f} s" if line.mean_cycle is not None else "-"
+        paused = "  [reverse] PAUSED [/reverse]" if line.paused else ""
+        self.header_view.update(
+            f"profile [b]{prof.name}[/b] ({prof.title}) · fw {prof.firmware_version() or '?'} · config "
+            f"{prof.content_hash[:8]}   station [b]{line.ctx.station.station_id}[/b] · operator "
+            f"[b]{line.operator or '-'}[/b] · lot [b]{line.lot or '-'}[/b]{paused}\n"
+            f"[green]PASS {line.passed}[/green]  [red]FAIL {line.failed}[/red]  yield {y}  "
+            f"{line.units_per_hour:.0f} units/h  cycle {cyc}")
+
+    def _poll(self) -> None:
+        self.line.poll()
+
+    def _tick(self) -> None:
+        for slot in self.line.slots:
+            if slot.status == "running":
+                self._show(slot.index)
+        self._header()
+
+    # -- scanner -----------------------------------------------------------------------------------
+    @on(Input.Submitted, "#scan")
+    def scanned(self, event: Input.Submitted) -> None:
+        field = event.input
+        ok, msg = self.line.scan(event.value, self.chosen)
+        field.value = ""
+        self.chosen = None
+        if ok:
+            self.notify(msg, timeout=3)
+        else:
+            self.bell()
+            field.add_class("refused")
+            self.set_timer(1.0, lambda: field.remove_class("refused"))
+            self.notify(msg, severity="error", timeout=5)
+
+    # -- keys ------------------------------------------------------------------------------------------
+    def action_select(self, step: int) -> None:
+        old = self.selected
+        self.selected = (self.selected + step) % len(self.line.slots)
+        self.chosen = self.selected
+        self._show(old)
+        self._show(self.selected)
+
+    def action_retry(self) -> None:
+        if not self.line.retry(self.selected):
+            self.bell()
+
+    def action_abort(self) -> None:
+        if not self.line.abort(self.selected):
+            self.bell()
+
+    def action_pause(self) -> None:
+        paused = self.line.toggle_pause()
+        self.notify("auto-start paused" if paused else "auto-start resumed")
+        self._header()
+
+    def action_history(self) -> None:
+        self.push_screen(HistoryScreen(self.line))
+
+    @work
+    async def action_admin(self) -> None:
+        want = self.line.ctx.station.admin_password_sha256
+        if not want:
+            self.notify("admin is locked: no admin password is set in station.toml", severity="error")
+            return
+        pw = await self.push_screen_wait(TextPrompt("Admin password", password=True))
+        if pw is None:
+            return
+        if hashlib.sha256(pw.encode()).hexdigest() != want:
+            self.bell()
+            self.notify("wrong admin password", severity="error")
+            return
+        if self.line.running():
+            self.notify("wait until no slot is running", severity="error")
+            return
+        name = await self.push_screen_wait(TextPrompt("Profile", value=self.line.ctx.profile.name))
+        lot = await self.push_screen_wait(TextPrompt("Lot", value=self.line.lot))
+        try:
+            ctx = self.open_profile(name) if name and self.open_profile and name != self.line.ctx.profile.name \
+                else None
+            self.line.switch(ctx, lot if lot is not None else None)
+        except Exception as exc:  # a bad profile must not close the screen
+            self.notify(f"not switched: {exc}", severity="error", timeout=8)
+            return
+        self.notify(f"profile {self.line.ctx.profile.name}, lot {self.line.lot}")
+        self._header()
+
+    @work
+    async def action_quit_station(self) -> None:
+        if self.line.running():
+            sure = await self.push_screen_wait(Confirm(f"{len(self.line.running())} slot(s) are working. "
+                                                       "Abort them and quit?"))
+            if not sure:
+                return
+            self.line.shutdown()
+            await self.workers.wait_for_complete([w for w in self.workers if w.group == "slots"])
+        self.exit()

@@ -1,0 +1,214 @@
+"""The operator's screen, driven with Textual's Pilot against virtual boards."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import pytest
+
+from flashing.virtual.bench import VirtualBench
+from station.config import StationConfig
+from station.runner import open_station
+from station.tui import SlotCard, StationApp
+
+
+def ctx_for(env, profile="relay"):
+    return open_station(profile, env / "station.toml")
+
+
+async def until(pilot, cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await pilot.pause(0.1)
+
+
+def card_text(app, i) -> str:
+    card = app.query_one(f"#slot-{i}", SlotCard)
+    return " ".join(str(w.render()) for w in card.query("Static, Label"))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_auto_start_pass_fail_retry_and_history(station_env):
+    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
+        bench[1].device.set_fault("no_download_mode")
+        app = StationApp(ctx_for(station_env), [s.url for s in bench.slots], operator="Anna", poll_interval=0.1)
+
+        async def go():
+            async with app.run_test(size=(160, 45)) as pilot:
+                line = app.line
+                # boards present at start: both runs start by themselves
+                await until(pilot, lambda: all(s.status in ("passed", "failed") for s in line.slots))
+                assert line.slots[0].status == "passed" and "PASS" in card_text(app, 0)
+                text = card_text(app, 1)
+                assert "FAIL" in text and "connect: the board booted its firmware" in text
+                assert "check the board is seated" in text  # the next action in words
+                assert line.passed == 1 and line.failed == 1
+                # retry the failed slot once its fault is cleared
+                bench[1].device.clear_faults()
+                await pilot.press("f4")
+                assert app.selected == 1
+                await pilot.press("f5")
+                await until(pilot, lambda: line.slots[1].status == "passed")
+                # history: every attempt, then searched by MAC
+                await pilot.press("f2")
+                await pilot.pause(0.3)
+                table = app.screen.query_one("DataTable")
+                rows = [table.get_row_at(i) for i in range(table.row_count)]
+                assert sorted(r[3] for r in rows) == ["FAILED", "PASSED", "PASSED"]
+                assert [r[4] for r in rows if r[3] == "FAILED"] == ["connect"]  # no MAC known then
+                mac = bench[1].device.mac_text
+                await pilot.press(*mac[-5:])
+                await pilot.pause(0.3)
+                rows = [table.get_row_at(i) for i in range(table.row_count)]
+                assert len(rows) == 1 and rows[0][2] == mac and rows[0][3] == "PASSED"
+                await pilot.press("escape")
+        run(go())
+
+
+def test_hot_plug_starts_a_run_and_a_pulled_board_aborts(station_env):
+    with VirtualBench(1, "esp32", run_dir=station_env / "run", realtime=True) as bench:
+        dev = bench[0].device
+        dev.unplug()
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1)
+
+        async def go():
+            async with app.run_test(size=(100, 30)) as pilot:
+                slot = app.line.slots[0]
+                await pilot.pause(0.3)
+                assert slot.status == "empty" and "NO BOARD" in card_text(app, 0)
+                dev.replug()  # a board arrives: its run starts by itself
+                await until(pilot, lambda: slot.status == "running" and slot.step == "flash")
+                dev.unplug()  # pulled mid-run
+                await until(pilot, lambda: slot.status == "aborted", timeout=10)
+                assert "ABORTED" in card_text(app, 0)
+        run(go())
+        rows = ctx_for(station_env).record.attempts()
+        assert rows[0]["outcome"] == "aborted"
+
+
+def test_abort_key_and_quit_mid_run_records_aborted_units(station_env):
+    with VirtualBench(2, "esp32", run_dir=station_env / "run", realtime=True) as bench:
+        app = StationApp(ctx_for(station_env), [s.url for s in bench.slots], operator="Anna", poll_interval=0.1)
+
+        async def go():
+            async with app.run_test(size=(160, 45)) as pilot:
+                line = app.line
+                await until(pilot, lambda: all(s.step == "flash" for s in line.slots))
+                t = time.monotonic()
+                await pilot.press("f8")  # abort the selected slot (slot 1)
+                await until(pilot, lambda: line.slots[0].status == "aborted", timeout=5)
+                assert time.monotonic() - t < 2.0
+                assert line.slots[1].status == "running"  # the other slot carries on
+                await pilot.press("ctrl+q")  # quitting mid-run asks first
+                await pilot.pause(0.2)
+                await pilot.press("n")
+                assert line.slots[1].status == "running"
+                await pilot.press("ctrl+q")
+                await pilot.pause(0.2)
+                await pilot.press("y")
+                await until(pilot, lambda: line.slots[1].status == "aborted", timeout=5)
+        run(go())
+        outcomes = [r["outcome"] for r in ctx_for(station_env).record.attempts()]
+        assert sorted(outcomes) == ["aborted", "aborted"]
+
+
+def label_profile(env):
+    p = env / "profiles/relay/profile.toml"
+    p.write_text(p.read_text().replace('pattern = "RLY-{yymmdd}-{seq:05}"', "given = true"))
+
+
+def test_scanner_assigns_labels_and_refuses_a_used_serial(station_env):
+    label_profile(station_env)
+    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
+        app = StationApp(ctx_for(station_env), [s.url for s in bench.slots], operator="Anna", poll_interval=0.1)
+        bells = []
+        app.bell = lambda: bells.append(1)
+
+        async def go():
+            async with app.run_test(size=(160, 45)) as pilot:
+                line = app.line
+                await pilot.pause(0.5)
+                assert [s.status for s in line.slots] == ["waiting", "waiting"]  # waiting for labels
+                assert "scan the label" in card_text(app, 0)
+                await pilot.press(*"LBL-0001", "enter")
+                await until(pilot, lambda: line.slots[0].status == "passed")
+                assert line.slots[0].serial == "LBL-0001" and line.slots[1].status == "waiting"
+                # the same label again: refused loudly, nothing starts
+                await pilot.press(*"LBL-0001", "enter")
+                await pilot.pause(0.3)
+                assert bells and app.query_one("#scan").has_class("refused")
+                assert line.slots[1].status == "waiting" and line.slots[1].scanned is None
+                # to a chosen slot
+                await pilot.press("f4", *"LBL-0002", "enter")
+                await until(pilot, lambda: line.slots[1].status == "passed")
+                assert line.slots[1].serial == "LBL-0002"
+        run(go())
+
+
+def test_admin_lock_on_profile_and_lot_change(station_env):
+    cfg = station_env / "station.toml"
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        bench[0].device.unplug()
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna",
+                         open_profile=lambda name: ctx_for(station_env, name))
+        notes = []
+        orig = app.notify
+        app.notify = lambda msg, **kw: (notes.append(msg), orig(msg, **kw))
+
+        async def go():
+            async with app.run_test(size=(100, 30)) as pilot:
+                await pilot.press("f10")
+                await pilot.pause(0.2)
+                assert any("admin is locked" in n for n in notes)
+        run(go())
+
+        cfg.write_text(cfg.read_text() + f'admin_password_sha256 = "{hashlib.sha256(b"s3cret").hexdigest()}"\n')
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna",
+                         open_profile=lambda name: ctx_for(station_env, name))
+        notes.clear()
+        orig2 = app.notify
+        app.notify = lambda msg, **kw: (notes.append(msg), orig2(msg, **kw))
+
+        async def go2():
+            async with app.run_test(size=(100, 30)) as pilot:
+                await pilot.press("f10", *"guess", "enter")
+                await pilot.pause(0.2)
+                assert any("wrong admin password" in n for n in notes)
+                assert app.line.lot == ""
+                await pilot.press("f10", *"s3cret", "enter")
+                await pilot.pause(0.2)
+                await pilot.press("enter")  # keep the profile
+                await pilot.pause(0.2)
+                await pilot.press(*"LOT-42", "enter")
+                await pilot.pause(0.2)
+                assert app.line.lot == "LOT-42"
+                assert "lot LOT-42" in str(app.query_one("#header").render())
+        run(go2())
+
+
+def test_operator_is_asked_at_start(station_env):
+    app = StationApp(ctx_for(station_env), ["/dev/no-such-port-0"], operator=None)
+
+    async def go():
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause(0.2)
+            await pilot.press(*"Maria", "enter")
+            await pilot.pause(0.2)
+            assert app.line.operator == "Maria"
+    run(go())
+
+
+@pytest.mark.parametrize("size", [(100, 30), (160, 45)])
+def test_snapshot_main_screen(station_env, snap_compare, size):
+    cfg = station_env / "station.toml"
+    cfg.write_text(cfg.read_text().replace('station_id = "test-station"', 'station_id = "line-1-station-1"'))
+    ports = [f"/dev/ttyFIXTURE{i}" for i in range(4)]  # no board in any slot: a steady screen
+    app = StationApp(ctx_for(station_env), ports, operator="Anna")
+    assert snap_compare(app, terminal_size=size)
