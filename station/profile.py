@@ -9,6 +9,7 @@ the serial-number scheme, the baud rate and the checks after flashing.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -136,12 +137,18 @@ class Profile:
     def firmware_version(self) -> str | None:
         for r in self.regions:
             if r.name == "app":
-                try:
-                    info = check_image_bytes(r.file.read_bytes())
-                except (OSError, ImageError):
-                    return None
-                return info.app.version if info.app else None
+                return _app_version(r.file, r.sha256)
         return None
+
+
+@functools.lru_cache(maxsize=32)
+def _app_version(path: Path, sha256: str) -> str | None:
+    """The app description's version (cached: the screen asks on every refresh)."""
+    try:
+        info = check_image_bytes(path.read_bytes())
+    except (OSError, ImageError):
+        return None
+    return info.app.version if info.app else None
 
 
 def _int(v: Any) -> int:
