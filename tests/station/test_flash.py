@@ -25,7 +25,8 @@ def test_flash_virtual_4_json_subprocess(station_env):
     events = json_lines(r.stdout)  # stdout is JSON lines and nothing else
     finished = [e for e in events if e["event"] == "unit_finished"]
     assert len(finished) == 4 and all(e["outcome"] == "passed" for e in finished)
-    assert {e["event"] for e in events} == {"step_started", "step_finished", "progress", "unit_finished"}
+    assert {e["event"] for e in events} == {"step_started", "step_finished", "progress", "unit_info",
+                                           "unit_finished"}
     assert all(set(e["durations"]) == STEPS for e in finished)
     assert TOKEN not in r.stdout + r.stderr
 
