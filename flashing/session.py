@@ -94,11 +94,12 @@ def esptool_output(sink: EsptoolSink | None) -> Iterator[None]:
 class SessionError(Exception):
     """A failure of one unit's session, with what the operator should do about it."""
 
-    def __init__(self, message: str, remedy: str, detail: str | None = None):
+    def __init__(self, message: str, remedy: str, detail: str | None = None, link: bool = False):
         super().__init__(message)
         self.message = message
         self.remedy = remedy
         self.detail = detail
+        self.link = link  # the serial link failed (a lower baud rate may work)
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ class UnitSession:
                 size = cmds.detect_flash_size(esp)
         except FatalError as exc:
             raise SessionError("the flasher stub did not start or the baud change failed",
-                               "retry; if it repeats, lower the profile's baud rate", str(exc)) from None
+                               "retry; if it repeats, lower the profile's baud rate", str(exc), link=True) from None
         except (serial.SerialException, OSError) as exc:
             raise SessionError(f"the port went away ({exc})", "check the USB cable and retry") from None
         # never let esptool wait for a pulled board and resume on whatever is plugged in next
@@ -264,8 +265,15 @@ class UnitSession:
                                "reseat the board and retry") from None
 
     def region_md5(self, offset: int, size: int) -> str:
-        with esptool_output(self.sink):
-            return self.esp.flash_md5sum(offset, size)
+        try:
+            with esptool_output(self.sink):
+                return self.esp.flash_md5sum(offset, size)
+        except FatalError as exc:
+            raise SessionError("the board did not answer an MD5 check", "retry; replace the board if it repeats",
+                               str(exc), link=True) from None
+        except (serial.SerialException, OSError) as exc:
+            raise SessionError(f"the board was unplugged or the port failed ({exc})",
+                               "reseat the board and retry") from None
 
     def read_console(self) -> str:
         """What the board printed since the last read (app mode, 115200)."""

@@ -48,6 +48,7 @@ class StationContext:
     key: bytes
     firmware: list[tuple[str, int, bytes]] = field(default_factory=list)  # (name, offset, data)
     smoke_level: str | None = None  # overrides the profile's level
+    port_baud: dict[str, int] = field(default_factory=dict)  # the rate that worked, per port, this shift
     accounts: FactoryAccounts | None = None
     make_reach: object = make_reach  # the seam for reaching a device (direct, or Wi-Fi via nmcli)
 
@@ -156,7 +157,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         attempt.device_id = device_id_from_mac(mac)
         emit(UnitInfo(job.port, attempt.mac, attempt.chip))
         with step("identify"):
-            info = session.prepare_flash(profile.baud)
+            info, attempt.baud = _prepare_at_best_rate(session, ctx, job.port, emit)
             need = profile.needed_flash()
             have = flash_size_bytes(info.flash_size)
             if have and have < need:
@@ -185,9 +186,12 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
             sink.total = sum(len(d) for _, _, d in regions)
             for name, offset, data in regions:
                 sink.region, sink.size = name, len(data)
-                session.write(offset, data)
+                # fast rework: a region whose MD5 on the board already matches is not rewritten
+                if session.region_md5(offset, len(data)) != hashlib.md5(data).hexdigest():
+                    session.write(offset, data)
+                    attempt.written_regions.append(name)
                 sink.base += len(data)
-                attempt.written_regions.append(name)
+                emit(Progress(job.port, "flash", sink.base, sink.total, name))
             emit(Progress(job.port, "flash", sink.total, sink.total, ""))
         if profile.checks.boot:
             with step("boot"):
@@ -339,3 +343,33 @@ def _smoke(level: str, ctx: StationContext, session: UnitSession, log, mac: byte
         if problem:
             raise StepFailure(f"after restoring its configuration: {problem}",
                               "retry; replace the board if it repeats", again.text[-2000:])
+
+
+BAUD_LADDER = (2000000, 1500000, 921600, 460800, 230400, 115200)
+
+
+def _prepare_at_best_rate(session: UnitSession, ctx: StationContext, port: str, emit: Emit):
+    """Start at the profile's rate (or what worked on this port before) and fall back on failure.
+
+    Some USB bridges, and boards at low supply voltage, fail above 460800: the link is
+    tried with a few round trips at each rate, and the rate that works is remembered.
+    """
+    top = ctx.port_baud.get(port, ctx.profile.baud)
+    rates = [r for r in BAUD_LADDER if r <= top] or [115200]
+    last: SessionError | None = None
+    for i, rate in enumerate(rates):
+        if i:
+            emit(LogLine(port, "station", f"baud {rates[i - 1]} failed on this port; trying {rate}"))
+            session.connect(ctx.profile.chip)  # a reset brings the chip back to its ROM at 115200
+        try:
+            info = session.prepare_flash(rate)
+            session.region_md5(0, 0x1000)  # a round trip at the new rate
+        except SessionError as exc:
+            if not exc.link:
+                raise  # the board, not the link: a lower rate will not help
+            last = exc
+            continue
+        ctx.port_baud[port] = rate
+        return info, rate
+    raise SessionError(f"no baud rate worked on this port (tried {', '.join(map(str, rates))})",
+                       "check the USB cable and the fixture's serial bridge", last.detail if last else None)

@@ -56,6 +56,7 @@ class Faults:
     secure_download: bool = False  # Secure Download Mode eFuse burnt
     no_download_mode: bool = False  # IO0 never reaches the chip: always boots flash
     unplug_after: int | None = None  # host bytes until the cable is pulled
+    hang_after: int | None = None  # host bytes until the chip hangs: powered, silent
     garble_above: int | None = None  # baud above which the link corrupts bytes
     pairing: str | None = None  # pairing server "down", answering 500 ("error"), or "hang"
     mqtt_refused: bool = False  # the broker refuses this device's login
@@ -475,6 +476,11 @@ class VirtualDevice:
                 return
         self.bytes_in += len(data)
         self.bytes_since_plug += len(data)
+        if self.faults.hang_after is not None and self.bytes_since_plug >= self.faults.hang_after:
+            if self.mode != "halted":
+                self._stop_app()
+                self.mode, self.loader = "halted", None  # a hung chip: only a reset brings it back
+            return
         if self.realtime:
             arrive = max(t, self.rx_clock) + len(data) * 10 / self.host_baud
             self.rx_clock = arrive

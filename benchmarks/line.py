@@ -1,0 +1,151 @@
+"""Benchmark: a whole line on one station — 1, 4, 8 and 16 ports at once.
+
+Timing model on at 921600, the example relay profile (~1 MB app) with the healthcheck
+smoke test, boards in a separate `station virtual --realtime` process, one station
+process driving every port. Prints per port count: aggregate throughput, mean
+whole-unit cycle, the cycle the timing model says is the minimum, units per hour,
+station CPU and peak memory. Then fast rework against a full flash of the same unit,
+and (with --soak N) memory growth of the station process across N units.
+
+    python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from flashing.virtual.bench import ControlClient, VirtualBench  # noqa: E402
+from flashing.virtual.timing import predict_write  # noqa: E402
+from station.config import StationConfig  # noqa: E402
+from station.pipeline import UnitJob  # noqa: E402
+from station.runner import open_station, run_units  # noqa: E402
+
+STUB_BYTES = 8608 + 284  # esptool's stub set 2 for ESP32, uploaded at 115200 before the baud change
+
+
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+def model_min_cycle(ctx) -> float:
+    """The cycle the timing model allows at best: wire and flash only, no host time."""
+    regions = [d for _, _, d in ctx.firmware] + [b"\xff" * ctx.profile.config_slot().size]
+    wire = sum(predict_write(d, ctx.profile.baud).seconds for d in regions)
+    stub = (STUB_BYTES + 200) * 10 / 115200  # stub upload with SLIP and command overhead
+    resets = 0.1 + 0.05 + 0.02 + 0.1  # the station's reset pulses (download, then app)
+    checks = ctx.profile.checks
+    boot_log = 2300 * 10 / 115200 + checks.boot_settle_s  # boot log at 115200, then the boot check's settle
+    smoke = checks.smoke_soak_s  # the healthcheck's round trip is ms; then the console is watched
+    return wire + stub + resets + boot_log + smoke
+
+
+def start_boards(n: int, run_dir: Path):
+    proc = subprocess.Popen([sys.executable, "-m", "station", "virtual", "--realtime", "--json", "--count",
+                             str(n), "--run-dir", str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    boards = [json.loads(proc.stdout.readline()) for _ in range(n)]
+    control = json.loads(proc.stdout.readline())["control"]
+    return proc, boards, control
+
+
+def station_ctx(tmp: Path, smoke: str = "healthcheck"):
+    station = StationConfig(station_id="bench", database=tmp / "bench.db", key_file=tmp / "k",
+                            profiles_dir=REPO / "profiles")
+    return open_station("relay", station=station, smoke=smoke)
+
+
+def run_ports(n: int, tmp: Path) -> dict:
+    ctx = station_ctx(tmp)
+    proc, boards, control = start_boards(n, tmp / f"run{n}")
+    try:
+        cpu0, t0 = time.process_time(), time.monotonic()
+        results = run_units([UnitJob(b["url"]) for b in boards], ctx, lambda e: None)
+        wall, cpu = time.monotonic() - t0, time.process_time() - cpu0
+    finally:
+        proc.terminate()
+        proc.wait()
+    passed = [r for r in results if r.passed]
+    size = sum(len(d) for _, _, d in ctx.firmware) + ctx.profile.config_slot().size
+    cycles = [sum(r.durations.values()) for r in passed]
+    return {"ports": n, "passed": len(passed), "wall": wall, "throughput": len(passed) * size / wall,
+            "cycle": statistics.mean(cycles) if cycles else float("nan"), "uph": len(passed) / wall * 3600,
+            "cpu": cpu, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "min_cycle": model_min_cycle(ctx)}
+
+
+def rework(tmp: Path) -> tuple[float, float]:
+    (tmp / "rework").mkdir()
+    ctx = station_ctx(tmp / "rework", smoke="none")
+    proc, boards, _ = start_boards(1, tmp / "run-rw")
+    try:
+        first = run_units([UnitJob(boards[0]["url"])], ctx, lambda e: None)[0]
+        again = run_units([UnitJob(boards[0]["url"], rework=True)], ctx, lambda e: None)[0]
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert first.passed and again.passed, (first, again)
+    return sum(first.durations.values()), sum(again.durations.values())
+
+
+def soak(units: int, tmp: Path) -> tuple[float, float]:
+    """Memory of this process after 16 warm-up units and after `units` more (timing model off)."""
+    (tmp / "soak").mkdir()
+    ctx = station_ctx(tmp / "soak", smoke="none")
+    with VirtualBench(16, "esp32", run_dir=tmp / "soak-run") as bench:
+        done, start = 0, None
+        while done < units + 16:
+            for s in bench.slots:
+                s.device.swap()
+            run_units([UnitJob(s.url) for s in bench.slots], ctx, lambda e: None)
+            done += 16
+            if start is None:
+                gc.collect()
+                start = rss_mb()
+        gc.collect()
+        return start, rss_mb()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ports", default="1,4,8,16")
+    ap.add_argument("--soak", type=int, default=0, help="units for the memory soak (e.g. 1000)")
+    args = ap.parse_args()
+    os.environ.setdefault("RELAY_VENDOR_TOKEN", "bench-tok1")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rows = []
+        print(f"{'ports':>5} {'passed':>6} {'MB/s':>6} {'cycle s':>8} {'model min s':>11} {'units/h':>8} "
+              f"{'CPU s':>6} {'peak MB':>8}", flush=True)
+        for n in [int(x) for x in args.ports.split(",")]:
+            (tmp / f"p{n}").mkdir()
+            r = run_ports(n, tmp / f"p{n}")
+            rows.append(r)
+            print(f"{r['ports']:>5} {r['passed']:>6} {r['throughput'] / 1e6:>6.3f} {r['cycle']:>8.2f} "
+                  f"{r['min_cycle']:>11.2f} {r['uph']:>8.0f} {r['cpu']:>6.1f} {r['rss']:>8.1f}", flush=True)
+        one = rows[0]["throughput"]
+        for r in rows[1:]:
+            print(f"  {r['ports']} ports: {r['throughput'] / (r['ports'] * one):.2f} x {r['ports']} x the 1-port "
+                  f"throughput; mean cycle {r['cycle'] / r['min_cycle']:.2f} x the model's minimum")
+        full, fast = rework(tmp)
+        print(f"rework of a unit whose firmware matches: {fast:.2f} s against {full:.2f} s for the full "
+              f"unit ({full / fast:.1f} x faster)")
+        if args.soak:
+            before, after = soak(args.soak, tmp)
+            print(f"memory across {args.soak} units: {before:.1f} MB -> {after:.1f} MB "
+                  f"({after - before:+.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
