@@ -99,22 +99,53 @@ def rework(tmp: Path) -> tuple[float, float]:
     return sum(first.durations.values()), sum(again.durations.values())
 
 
+def small_profile(tmp: Path) -> Path:
+    """The relay profile on a 100 KB app: the soak is about state kept per unit, not MB."""
+    import hashlib
+    import shutil
+
+    from flashing.firmware import build_firmware
+
+    d = tmp / "profiles" / "relay"
+    shutil.copytree(REPO / "profiles" / "relay", d)
+    text = (d / "profile.toml").read_text()
+    app = build_firmware("esp32", project="relay", version="1.4.2", app_size=100_000).app
+    old = hashlib.sha256((d / "firmware" / "relay.bin").read_bytes()).hexdigest()
+    (d / "firmware" / "relay.bin").write_bytes(app)
+    (d / "profile.toml").write_text(text.replace(old, hashlib.sha256(app).hexdigest()))
+    return tmp / "profiles"
+
+
 def soak(units: int, tmp: Path) -> tuple[float, float]:
-    """Memory of this process after 16 warm-up units and after `units` more (timing model off)."""
+    """RSS of this station process after 32 warm-up units and after `units` more.
+
+    The 16 boards run in their own `station virtual` process (timing model off), so only
+    the station is measured; each round swaps every board for a new blank one.
+    """
     (tmp / "soak").mkdir()
-    ctx = station_ctx(tmp / "soak", smoke="none")
-    with VirtualBench(16, "esp32", run_dir=tmp / "soak-run") as bench:
+    station = StationConfig(station_id="soak", database=tmp / "soak" / "db", key_file=tmp / "soak" / "k",
+                            profiles_dir=small_profile(tmp / "soak"))
+    ctx = open_station("relay", station=station, smoke="none")
+    proc = subprocess.Popen([sys.executable, "-m", "station", "virtual", "--json", "--count", "16",
+                             "--run-dir", str(tmp / "soak-run")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    boards = [json.loads(proc.stdout.readline()) for _ in range(16)]
+    control = ControlClient(json.loads(proc.stdout.readline())["control"])
+    try:
         done, start = 0, None
-        while done < units + 16:
-            for s in bench.slots:
-                s.device.swap()
-            run_units([UnitJob(s.url) for s in bench.slots], ctx, lambda e: None)
+        while done < units + 32:
+            for i in range(16):
+                control.request("swap", i)
+            results = run_units([UnitJob(b["url"]) for b in boards], ctx, lambda e: None)
+            assert all(r.passed for r in results), [r.error for r in results if not r.passed]
             done += 16
-            if start is None:
+            if done == 32:
                 gc.collect()
                 start = rss_mb()
         gc.collect()
         return start, rss_mb()
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def main() -> None:
@@ -143,8 +174,8 @@ def main() -> None:
               f"unit ({full / fast:.1f} x faster)")
         if args.soak:
             before, after = soak(args.soak, tmp)
-            print(f"memory across {args.soak} units: {before:.1f} MB -> {after:.1f} MB "
-                  f"({after - before:+.1f} MB)")
+            print(f"station process memory across {args.soak} units (16 ports, 100 KB app, timing model "
+                  f"off): {before:.1f} MB -> {after:.1f} MB ({after - before:+.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +56,13 @@ class StationContext:
     def __post_init__(self) -> None:
         if not self.firmware:
             self.firmware = [(r.name, r.offset, data) for r, data in self.profile.region_bytes()]
+        self._pool: ThreadPoolExecutor | None = None
+
+    def workers(self, n: int) -> ThreadPoolExecutor:
+        """Threads for running units, kept across batches (one per port at the most)."""
+        if self._pool is None or self._pool._max_workers < n:
+            self._pool = ThreadPoolExecutor(max_workers=max(n, 4), thread_name_prefix="unit")
+        return self._pool
 
 
 class StepFailure(Exception):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 from typing import Mapping
@@ -44,16 +43,11 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
 
 def run_units(jobs: list[UnitJob], ctx: StationContext, emit: Emit,
               cancel: threading.Event | None = None) -> list[UnitResult]:
-    """Provision every job at the same time; a hung or failing port never stops the others."""
-    results: list[UnitResult | None] = [None] * len(jobs)
+    """Provision every job at the same time; a hung or failing port never stops the others.
 
-    def work(i: int, job: UnitJob) -> None:
-        results[i] = provision_unit(job, ctx, emit, cancel)
-
-    threads = [threading.Thread(target=work, args=(i, j), name=f"unit-{os.path.basename(j.port)}",
-                                daemon=True) for i, j in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return [r for r in results if r is not None]
+    The worker threads are kept for the context's next batch (a station runs batch after
+    batch): their database connections and buffers are reused, so memory stays flat.
+    """
+    pool = ctx.workers(len(jobs))
+    futures = [pool.submit(provision_unit, job, ctx, emit, cancel) for job in jobs]
+    return [f.result() for f in futures]

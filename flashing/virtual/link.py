@@ -134,6 +134,10 @@ class SocketPort:
     # the cable: called on the device thread
     def unplugged(self) -> None:
         if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop (close alone does not)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
         try:
