@@ -45,7 +45,9 @@ def test_auto_start_pass_fail_retry_and_history(station_env):
                 line = app.line
                 # boards present at start: both runs start by themselves
                 await until(pilot, lambda: all(s.status in ("passed", "failed") for s in line.slots))
-                assert line.slots[0].status == "passed" and "PASS" in card_text(app, 0)
+                # the card follows the line's state once the screen has handled the change
+                await until(pilot, lambda: "PASS" in card_text(app, 0) and "FAIL" in card_text(app, 1))
+                assert line.slots[0].status == "passed"
                 text = card_text(app, 1)
                 assert "FAIL" in text and "connect: the board booted its firmware" in text
                 assert "check the board is seated" in text  # the next action in words
@@ -87,6 +89,7 @@ def test_hot_plug_starts_a_run_and_a_pulled_board_aborts(station_env):
                 await until(pilot, lambda: slot.status == "running" and slot.step == "flash")
                 dev.unplug()  # pulled mid-run: FAIL, aborted or unplugged, whichever the station saw first
                 await until(pilot, lambda: slot.status in ("aborted", "failed"), timeout=10)
+                await until(pilot, lambda: "WORKING" not in card_text(app, 0))
                 text = card_text(app, 0)
                 assert "ABORTED" in text or ("FAIL" in text and "unplugged" in text)
                 assert not slot.present and slot.status != "waiting"
@@ -138,7 +141,7 @@ def test_scanner_assigns_labels_and_refuses_a_used_serial(station_env):
                 line = app.line
                 await pilot.pause(0.5)
                 assert [s.status for s in line.slots] == ["waiting", "waiting"]  # waiting for labels
-                assert "scan the label" in card_text(app, 0)
+                await until(pilot, lambda: "scan the label" in card_text(app, 0))
                 await pilot.press(*"LBL-0001", "enter")
                 await until(pilot, lambda: line.slots[0].status == "passed")
                 assert line.slots[0].serial == "LBL-0001" and line.slots[1].status == "waiting"
