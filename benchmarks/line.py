@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flashing.virtual.bench import ControlClient, VirtualBench  # noqa: E402
+from flashing.virtual.bench import ControlClient  # noqa: E402
 from flashing.virtual.timing import predict_write  # noqa: E402
 from station.config import StationConfig  # noqa: E402
 from station.pipeline import UnitJob  # noqa: E402

@@ -41,7 +41,7 @@ async def drive(app: StationApp, presses: int) -> tuple[list[float], float, floa
             if time.monotonic() > deadline:
                 raise SystemExit(f"slots never all flashed: {[(s.status, s.step, s.reason) for s in line.slots]}")
             await pilot.pause(0.05)
-        cpu0, t0 = time.process_time(), time.monotonic()
+        cpu0 = time.process_time()
         latencies, flashing = [], []
         for _ in range(presses):
             want = (app.selected + 1) % len(line.slots)

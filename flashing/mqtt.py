@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 

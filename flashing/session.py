@@ -224,9 +224,7 @@ class UnitSession:
         except (FatalError, UnsupportedCommandError, NotImplementedInROMError) as exc:
             raise SessionError("could not read the chip's identity", "retry; replace the board if it repeats",
                                str(exc)) from None
-        if esp.secure_download_mode:
-            return ChipIdentity(esp.CHIP_NAME, mac, None, 0, True, desc)
-        return ChipIdentity(esp.CHIP_NAME, mac, None, 0, False, desc)
+        return ChipIdentity(esp.CHIP_NAME, mac, None, 0, esp.secure_download_mode, desc)
 
     def prepare_flash(self, baud: int) -> ChipIdentity:
         """Upload the stub, raise the baud rate, attach and identify the flash chip."""

@@ -20,7 +20,6 @@ import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations

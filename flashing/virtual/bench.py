@@ -14,7 +14,6 @@ fault (name, value), clear_faults, console, list, timing (heartbeat_s, mqtt_retr
 from __future__ import annotations
 
 import json
-import os
 import socket
 import tempfile
 import threading

@@ -132,7 +132,7 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.i("boot", "Disabling RNG early entropy source...")
     log.i("cpu_start", "Pro cpu up.", 20)
     log.i("cpu_start", "Pro cpu start user code", 10)
-    log.i("cpu_start", f"cpu freq: 160000000 Hz")
+    log.i("cpu_start", "cpu freq: 160000000 Hz")
     desc = app.app
     if desc is not None:
         log.i("app_init", "Application information:")

@@ -22,8 +22,8 @@ def station_env(tmp_path, monkeypatch):
     profiles = tmp_path / "profiles"
     shutil.copytree(REPO / "profiles" / "relay", profiles / "relay")
     cfg = tmp_path / "station.toml"
-    cfg.write_text(f'station_id = "test-station"\ndatabase = "station.db"\n'
-                   f'profiles_dir = "profiles"\ndefault_profile = "relay"\nkey_file = "station.key"\n')
+    cfg.write_text('station_id = "test-station"\ndatabase = "station.db"\n'
+                   'profiles_dir = "profiles"\ndefault_profile = "relay"\nkey_file = "station.key"\n')
     monkeypatch.setenv("RELAY_VENDOR_TOKEN", TOKEN)
     monkeypatch.setenv("STATION_CONFIG", str(cfg))
     return tmp_path

@@ -6,7 +6,6 @@ import base64
 import csv
 import io
 import json
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 from flashing.virtual.bench import VirtualBench
 from station.audit import ExportFilter, export, signing_key
 from station.record import Attempt, Record, now_iso
-from tests.station.conftest import TOKEN, json_lines, run_station
+from tests.station.conftest import TOKEN, run_station
 
 WIFI_PASSWORD = "wifi-Pa55-word"
 

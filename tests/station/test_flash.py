@@ -6,7 +6,6 @@ import csv
 import json
 import os
 
-import pytest
 
 from flashing.nvs import read_partition
 from flashing.virtual.bench import VirtualBench

@@ -9,7 +9,6 @@ import time
 import pytest
 
 from flashing.virtual.bench import VirtualBench
-from station.config import StationConfig
 from station.runner import open_station
 from station.tui import SlotCard, StationApp
 
