@@ -33,7 +33,7 @@ from station.config import StationConfig  # noqa: E402
 from station.pipeline import UnitJob  # noqa: E402
 from station.runner import open_station, run_units  # noqa: E402
 
-STUB_BYTES = 8608 + 284  # esptool's stub set 2 for ESP32, uploaded at 115200 before the baud change
+STUB_BYTES = 8608 + 284  # esptool's stub set 2 for ESP32, uploaded after the ROM's baud change
 
 
 def rss_mb() -> float:
@@ -44,7 +44,8 @@ def model_min_cycle(ctx) -> float:
     """The cycle the timing model allows at best: wire and flash only, no host time."""
     regions = [d for _, _, d in ctx.firmware] + [b"\xff" * ctx.profile.config_slot().size]
     wire = sum(predict_write(d, ctx.profile.baud).seconds for d in regions)
-    stub = (STUB_BYTES + 200) * 10 / 115200  # stub upload with SLIP and command overhead
+    # the ROM's baud change (esptool sleeps 50 ms after it), then the stub at the profile's rate
+    stub = 0.05 + (STUB_BYTES + 200) * 10 / ctx.profile.baud
     resets = 0.1 + 0.05 + 0.02 + 0.1  # the station's reset pulses (download, then app)
     checks = ctx.profile.checks
     boot_log = 2300 * 10 / 115200 + checks.boot_settle_s  # boot log at 115200, then the boot check's settle

@@ -367,7 +367,8 @@ def _prepare_at_best_rate(session: UnitSession, ctx: StationContext, port: str, 
     last: SessionError | None = None
     for i, rate in enumerate(rates):
         if i:
-            emit(LogLine(port, "station", f"baud {rates[i - 1]} failed on this port; trying {rate}"))
+            why = f" ({last.detail.splitlines()[0]})" if last and last.detail else ""
+            emit(LogLine(port, "station", f"baud {rates[i - 1]} failed on this port{why}; trying {rate}"))
             session.connect(ctx.profile.chip)  # a reset brings the chip back to its ROM at 115200
         try:
             info = session.prepare_flash(rate)

@@ -25,7 +25,7 @@ from ..firmware import read_manifest
 from .app import TwoSmartApp
 from .boot import boot_from_flash
 from .chips import ESP32_CK8M, ESP32_RTC_CALI, ChipModel, chip_by_name
-from .loader import Loader
+from .loader import Loader, known_stubs
 from .nor import NorFlash, sfdp_table
 from .slip import SlipDecoder, encode
 
@@ -81,6 +81,8 @@ class VirtualDevice:
                  state_dir: Path | None = None, realtime: bool = False,
                  seed: int | None = None):
         self.chip = chip if isinstance(chip, ChipModel) else chip_by_name(chip)
+        # a real stub greets within milliseconds of MEM_END; learn the stubs now, not then
+        known_stubs(self.chip.key)
         self.index = index
         self.realtime = realtime
         self.state_dir = Path(state_dir) if state_dir else None
