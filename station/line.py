@@ -3,8 +3,9 @@
 Headless: the operator's screen shows it and drives it, the tests drive it too.
 Each slot is a fixture port. A board arriving on a port starts its run by itself
 (unless paused, or the profile takes serials from labels and none was scanned yet);
-a board pulled mid-run aborts it. Runs go through `spawn` (the screen passes its
-thread workers) and report through `on_change(slot_index)`.
+a board pulled mid-run aborts it. Runs go to the station's unit threads, one per
+slot at the most (not a GUI toolkit's worker pool, which may run only a few at once),
+and report through `on_change(slot_index)`.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Line:
         self.ctx = ctx
         self.slots = [Slot(i, p) for i, p in enumerate(ports)]
         self.on_change = on_change
-        self.spawn = spawn or (lambda fn: threading.Thread(target=fn, daemon=True).start())
+        self.spawn = spawn or (lambda fn: self.ctx.workers(len(self.slots)).submit(fn))
         self.operator = operator
         self.lot = lot or ctx.station.lot or ctx.profile.lot
         self.paused = False

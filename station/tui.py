@@ -9,6 +9,7 @@ F10 admin (switch profile or lot), Ctrl+Q quit.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Callable
 
@@ -54,7 +55,7 @@ class SlotCard(Vertical):
         yield Static("", classes="outcome")
         yield Static("", classes="action")
 
-    def show(self, slot: Slot, selected: bool, labels_needed: bool) -> None:
+    def show(self, slot: Slot, selected: bool, labels_needed: bool, compact: bool = False) -> None:
         self.set_class(selected, "selected")
         for status in STATUS_WORD:
             self.set_class(slot.status == status, status)
@@ -64,19 +65,29 @@ class SlotCard(Vertical):
         self.query_one(".ident", Static).update(ident)
         step = slot.step if slot.status == "running" else ""
         waiting = slot.status == "waiting" and labels_needed and not slot.scanned
-        self.query_one(".step", Static).update(
-            f"step: {step}" if step else ("scan the label" if waiting else ""))
         bar = self.query_one(ProgressBar)
         pct = 100 * slot.done / slot.total if slot.total else (100 if slot.status == "passed" else 0)
         bar.update(progress=pct)
         rate = ""
         if slot.status == "running" and slot.total and slot.step == "flash":
-            eta = f"  {slot.eta:.0f} s left" if slot.eta is not None else ""
-            rate = f"{_mb(slot.done)}/{_mb(slot.total)} MB  {slot.rate / 1e3:.0f} kB/s{eta}"
-        self.query_one(".rate", Static).update(rate)
+            if compact:  # many slots: the rate shares the step's line
+                eta = f" {slot.eta:.0f}s" if slot.eta is not None else ""
+                rate = f"{_mb(slot.done)}/{_mb(slot.total)} MB {slot.rate / 1e3:.0f} kB/s{eta}"
+            else:
+                eta = f"  {slot.eta:.0f} s left" if slot.eta is not None else ""
+                rate = f"{_mb(slot.done)}/{_mb(slot.total)} MB  {slot.rate / 1e3:.0f} kB/s{eta}"
+        if compact:
+            self.query_one(".step", Static).update(
+                f"{step} {rate}".strip() if step else ("scan the label" if waiting else ""))
+        else:
+            self.query_one(".step", Static).update(
+                f"step: {step}" if step else ("scan the label" if waiting else ""))
+            self.query_one(".rate", Static).update(rate)
         self.query_one(".outcome", Static).update(STATUS_WORD[slot.status])
         action = ""
-        if slot.status in ("failed", "aborted"):
+        if slot.status in ("failed", "aborted") and compact:  # one line: what to do; the reason is in the log
+            action = f"→ {slot.action}"
+        elif slot.status in ("failed", "aborted"):
             action = f"{slot.reason}\n→ {slot.action}"
         elif slot.status == "passed":
             action = f"→ {slot.action}"
@@ -176,6 +187,9 @@ class StationApp(App):
     .card.passed { border: round green; }
     .card .action { height: auto; }
     #bottom { height: 9; }
+    #slots.compact .card .outcome { height: 1; }
+    #slots.compact .card .rate { display: none; }
+    #bottom.compact { height: 6; }
     #log { width: 1fr; border: round $panel-lighten-2; }
     #scan { width: 40; }
     #scan.refused { background: red; }
@@ -196,12 +210,13 @@ class StationApp(App):
     def __init__(self, ctx: StationContext, ports: list[str], operator: str | None = None,
                  open_profile: Callable[[str], StationContext] | None = None, poll_interval: float = 0.2):
         super().__init__()
-        self.line = Line(ctx, ports, self._changed, self._spawn, operator or "")
+        self.line = Line(ctx, ports, self._changed, operator=operator or "")
         self.ask_operator = operator is None
         self.open_profile = open_profile
         self.poll_interval = poll_interval
         self.selected = 0
         self.chosen: int | None = None  # a slot the operator picked for the next scan
+        self.compact = False  # many slots: cards of one line per item
 
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -241,15 +256,19 @@ class StationApp(App):
         cols = 4 if self.size.width >= 140 else 2
         if hasattr(self, "slots_view"):
             self.slots_view.styles.grid_size_columns = min(cols, max(1, n))
+            compact = -(-n // cols) >= 3  # three rows of cards or more (16 ports): one line each
+            if compact != self.compact:
+                self.compact = compact
+                self.slots_view.set_class(compact, "compact")
+                self.query_one("#bottom").set_class(compact, "compact")
+                for slot in self.line.slots:
+                    self._show(slot.index)
 
     def _set_operator(self, name: str | None) -> None:
         self.line.operator = name or "unknown"
         self._header()
 
     # -- the line's state on screen ------------------------------------------------------------------
-    def _spawn(self, fn: Callable[[], None]) -> None:
-        self.run_worker(fn, thread=True, exit_on_error=False, group="slots")
-
     def _changed(self, index: int) -> None:
         self.post_message(SlotChanged(index))  # from worker threads; merged when they come fast
 
@@ -259,7 +278,10 @@ class StationApp(App):
 
     def _show(self, index: int) -> None:
         slot = self.line.slots[index]
-        self.cards[index].show(slot, index == self.selected, self.line.labels_needed)
+        card = self.cards[index]
+        if not card.is_attached:
+            return  # the screen is closing; the line's last changes have nowhere to go
+        card.show(slot, index == self.selected, self.line.labels_needed, self.compact)
         if index == self.selected:
             self._log()
 
@@ -366,5 +388,6 @@ class StationApp(App):
             if not sure:
                 return
             self.line.shutdown()
-            await self.workers.wait_for_complete([w for w in self.workers if w.group == "slots"])
+            while self.line.running():  # each aborted run records itself, then leaves "running"
+                await asyncio.sleep(0.05)
         self.exit()

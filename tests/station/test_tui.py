@@ -21,7 +21,7 @@ async def until(pilot, cond, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
+            raise AssertionError(f"condition not reached: {[(s.status, s.step) for s in pilot.app.line.slots]}")
         await pilot.pause(0.1)
 
 
@@ -126,6 +126,28 @@ def test_abort_key_and_quit_mid_run_records_aborted_units(station_env):
 def label_profile(env):
     p = env / "profiles/relay/profile.toml"
     p.write_text(p.read_text().replace('pattern = "RLY-{yymmdd}-{seq:05}"', "given = true"))
+
+
+def test_sixteen_slots_work_at_once_on_compact_cards(station_env):
+    # wire-speed boards (a ~9 s flash step): all 16 runs must be in the flash step together
+    # (a toolkit worker pool of cpu_count + 4 threads once ran only 6 of them at a time)
+    with VirtualBench(16, "esp32", run_dir=station_env / "run", realtime=True) as bench:
+        app = StationApp(ctx_for(station_env), [s.url for s in bench.slots], operator="Anna", poll_interval=0.1)
+
+        async def go():
+            async with app.run_test(size=(160, 45)) as pilot:
+                line = app.line
+                await until(pilot, lambda: all(s.step == "flash" and s.status == "running" for s in line.slots))
+                assert app.compact and app.query_one("#slots").has_class("compact")
+                await until(pilot, lambda: "flash" in card_text(app, 15))
+                for i in range(16):
+                    line.abort(i)
+                await until(pilot, lambda: all(s.status == "aborted" for s in line.slots))
+                await pilot.pause(0.2)
+                assert "ABORTED" in card_text(app, 15) and "→ " in card_text(app, 15)
+
+        run(go())
+    assert len(app.line.ctx.record.attempts()) == 16
 
 
 def test_scanner_assigns_labels_and_refuses_a_used_serial(station_env):
