@@ -127,8 +127,8 @@ def small_profile(tmp: Path) -> Path:
     return tmp / "profiles"
 
 
-def soak(units: int, tmp: Path) -> tuple[float, float]:
-    """RSS of this station process after 32 warm-up units and after `units` more.
+def soak(units: int, tmp: Path) -> list[tuple[int, float]]:
+    """RSS of this station process after 32 warm-up units, then every 160 units.
 
     The 16 boards run in their own `station virtual` process (timing model off), so only
     the station is measured; each round swaps every board for a new blank one.
@@ -142,18 +142,20 @@ def soak(units: int, tmp: Path) -> tuple[float, float]:
     boards = [json.loads(proc.stdout.readline()) for _ in range(16)]
     control = ControlClient(json.loads(proc.stdout.readline())["control"])
     try:
-        done, start = 0, None
+        done, samples = 0, []
         while done < units + 32:
             for i in range(16):
                 control.request("swap", i)
             results = run_units([UnitJob(b["url"]) for b in boards], ctx, lambda e: None)
             assert all(r.passed for r in results), [r.error for r in results if not r.passed]
             done += 16
-            if done == 32:
+            if done >= 32 and (done - 32) % 160 == 0:
                 gc.collect()
-                start = rss_mb()
+                samples.append((done - 32, rss_mb()))
         gc.collect()
-        return start, rss_mb()
+        if samples[-1][0] != done - 32:
+            samples.append((done - 32, rss_mb()))
+        return samples
     finally:
         proc.terminate()
         proc.wait()
@@ -188,9 +190,13 @@ def main() -> None:
                   f"({f_full / f_fast:.1f} x); whole unit {w_fast:.2f} s against {w_full:.2f} s "
                   f"({w_full / w_fast:.1f} x)")
         if args.soak:
-            before, after = soak(args.soak, tmp)
-            print(f"station process memory across {args.soak} units (16 ports, 100 KB app, timing model "
-                  f"off): {before:.1f} MB -> {after:.1f} MB ({after - before:+.1f} MB)")
+            samples = soak(args.soak, tmp)
+            start = samples[0][1]
+            print(f"station process memory across {args.soak} units (16 ports, 100 KB app, timing model off), "
+                  f"after 32 warm-up units: {start:.1f} MB")
+            print("  " + "  ".join(f"{n}: {mb - start:+.1f}" for n, mb in samples[1:]) + " MB")
+            print(f"  largest growth {max(mb for _, mb in samples) - start:+.1f} MB, "
+                  f"at the end {samples[-1][1] - start:+.1f} MB")
 
 
 if __name__ == "__main__":
