@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Render the operator's screen for the README: flashing, and PASS/FAIL (SVG, 160x45).
+"""Render the operator's screen for the README: flashing, PASS/FAIL, 16 slots (SVG, 160x45).
 
 Runs the real screen headless against virtual boards (one of them faulty).
 
@@ -37,6 +37,18 @@ async def shoot(app: StationApp, bench: VirtualBench) -> None:
         app.save_screenshot("pass-fail.svg", str(OUT))
 
 
+async def shoot_sixteen(app: StationApp) -> None:
+    async with app.run_test(size=(160, 45)) as pilot:
+        line = app.line
+        while not all(s.step == "flash" and s.done > s.total // 4 for s in line.slots):
+            await pilot.pause(0.1)
+        await pilot.pause(0.3)
+        app.save_screenshot("sixteen.svg", str(OUT))
+        line.shutdown()
+        while line.running():
+            await pilot.pause(0.1)
+
+
 def main() -> None:
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "demo-tok42")
     with tempfile.TemporaryDirectory() as tmp, VirtualBench(4, "esp32", realtime=True, seed=7) as bench:
@@ -47,7 +59,14 @@ def main() -> None:
         app = StationApp(ctx, [s.url for s in bench.slots], operator="Anna")
         app.line.lot = "LOT-2611"
         asyncio.run(shoot(app, bench))
-    print(f"wrote {OUT}/flashing.svg and {OUT}/pass-fail.svg")
+    with tempfile.TemporaryDirectory() as tmp, VirtualBench(16, "esp32", realtime=True, seed=7) as bench:
+        station = StationConfig(station_id="line-1-station-1", database=Path(tmp) / "db.sqlite",
+                                key_file=Path(tmp) / "k", profiles_dir=REPO / "profiles")
+        ctx = open_station("relay", station=station, smoke="healthcheck")
+        app = StationApp(ctx, [s.url for s in bench.slots], operator="Anna")
+        app.line.lot = "LOT-2611"
+        asyncio.run(shoot_sixteen(app))
+    print(f"wrote {OUT}/flashing.svg, {OUT}/pass-fail.svg and {OUT}/sixteen.svg")
 
 
 if __name__ == "__main__":
