@@ -117,6 +117,9 @@ class _CompressOnce:
             return zlib.compress(data, level)
         key = (hashlib.sha256(data).digest(), level)
         with self._lock:
+            if key in self._done:
+                self._done.move_to_end(key)
+                return self._done[key]
             busy = self._busy.setdefault(key, threading.Lock())
         with busy:
             with self._lock:

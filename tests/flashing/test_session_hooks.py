@@ -34,6 +34,7 @@ def test_compress_once_gives_zlibs_bytes_and_compresses_each_image_once(monkeypa
     assert z.compress(b"small", 9) == real(b"small", 9)  # small data is not kept
     assert z.compress(image, 6) == real(image, 6)  # the level is part of the key
     assert calls == [len(image), 5, len(image)]
+    assert not z._busy  # nobody left waiting, nothing kept for the hits
     assert z.decompressobj  # everything else is zlib's own
 
 
