@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import struct
 import threading
 import time
 import zlib
@@ -188,6 +189,22 @@ def flash_size_bytes(name: str | None) -> int:
     return int(name.upper().removesuffix("MB")) * 1024 * 1024
 
 
+def _tiocmset(port: serial.SerialBase, dtr: bool, rts: bool) -> bool:
+    """Both modem lines in one ioctl on a POSIX tty; False where that is not possible."""
+    try:
+        import fcntl
+        import termios
+
+        fd = port.fileno()
+        bits = struct.unpack("I", fcntl.ioctl(fd, termios.TIOCMGET, struct.pack("I", 0)))[0]
+        bits = (bits | termios.TIOCM_DTR) if dtr else (bits & ~termios.TIOCM_DTR)
+        bits = (bits | termios.TIOCM_RTS) if rts else (bits & ~termios.TIOCM_RTS)
+        fcntl.ioctl(fd, termios.TIOCMSET, struct.pack("I", bits))
+    except (ImportError, AttributeError, OSError, ValueError, serial.SerialException):
+        return False  # Windows, a pty, a network port: the caller sets them one by one
+    return True
+
+
 class UnitSession:
     """The serial port of one fixture slot and the esptool session on it."""
 
@@ -227,9 +244,21 @@ class UnitSession:
         self.close()
 
     def _lines(self, dtr: bool, rts: bool) -> None:
+        """Set DTR and RTS together where the port allows it.
+
+        Set one after the other, the dev-board circuit passes through "both asserted"
+        (EN released with IO0 high) in between; a host busy with 16 ports can take longer
+        than the EN capacitor holds, and the chip boots its app instead of the loader.
+        A tty takes both lines in one TIOCMSET (esptool's tight reset does the same);
+        the virtual board's bridge has `set_dtr_rts`; anything else gets the two setters.
+        """
         try:
-            self.serial.dtr = dtr
-            self.serial.rts = rts
+            tight = getattr(self.serial, "set_dtr_rts", None)
+            if tight is not None:
+                tight(dtr, rts)
+            elif not _tiocmset(self.serial, dtr, rts):
+                self.serial.dtr = dtr
+                self.serial.rts = rts
         except (OSError, serial.SerialException):
             self.can_reset = False  # a pty or a fixture without reset wiring
 

@@ -87,6 +87,11 @@ class Serial(SerialBase):
         if self.is_open:
             self._msg(MSG_LINES, LINES.pack(self._dtr_state, self._rts_state, time.monotonic()))
 
+    def set_dtr_rts(self, dtr: bool, rts: bool) -> None:
+        """Both lines in one message: the bridge's TIOCMSET (pyserial sets them one by one)."""
+        self._dtr_state, self._rts_state = bool(dtr), bool(rts)
+        self._send_lines()
+
     def _update_dtr_state(self) -> None:
         self._send_lines()
 
