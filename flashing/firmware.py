@@ -12,18 +12,15 @@ import json
 import random
 from dataclasses import dataclass
 
-from .images import Partition, Segment, app_description, build_image, build_partition_table
+from .images import Partition, Segment, app_description, build_image, build_partition_table, chip_facts
 
 # load addresses of a typical IDF build, per chip: bootloader (dram, iram, iram) and app
 _LAYOUT = {
-    "esp32": dict(chip_id=0, bl_offset=0x1000,
-                  bl=[0x3FFF0030, 0x40078000, 0x40080400], bl_entry=0x40080650,
+    "esp32": dict(bl=[0x3FFF0030, 0x40078000, 0x40080400], bl_entry=0x40080650,
                   app=[0x3F400020, 0x3FFB0000, 0x40080000, 0x400D0020], app_entry=0x40081100),
-    "esp32c3": dict(chip_id=5, bl_offset=0x0,
-                    bl=[0x3FCD5820, 0x403CC710, 0x403CE710], bl_entry=0x403CC71A,
+    "esp32c3": dict(bl=[0x3FCD5820, 0x403CC710, 0x403CE710], bl_entry=0x403CC71A,
                     app=[0x3C000020, 0x3FC88000, 0x40380000, 0x42000020], app_entry=0x4038041C),
-    "esp32s3": dict(chip_id=9, bl_offset=0x0,
-                    bl=[0x3FCE3818, 0x403C9700, 0x403CC700], bl_entry=0x403C9954,
+    "esp32s3": dict(bl=[0x3FCE3818, 0x403C9700, 0x403CC700], bl_entry=0x403C9954,
                     app=[0x3C000020, 0x3FC88000, 0x40374000, 0x42000020], app_entry=0x403754BC),
 }
 
@@ -91,12 +88,12 @@ def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "
                    app_size: int = 1024 * 1024, flash_size: str = "4MB",
                    partitions: list[Partition] | None = None, seed: int = 1,
                    manifest: dict | None = None) -> Firmware:
-    lay = _LAYOUT[chip]
+    lay, facts = _LAYOUT[chip], chip_facts(chip)
     rng = random.Random(f"{chip}/{project}/{version}/{seed}")
     bl_sizes = [6372, 15920, 3880]
     bootloader = build_image(
         [Segment(a, _filler(rng, n)) for a, n in zip(lay["bl"], bl_sizes)],
-        chip_id=lay["chip_id"], entry=lay["bl_entry"], flash_size=flash_size)
+        chip_id=facts.image_chip_id, entry=lay["bl_entry"], flash_size=flash_size)
     parts = partitions or DEFAULT_PARTITIONS
     app_part = next(p for p in parts if p.type == 0)
     overhead = 24 + 8 * 4 + 16 + 32 + 256
@@ -107,6 +104,6 @@ def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "
     datas = [app_description(project, version) + marker + _filler(rng, sizes[0] - 256 - len(marker))]
     datas += [_filler(rng, n) for n in sizes[1:]]
     app = build_image([Segment(a, d) for a, d in zip(lay["app"], datas)],
-                      chip_id=lay["chip_id"], entry=lay["app_entry"], flash_size=flash_size)
-    return Firmware(lay["bl_offset"], bootloader, build_partition_table(parts),
+                      chip_id=facts.image_chip_id, entry=lay["app_entry"], flash_size=flash_size)
+    return Firmware(facts.bootloader_offset, bootloader, build_partition_table(parts),
                     app_part.offset, app, tuple(parts))

@@ -29,6 +29,26 @@ FLASH_SIZES = {"1MB": 0x0, "2MB": 0x1, "4MB": 0x2, "8MB": 0x3, "16MB": 0x4}
 FLASH_FREQS = {"40m": 0x0, "26m": 0x1, "20m": 0x2, "80m": 0xF}
 
 
+# the chips the station and its virtual boards are built and tested for
+SUPPORTED_CHIPS = ("esp32", "esp32c3", "esp32s3")
+
+
+@dataclass(frozen=True)
+class ChipFacts:
+    key: str  # esptool's --chip name
+    name: str  # esptool's CHIP_NAME
+    image_chip_id: int
+    bootloader_offset: int
+
+
+def chip_facts(key: str) -> ChipFacts:
+    """What an image for this chip must carry, from esptool's own chip definitions."""
+    from esptool.targets import CHIP_DEFS
+
+    c = CHIP_DEFS[key]
+    return ChipFacts(key, c.CHIP_NAME, c.IMAGE_CHIP_ID, c.BOOTLOADER_FLASH_OFFSET)
+
+
 class ImageError(Exception):
     """An image that a ROM or bootloader would refuse; the message is its words."""
 

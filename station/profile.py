@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flashing.images import (
+    SUPPORTED_CHIPS,
     ImageError,
     Partition,
     boot_partition,
     check_image_bytes,
+    chip_facts,
     parse_partition_table,
 )
 from flashing.nvs import NvsEntry, NvsError, build_partition, validate_entry, validate_key
-from flashing.virtual.chips import CHIPS
 
 from .config import ConfigError, take
 
@@ -188,8 +189,8 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
     except ConfigError as exc:
         bad("(top level)", str(exc).split(": ", 1)[1])
     chip = str(data.get("chip", ""))
-    if chip not in CHIPS:
-        bad("chip", f"{chip!r} is not one of {', '.join(CHIPS)}")
+    if chip not in SUPPORTED_CHIPS:
+        bad("chip", f"{chip!r} is not one of {', '.join(SUPPORTED_CHIPS)}")
     device_class = str(data.get("device_class", "wifi"))
     if device_class not in DEVICE_CLASSES:
         bad("device_class", f"{device_class!r} is not one of {', '.join(DEVICE_CLASSES)}")
@@ -357,7 +358,7 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
     """Everything that can be checked without a device. An empty list means ready."""
     problems: list[Problem] = []
     f = str(profile.path)
-    chip = CHIPS[profile.chip]
+    chip = chip_facts(profile.chip)
     images: dict[int, bytes] = {}
     for i, r in enumerate(profile.regions):
         where = f"firmware region 0x{r.offset:x}"
