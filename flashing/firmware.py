@@ -65,11 +65,13 @@ def twosmart_manifest(device_class: str = "wifi", title: str = "2Smart Relay",
                       keys: list[str] | None = None, encrypted: bool = False) -> dict:
     """What a 2Smart-SDK firmware declares about itself: class, config location and keys.
 
-    `encrypted`: built with NVS encryption, reading its keys from the nvs_keys partition.
+    `encrypted`: built with NVS encryption, reading its keys from the nvs_keys partition
+    (written only when true, so the example firmware stays what profile.toml pins).
     """
-    return {"sdk": "2smart", "class": device_class, "title": title,
-            "config": {"partition": partition, "namespace": namespace, "keys": keys or SDK_KEYS,
-                       "encrypted": encrypted}}
+    config = {"partition": partition, "namespace": namespace, "keys": keys or SDK_KEYS}
+    if encrypted:
+        config["encrypted"] = True
+    return {"sdk": "2smart", "class": device_class, "title": title, "config": config}
 
 
 def read_manifest(app_head: bytes) -> dict | None:
