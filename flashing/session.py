@@ -16,7 +16,8 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+import re
+from typing import Callable, Iterator, Protocol, Sequence
 
 import serial
 import esptool.loader
@@ -28,6 +29,7 @@ from esptool.util import FatalError, NotImplementedInROMError, UnsupportedComman
 import flashing  # noqa: F401  (registers vesp://)
 
 from .console import BANNER, BootLog, read_boot_log
+from .errors import UnitError
 
 ROM_BAUD = 115200
 
@@ -162,14 +164,18 @@ def esptool_output(sink: EsptoolSink | None) -> Iterator[None]:
         _local.sink = previous
 
 
-class SessionError(Exception):
+NO_RESET_SCHEMES = ("socket://", "loop://")
+
+# esptool's words for packets garbled or lost on the wire
+LINK_TROUBLE = re.compile(r"checksum|Invalid head of packet|Timed out waiting for packet|"
+                          r"Serial data stream stopped|corrupt", re.I)
+
+
+class SessionError(UnitError):
     """A failure of one unit's session, with what the operator should do about it."""
 
     def __init__(self, message: str, remedy: str, detail: str | None = None, link: bool = False):
-        super().__init__(message)
-        self.message = message
-        self.remedy = remedy
-        self.detail = detail
+        super().__init__(message, remedy, detail)
         self.link = link  # the serial link failed (a lower baud rate may work)
 
 
@@ -228,6 +234,8 @@ class UnitSession:
             raise SessionError(f"cannot open {self.port_name}: {exc}",
                                "check the cable and that no other program holds the port") from None
         self.serial = s
+        # a network port (socket://) carries no modem lines: nothing can reset the board
+        self.can_reset = not self.port_name.startswith(NO_RESET_SCHEMES)
 
     def close(self) -> None:
         if self.serial is not None:
@@ -305,6 +313,10 @@ class UnitSession:
                 esp = cmds.detect_chip(self.serial, ROM_BAUD, connect_mode="no-reset",
                                        connect_attempts=2)
         except FatalError as exc:
+            if not self.can_reset:
+                raise SessionError(f"no device answered on {self.port_name}: this port cannot reset the board",
+                                   "put the board in download mode by hand (hold BOOT, press EN), or connect "
+                                   "it through a port with DTR/RTS", str(exc)) from None
             raise SessionError(f"no device answered on {self.port_name}",
                                "is the board powered and seated in the fixture, and in download mode?",
                                str(exc)) from None
@@ -361,11 +373,38 @@ class UnitSession:
             with esptool_output(self.sink):
                 cmds.write_flash(self.esp, [(offset, data)], compress=True)
         except FatalError as exc:
+            text = str(exc)
+            if LINK_TROUBLE.search(text):  # garbled or lost packets: the cable, not the board
+                raise SessionError(f"writing 0x{offset:x} failed: the serial link garbled or lost data",
+                                   "check the USB cable and the fixture's contacts, then retry",
+                                   text, link=True) from None
             raise SessionError(f"writing 0x{offset:x} failed", "retry; replace the board if it repeats",
-                               str(exc)) from None
+                               text) from None
         except (serial.SerialException, OSError) as exc:
             raise SessionError(f"the board was unplugged or the port failed while writing ({exc})",
                                "reseat the board and retry") from None
+
+    def write_regions(self, regions: Sequence[tuple[str, int, bytes]],
+                      on_region: Callable[[str, int, int, int], None] | None = None) -> list[str]:
+        """Write each (name, offset, data) whose MD5 on the board differs; return the names written.
+
+        Fast rework: a region that already matches (the firmware of a unit being
+        re-provisioned) is not rewritten. `on_region(name, done, size, total)` is called
+        before each region and once at the end with name "" (bytes counted over all regions).
+        """
+        total = sum(len(d) for _, _, d in regions)
+        done = 0
+        written: list[str] = []
+        for name, offset, data in regions:
+            if on_region:
+                on_region(name, done, len(data), total)
+            if self.region_md5(offset, len(data)) != hashlib.md5(data).hexdigest():
+                self.write(offset, data)
+                written.append(name)
+            done += len(data)
+        if on_region:
+            on_region("", total, 0, total)
+        return written
 
     def region_md5(self, offset: int, size: int) -> str:
         try:

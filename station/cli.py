@@ -21,6 +21,45 @@ class Exit(IntEnum):
     OK = 0  # every unit passed
     UNIT_FAILED = 1  # at least one unit failed
     USAGE = 2  # usage, configuration or profile error: nothing was flashed
+    STATION_ERROR = 3  # the station failed (database, disk, a bug): see the units' reasons
+    SIGHUP = 129  # hung up: every running unit was aborted and recorded
+    SIGINT = 130  # Ctrl-C: every running unit was aborted and recorded
+    SIGTERM = 143  # terminated: every running unit was aborted and recorded
+
+
+SIGNAL_EXIT = {"SIGHUP": Exit.SIGHUP, "SIGINT": Exit.SIGINT, "SIGTERM": Exit.SIGTERM}
+
+
+class _StopOnSignal:
+    """SIGINT, SIGTERM and SIGHUP abort every running unit through the cancel path.
+
+    Each unit is then recorded as aborted at the step it was in, and the summary is
+    printed; a second signal while recording only says so: nothing is lost.
+    """
+
+    def __init__(self, cancel: threading.Event):
+        self.cancel = cancel
+        self.name: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for name in SIGNAL_EXIT:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.name is None:
+            self.name = signal.Signals(signum).name
+            _err(f"station flash: {self.name}: aborting every unit; recording, please wait")
+            self.cancel.set()
+        else:
+            _err("station flash: recording, please wait")
 
 
 def _err(msg: str) -> None:
@@ -141,21 +180,48 @@ def port_label(port: str) -> str:
     return port.rsplit("/", 1)[-1] if "://" in port else port
 
 
+WORDS = {"passed": "PASS", "failed": "FAIL", "aborted": "ABORT", "error": "ERROR", "interrupted": "INTR"}
+
+
 def _summary(results) -> None:
     print(f"{'port':<16} {'result':<7} {'serial':<18} {'mac':<18} {'time':>6}  failed step: message")
     for r in results:
-        word = {"passed": "PASS", "failed": "FAIL", "aborted": "ABORT"}[r.outcome]
         msg = "" if r.passed else f"{r.failed_step}: {r.error} -> {r.remedy}"
+        if r.note:
+            msg += f" [{r.note}]"
         total = sum(r.durations.values())
-        print(f"{port_label(r.port)[:16]:<16} {word:<7} {r.serial or '-':<18} {r.mac or '-':<18} "
-              f"{total:5.1f}s  {msg}")
+        print(f"{port_label(r.port)[:16]:<16} {WORDS.get(r.outcome, r.outcome):<7} {r.serial or '-':<18} "
+              f"{r.mac or '-':<18} {total:5.1f}s  {msg}")
     passed = sum(r.passed for r in results)
     print(f"{passed} of {len(results)} units passed")
+
+
+def _given_serials(args, ctx, ports) -> list[str] | str:
+    """The --serial values, trimmed and checked; a message when they cannot be used."""
+    from station.pipeline import clean_serial, serial_max_length
+
+    given = list(args.serial or [])
+    if not given:
+        return []
+    if len(given) != len(ports):
+        return f"{len(given)} serials for {len(ports)} ports; give one per port"
+    limit = serial_max_length(ctx.profile)
+    serials = []
+    for text in given:
+        try:
+            serials.append(clean_serial(text, limit))
+        except ValueError as exc:
+            return f"--serial {text!r}: {exc}"
+    dupes = sorted({s for s in serials if serials.count(s) > 1})
+    if dupes:
+        return f"serial {', '.join(dupes)} given for more than one port; each board needs its own"
+    return serials
 
 
 def cmd_flash(args: argparse.Namespace, station=None) -> int:
     from station.config import ConfigError
     from station.pipeline import UnitJob
+    from station.record import RecordError
     from station.runner import open_station, run_units
 
     if not args.port and not args.virtual:
@@ -169,8 +235,16 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
         for p in problems or [exc]:
             _err(f"  {p}")
         return Exit.USAGE
-    bench = None
+    for a in ctx.record.settled:
+        _err(f"station flash: interrupted earlier: {a['port']} {a['mac']} serial {a['serial']} "
+             "(the station stopped mid-attempt; it is in the record as interrupted)")
     ports = list(args.port or [])
+    serials = _given_serials(args, ctx, ports + [None] * (args.virtual or 0))
+    if isinstance(serials, str):
+        _err(f"station flash: {serials}; nothing was flashed")
+        ctx.record.close()
+        return Exit.USAGE
+    bench = None
     if args.virtual:
         from flashing.virtual.bench import VirtualBench
 
@@ -180,22 +254,28 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
         ports += [slot.url for slot in bench.slots]
-    serials = list(args.serial or [])
-    if serials and len(serials) != len(ports):
-        _err(f"station flash: {len(serials)} serials for {len(ports)} ports; give one per port")
-        return Exit.USAGE
     jobs = [UnitJob(port, serials[i] if serials else None, args.rework,
                     args.operator or ctx.station.operator, args.lot or ctx.station.lot)
             for i, port in enumerate(ports)]
     emit = _JsonLines() if args.json else _HumanProgress()
+    cancel = threading.Event()
     try:
-        results = run_units(jobs, ctx, emit)
+        with _StopOnSignal(cancel) as stop:
+            results = run_units(jobs, ctx, emit, cancel)
+    except RecordError as exc:
+        _err(f"station flash: {exc.message} -> {exc.remedy}")
+        return Exit.STATION_ERROR
     finally:
         if bench:
             bench.close()
+        ctx.record.release_session()
         ctx.record.close()
     if not args.json:
         _summary(results)
+    if stop.name:
+        return SIGNAL_EXIT[stop.name]
+    if any(r.outcome == "error" for r in results):
+        return Exit.STATION_ERROR
     return Exit.OK if all(r.passed for r in results) else Exit.UNIT_FAILED
 
 
@@ -223,10 +303,10 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
 
 def _open_record(args) -> tuple:
     from station.config import StationConfig
-    from station.record import Record
+    from station.runner import open_record
 
     station = StationConfig.load(args.config)
-    return station, Record(args.db or station.database)
+    return station, open_record(station, args.db)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

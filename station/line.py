@@ -19,6 +19,8 @@ from typing import Callable
 from flashing.ports import present
 
 from .events import Event, LogLine, Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
+from .record import RecordError
+from .runner import min_free_mb
 from .pipeline import StationContext, UnitJob, provision_unit
 
 NEXT_ACTION = {
@@ -37,7 +39,7 @@ NEXT_ACTION = {
 class Slot:
     index: int
     port: str
-    status: str = "empty"  # empty | waiting | running | passed | failed | aborted
+    status: str = "empty"  # empty | waiting | running | passed | failed | aborted | error
     step: str = ""
     mac: str | None = None
     chip: str | None = None
@@ -80,6 +82,8 @@ class Slot:
             return "swap in the next board" if r else ""
         if r.outcome == "aborted":
             return "put the board back to run it again"
+        if r.outcome == "error":  # the station's fault: the record's remedy says who acts
+            return r.remedy or "call the station's engineer"
         return NEXT_ACTION.get(r.failed_step or "", "retry")
 
 
@@ -94,6 +98,7 @@ class Line:
         self.operator = operator
         self.lot = lot or ctx.station.lot or ctx.profile.lot
         self.paused = False
+        self.refusal: str | None = None  # why units may not start (shown in the header)
         self.lock = threading.Lock()
         self.passed = 0
         self.failed = 0
@@ -129,7 +134,7 @@ class Line:
             here = present(slot.port)
             if here and not slot.present:
                 slot.present = True
-                if slot.status in ("empty", "passed", "failed", "aborted"):
+                if slot.status in ("empty", "passed", "failed", "aborted", "error"):
                     self._reset(slot, "waiting")
                 self.on_change(slot.index)
             elif not here and slot.present:
@@ -139,9 +144,22 @@ class Line:
                 elif slot.status == "waiting":
                     slot.status = "empty"
                 self.on_change(slot.index)
-            if slot.status == "waiting" and slot.present and not self.paused:
+            if slot.status == "waiting" and slot.present and not self.paused and not self.blocked():
                 if not self.labels_needed or slot.scanned:
                     self.start(slot.index)
+
+    def blocked(self) -> str | None:
+        """Why no unit may start now (the record's disk is nearly full), else None."""
+        try:
+            self.ctx.record.check_free_space(min_free_mb(self.ctx.station))
+        except RecordError as exc:
+            if self.refusal != exc.message:
+                self.refusal = exc.message
+                for slot in self.slots:
+                    self.on_change(slot.index)
+            return exc.message
+        self.refusal = None
+        return None
 
     def _reset(self, slot: Slot, status: str) -> None:
         slot.status, slot.step, slot.result = status, "", None
@@ -169,7 +187,7 @@ class Line:
 
     def retry(self, index: int) -> bool:
         slot = self.slots[index]
-        if slot.status not in ("failed", "aborted") or not present(slot.port):
+        if slot.status not in ("failed", "aborted", "error") or not present(slot.port):
             return False
         if self.labels_needed and slot.result and slot.result.serial:
             slot.scanned = slot.result.serial

@@ -1,34 +1,36 @@
 """The pipeline of one unit: the one function the CLI, the screen and the tests call.
 
-connect -> identify -> guard duplicates -> assign serial -> build config partition
--> flash -> boot check -> record. Every step's duration is recorded; a failure stops
-the unit with a message naming the step and what to do, and the unit is recorded as
-failed with that reason. Nothing here branches on virtual or real boards.
+The steps are declared once, as data (`STEPS`): each a plain function over the unit's
+`UnitRun`, run in order; the screen and the tests take the order from there.
+`provision_unit` holds the loop, the one error branch and the record that always runs.
+
+The record is written ahead of the board (station/record.py): the `serial` step commits
+the attempt as started and reserves the unit's serial before anything is written to the
+board's flash; if that commit fails, the unit ends before flashing and the board is
+untouched. Every step's duration is recorded; a failure stops the unit with a message
+naming the step and what to do. Nothing here branches on virtual or real boards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
+from typing import Callable
 
-import hmac
-
+from flashing.errors import UnitError
 from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, new_keys, read_partition
-from flashing.session import SessionError, UnitSession, flash_size_bytes
+from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, flash_size_bytes
 
 from .config import StationConfig
 from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult
 from .profile import Profile
-from .record import Attempt, Record, RecordError, fingerprint, now_iso
-from .smoke import FactoryAccounts, SmokeFailure, healthcheck, make_reach, pair_and_wait, soak
-
-STEPS = ("connect", "identify", "guard", "serial", "config", "flash", "boot", "smoke", "record")
+from .record import Attempt, Outcome, Record, SerialPlan, fingerprint, now_iso
+from .smoke import FactoryAccounts, healthcheck, make_reach, pair_and_wait, soak
 
 
 @dataclass(frozen=True)
@@ -65,14 +67,15 @@ class StationContext:
         return self._pool
 
 
-class StepFailure(Exception):
-    def __init__(self, message: str, remedy: str, detail: str | None = None):
-        super().__init__(message)
-        self.message, self.remedy, self.detail = message, remedy, detail
+class StepFailure(UnitError):
+    """The board failed a step (or is not the board this profile is for)."""
 
 
 class Aborted(Exception):
-    pass
+    """The operator (or a signal) asked the unit to stop."""
+
+
+ABORTED_TEXT = ("aborted by the operator", "put the board back and start it again")
 
 
 def device_id_from_mac(mac: bytes) -> str:
@@ -88,6 +91,30 @@ def render_serial(pattern: str, seq: int | None, when: datetime) -> str:
     return pattern.format(seq=seq, **values)
 
 
+def counter_max(pattern: str) -> int:
+    """The counter's last value: what the pattern's zero-padded width holds, else 10**9 - 1."""
+    spec = pattern.split("{seq", 1)[1].split("}", 1)[0] if "{seq" in pattern else ""
+    digits = spec.lstrip(":").lstrip("0")
+    return 10 ** int(digits) - 1 if spec.startswith(":0") and digits.isdigit() else 10 ** 9 - 1
+
+
+def serial_max_length(profile: Profile) -> int | None:
+    """The config key's limit on the unit's serial (None: no serial key, no limit)."""
+    return next((k.max_length for k in profile.keys if k.unit == "serial"), None)
+
+
+def clean_serial(text: str, max_length: int | None = None) -> str:
+    """A serial from a label or the command line, trimmed; ValueError says what is wrong with it."""
+    serial = text.strip()
+    if not serial:
+        raise ValueError("empty serial")
+    if any(not c.isprintable() or c.isspace() for c in serial):
+        raise ValueError("a serial has no spaces or control characters")
+    if max_length is not None and len(serial.encode()) > max_length:
+        raise ValueError(f"{len(serial.encode())} bytes; the profile's serial key holds {max_length}")
+    return serial
+
+
 class _UnitSink:
     """esptool's progress and messages for this unit, turned into events."""
 
@@ -98,6 +125,10 @@ class _UnitSink:
         self.size = 0
         self.total = 0
         self._last = 0.0
+
+    def on_region(self, name: str, done: int, size: int, total: int) -> None:
+        self.region, self.base, self.size, self.total = name, done, size, total
+        self.emit(Progress(self.port, "flash", done, total, name))
 
     def progress(self, done: int, total: int) -> None:
         now = time.monotonic()
@@ -111,6 +142,146 @@ class _UnitSink:
         self.emit(LogLine(self.port, "esptool", text))
 
 
+@dataclass
+class UnitRun:
+    """Everything one unit's run knows so far; the steps read and fill it in."""
+
+    job: UnitJob
+    ctx: StationContext
+    emit: Emit
+    cancel: threading.Event
+    attempt: Attempt
+    session: UnitSession
+    sink: _UnitSink
+    mac: bytes = b""
+    started: bool = False  # the record holds this attempt as started (write-ahead committed)
+    info: ChipIdentity | None = None
+    config_image: bytes | None = None
+    keys_image: bytes | None = None
+    boot_log: BootLog | None = None
+
+    @property
+    def port(self) -> str:
+        return self.job.port
+
+
+# -- the steps ---------------------------------------------------------------------------------
+
+def connect(run: UnitRun) -> None:
+    run.session.open()
+    ident = run.session.connect(run.ctx.profile.chip)
+    run.attempt.chip = ident.chip
+    if ident.secure_download:
+        raise StepFailure("the board is in Secure Download Mode: its flash cannot be read back or verified",
+                          "set it aside for the secured-device process")
+    run.mac = ident.mac
+    run.attempt.mac = ":".join(f"{b:02x}" for b in ident.mac)
+    run.attempt.device_id = device_id_from_mac(ident.mac)
+    run.emit(UnitInfo(run.port, run.attempt.mac, run.attempt.chip))
+
+
+def identify(run: UnitRun) -> None:
+    profile = run.ctx.profile
+    run.info, run.attempt.baud = _prepare_at_best_rate(run.session, run.ctx, run.port, run.emit)
+    need = profile.needed_flash()
+    have = flash_size_bytes(run.info.flash_size)
+    if have and have < need:
+        raise StepFailure(f"the board has {run.info.flash_size} of flash; the firmware needs "
+                          f"{need // (1024 * 1024) or 1}MB",
+                          "set it aside: it carries the wrong module for this product")
+
+
+def guard(run: UnitRun) -> None:
+    if run.job.rework:
+        return
+    prior = run.ctx.record.passed_unit(mac=run.attempt.mac)
+    if prior:
+        raise StepFailure(f"this board ({run.attempt.mac}) already passed as {prior['serial']}",
+                          "put it with the finished units, or re-provision it on purpose (--rework)")
+
+
+def reserve_serial(run: UnitRun) -> None:
+    """The write-ahead commit: the serial is reserved and the attempt recorded as started."""
+    profile, now = run.ctx.profile, datetime.now()
+    if run.job.serial:
+        plan = SerialPlan(given=run.job.serial)
+    elif profile.serial_pattern:
+        pattern = profile.serial_pattern
+        plan = SerialPlan(counter=f"{profile.name}:{render_serial(pattern, None, now)}",
+                          render=lambda seq: render_serial(pattern, seq, now), max_value=counter_max(pattern))
+    else:
+        plan = SerialPlan()
+    run.ctx.record.start(run.attempt, plan)
+    run.started = True
+    run.emit(UnitInfo(run.port, serial=run.attempt.serial))
+
+
+def build_config(run: UnitRun) -> None:
+    run.config_image, run.keys_image, _ = _build_config(run.ctx, run.attempt)
+
+
+def flash(run: UnitRun) -> None:
+    profile = run.ctx.profile
+    regions = list(run.ctx.firmware)
+    if run.config_image is not None:
+        regions.append(("config", profile.config_slot().offset, run.config_image))
+    if run.keys_image is not None:
+        kslot = next(p for p in profile.partitions if p.name == profile.keys_partition)
+        regions.append(("nvs_keys", kslot.offset, run.keys_image))
+    run.attempt.written_regions = run.session.write_regions(regions, run.sink.on_region)
+
+
+def boot(run: UnitRun) -> None:
+    profile = run.ctx.profile
+    log = run.session.boot(profile.checks.boot_timeout_s, profile.checks.boot_settle_s)
+    run.boot_log = log
+    for line in log.text.splitlines():
+        run.emit(LogLine(run.port, "boot", line))
+    problem = log.problem()
+    if problem:
+        raise StepFailure(problem, "replace the board if a retry fails the same way", log.text[-2000:])
+    run.attempt.firmware_version = log.version
+    want = profile.firmware_version()
+    if want and log.version and log.version != want:
+        raise StepFailure(f"the board runs firmware {log.version}, the profile ships {want}",
+                          "retry; if it repeats, check the profile's app image")
+
+
+def smoke(run: UnitRun) -> None:
+    level = run.ctx.smoke_level or run.ctx.profile.checks.smoke
+    _smoke(level, run.ctx, run.session, run.boot_log, run.mac, run.attempt, run.config_image)
+
+
+def _boot_on(run: UnitRun) -> bool:
+    return run.ctx.profile.checks.boot
+
+
+def _smoke_on(run: UnitRun) -> bool:
+    level = run.ctx.smoke_level or run.ctx.profile.checks.smoke
+    return _boot_on(run) and level != "none" and run.ctx.profile.device_class != "other"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[UnitRun], None]
+    when: Callable[[UnitRun], bool] = lambda run: True
+
+
+STEPS: tuple[Step, ...] = (
+    Step("connect", connect),
+    Step("identify", identify),
+    Step("guard", guard),
+    Step("serial", reserve_serial),  # write-ahead: nothing irreversible before this commit
+    Step("config", build_config),
+    Step("flash", flash),
+    Step("boot", boot, _boot_on),
+    Step("smoke", smoke, _smoke_on),
+)
+# every step a unit's durations can name, in order: the record is always the last
+STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS) + ("record",)
+
+
 def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                    cancel: threading.Event | None = None) -> UnitResult:
     """Provision the board on `job.port` once; never raises for a unit's failure."""
@@ -119,12 +290,11 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
     attempt = Attempt(port=job.port, station_id=ctx.station.station_id, profile=profile.name,
                       profile_hash=profile.content_hash, started_at=now_iso(),
                       operator=job.operator, lot=job.lot or ctx.station.lot or profile.lot,
-                      rework=job.rework,
-                      firmware_hashes=profile.firmware_hashes(), baud=profile.baud)
+                      rework=job.rework, firmware_hashes=profile.firmware_hashes(), baud=profile.baud)
     sink = _UnitSink(job.port, emit)
     session = UnitSession(job.port, sink, cancelled=cancel.is_set)
-    current = {"step": "connect"}
-    note = None
+    run = UnitRun(job, ctx, emit, cancel, attempt, session, sink)
+    current = STEPS[0].name
     watcher_stop = threading.Event()
 
     def watch_cancel() -> None:
@@ -134,144 +304,60 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                 session.close()
                 return
 
-    threading.Thread(target=watch_cancel, daemon=True).start()
-
-    @contextmanager
-    def step(name: str) -> Iterator[None]:
-        if cancel.is_set():
-            raise Aborted()
-        current["step"] = name
-        emit(StepStarted(job.port, name))
-        t = time.monotonic()
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            seconds = round(time.monotonic() - t, 3)
-            attempt.durations[name] = seconds
-            emit(StepFinished(job.port, name, seconds, ok))
-
+    watcher = threading.Thread(target=watch_cancel, daemon=True, name=f"unit-cancel-{job.port}")
+    watcher.start()
     try:
-        with step("connect"):
-            session.open()
-            ident = session.connect(profile.chip)
-            attempt.chip = ident.chip
-            if ident.secure_download:
-                raise StepFailure("the board is in Secure Download Mode: its flash cannot be read back "
-                                  "or verified", "set it aside for the secured-device process")
-        mac = ident.mac
-        attempt.mac = ":".join(f"{b:02x}" for b in mac)
-        attempt.device_id = device_id_from_mac(mac)
-        emit(UnitInfo(job.port, attempt.mac, attempt.chip))
-        with step("identify"):
-            info, attempt.baud = _prepare_at_best_rate(session, ctx, job.port, emit)
-            need = profile.needed_flash()
-            have = flash_size_bytes(info.flash_size)
-            if have and have < need:
-                raise StepFailure(f"the board has {info.flash_size} of flash; the firmware needs "
-                                  f"{need // (1024 * 1024) or 1}MB",
-                                  "set it aside: it carries the wrong module for this product")
-        with step("guard"):
-            if not job.rework:
-                prior = ctx.record.passed_unit(mac=attempt.mac)
-                if prior:
-                    raise StepFailure(f"this board ({attempt.mac}) already passed as {prior['serial']}",
-                                      "put it with the finished units, or re-provision it on purpose (--rework)")
-        with step("serial"):
-            attempt.serial = _assign_serial(job, ctx, attempt.mac)
-        emit(UnitInfo(job.port, serial=attempt.serial))
-        with step("config"):
-            image, keys_image, values = _build_config(ctx, attempt)
-        with step("flash"):
-            regions = [(name, off, data) for name, off, data in ctx.firmware]
-            if image is not None:
-                slot = profile.config_slot()
-                regions.append(("config", slot.offset, image))
-            if keys_image is not None:
-                kslot = next(p for p in profile.partitions if p.name == profile.keys_partition)
-                regions.append(("nvs_keys", kslot.offset, keys_image))
-            sink.total = sum(len(d) for _, _, d in regions)
-            for name, offset, data in regions:
-                sink.region, sink.size = name, len(data)
-                # fast rework: a region whose MD5 on the board already matches is not rewritten
-                if session.region_md5(offset, len(data)) != hashlib.md5(data).hexdigest():
-                    session.write(offset, data)
-                    attempt.written_regions.append(name)
-                sink.base += len(data)
-                emit(Progress(job.port, "flash", sink.base, sink.total, name))
-            emit(Progress(job.port, "flash", sink.total, sink.total, ""))
-        if profile.checks.boot:
-            with step("boot"):
-                log = session.boot(profile.checks.boot_timeout_s, profile.checks.boot_settle_s)
-                for line in log.text.splitlines():
-                    emit(LogLine(job.port, "boot", line))
-                problem = log.problem()
-                if problem:
-                    raise StepFailure(problem, "replace the board if a retry fails the same way",
-                                      log.text[-2000:])
-                attempt.firmware_version = log.version
-                want = profile.firmware_version()
-                if want and log.version and log.version != want:
-                    raise StepFailure(f"the board runs firmware {log.version}, the profile ships {want}",
-                                      "retry; if it repeats, check the profile's app image")
-            level = ctx.smoke_level or profile.checks.smoke
-            if level != "none" and profile.device_class != "other":
-                with step("smoke"):
-                    _smoke(level, ctx, session, log, mac, attempt, image)
-        attempt.outcome = "passed"
-    except Aborted:
-        attempt.outcome, attempt.failed_step = "aborted", current["step"]
-        attempt.error, attempt.remedy = "aborted by the operator", "put the board back and start it again"
-    except (StepFailure, SessionError, RecordError, SmokeFailure) as exc:
-        if cancel.is_set():
-            attempt.outcome = "aborted"
-            attempt.error, attempt.remedy = "aborted by the operator", "put the board back and start it again"
-        else:
-            attempt.error = getattr(exc, "message", str(exc))
-            attempt.remedy = exc.remedy
-            attempt.detail = getattr(exc, "detail", None)
-        attempt.failed_step = current["step"]
-    except Exception as exc:  # a bug must not take the other ports down
-        attempt.failed_step = current["step"]
-        attempt.error = f"unexpected error: {exc!r}"
-        attempt.remedy = "retry; if it repeats, report it to the station's engineers"
+        for step in STEPS:
+            if not step.when(run):
+                continue
+            if cancel.is_set():
+                raise Aborted()
+            current = step.name
+            emit(StepStarted(job.port, current))
+            t, ok = time.monotonic(), False
+            try:
+                step.run(run)
+                ok = True
+            finally:
+                seconds = round(time.monotonic() - t, 3)
+                attempt.durations[current] = seconds
+                emit(StepFinished(job.port, current, seconds, ok))
+        attempt.outcome = Outcome.PASSED
+    except BaseException as exc:  # the one error branch: every way a unit can end
+        attempt.failed_step = current
+        attempt.outcome, attempt.error, attempt.remedy, attempt.detail = _how_it_ended(exc, cancel)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt/SystemExit in a worker: recorded below by the finally
     finally:
         watcher_stop.set()
         session.close()
-    attempt.ended_at = now_iso()
-    t = time.monotonic()
-    attempt_id = ctx.record.add_attempt(attempt)
-    attempt.durations["record"] = round(time.monotonic() - t, 3)
-    if attempt_id is None:
-        note = (f"the database was locked: this attempt is kept in {ctx.record.spool.name} "
-                "and added on the next start")
+        watcher.join(1.0)
+        if attempt.outcome == Outcome.STARTED:  # a BaseException escaped the branch above
+            attempt.outcome, attempt.error, attempt.remedy = Outcome.ABORTED, *ABORTED_TEXT
+        attempt.ended_at = now_iso()
+        t = time.monotonic()
+        written = ctx.record.finish(attempt) if run.started else ctx.record.add(attempt)
+        attempt.durations["record"] = round(time.monotonic() - t, 3)
     result = UnitResult(
-        port=job.port, outcome=attempt.outcome, failed_step=attempt.failed_step, error=attempt.error,
+        port=job.port, outcome=str(attempt.outcome), failed_step=attempt.failed_step, error=attempt.error,
         remedy=attempt.remedy, mac=attempt.mac, serial=attempt.serial, device_id=attempt.device_id,
         chip=attempt.chip, firmware_version=attempt.firmware_version, durations=dict(attempt.durations),
-        attempt_id=attempt_id, written_regions=tuple(attempt.written_regions), note=note)
+        attempt_id=written.attempt_id, written_regions=tuple(attempt.written_regions), note=written.note)
     emit(UnitFinished(job.port, result))
     return result
 
 
-def _assign_serial(job: UnitJob, ctx: StationContext, mac: str) -> str:
-    record, profile = ctx.record, ctx.profile
-    if job.serial:
-        serial = job.serial
-        if record.serial_taken(serial, mac):
-            raise StepFailure(f"serial {serial} already belongs to another board",
-                              "scan the label of this board, or print a new one")
-        return serial
-    existing = record.unit_by_mac(mac)
-    if existing and existing["serial"]:
-        return existing["serial"]  # a retried or reworked board keeps its serial
-    if not profile.serial_pattern:
-        raise StepFailure("this profile takes serials from labels and none was given",
-                          "scan the board's label (or pass --serial)")
-    now = datetime.now()
-    counter = f"{profile.name}:{render_serial(profile.serial_pattern, None, now)}"
-    return render_serial(profile.serial_pattern, record.next_counter(counter), now)
+def _how_it_ended(exc: BaseException, cancel: threading.Event) -> tuple[Outcome, str, str, str | None]:
+    """Outcome, message, remedy and detail for a unit that stopped with `exc`."""
+    if isinstance(exc, UnitError) and exc.station_fault:
+        return Outcome.ERROR, exc.message, exc.remedy, exc.detail  # even during an abort: say so
+    if isinstance(exc, Aborted) or cancel.is_set() or not isinstance(exc, Exception):
+        return Outcome.ABORTED, *ABORTED_TEXT, None
+    if isinstance(exc, UnitError):
+        return Outcome.FAILED, exc.message, exc.remedy, exc.detail
+    # a bug must not take the other ports down, nor be charged to the board
+    return (Outcome.ERROR, f"station error: {exc!r}",
+            "call the station's engineer; the board can be retried", None)
 
 
 def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, bytes | None, dict]:

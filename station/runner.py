@@ -33,12 +33,26 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
         missing = accounts.missing(station.smoke)
         if missing:
             raise ConfigError(f"smoke level 'pair' needs {' and '.join(missing)} in the environment")
+    key = station_key(station.key_file)
     try:
-        record = Record(db or station.database)
+        record = open_record(station, db, key)
     except Exception as exc:
         raise ConfigError(f"cannot open the station database {db or station.database}: {exc}") from None
-    return StationContext(station, prof, secrets, record, station_key(station.key_file),
-                          smoke_level=smoke, accounts=accounts)
+    return StationContext(station, prof, secrets, record, key, smoke_level=smoke, accounts=accounts)
+
+
+def open_record(station: StationConfig, db: Path | None = None, key: bytes | None = None) -> Record:
+    """The station's record, with its spool where station.toml says (else beside the database).
+
+    Opening it replays the spool and settles attempts of stations that were killed.
+    """
+    path = db or station.database
+    spool = getattr(station, "spool_path", None) if db is None else None
+    return Record(path, key if key is not None else station_key(station.key_file), spool)
+
+
+def min_free_mb(station: StationConfig) -> float:
+    return float(getattr(station, "min_free_mb", 64))
 
 
 def run_units(jobs: list[UnitJob], ctx: StationContext, emit: Emit,
@@ -48,6 +62,7 @@ def run_units(jobs: list[UnitJob], ctx: StationContext, emit: Emit,
     The worker threads are kept for the context's next batch (a station runs batch after
     batch): their database connections and buffers are reused, so memory stays flat.
     """
+    ctx.record.check_free_space(min_free_mb(ctx.station))  # raises RecordError: no board touched
     pool = ctx.workers(len(jobs))
     futures = [pool.submit(provision_unit, job, ctx, emit, cancel) for job in jobs]
     return [f.result() for f in futures]

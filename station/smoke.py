@@ -23,15 +23,14 @@ from typing import Callable, Mapping
 from urllib.parse import urlencode
 
 from flashing.console import MQTT_REFUSED, BootLog, parse_boot_log
+from flashing.errors import UnitError
 from flashing.mqtt import CONNACK_CODES, Message, MqttClient, MqttError
 
 from .config import SmokeDefaults
 
 
-class SmokeFailure(Exception):
-    def __init__(self, message: str, remedy: str, detail: str | None = None):
-        super().__init__(message)
-        self.message, self.remedy, self.detail = message, remedy, detail
+class SmokeFailure(UnitError):
+    """The device failed its smoke test (pairing server, broker login, a crash after boot)."""
 
 
 @dataclass(frozen=True)

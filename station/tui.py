@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 from typing import Callable
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -25,7 +26,7 @@ from .line import Line, Slot
 from .pipeline import StationContext
 
 STATUS_WORD = {"empty": "NO BOARD", "waiting": "READY", "running": "WORKING", "passed": "PASS",
-               "failed": "FAIL", "aborted": "ABORTED"}
+               "failed": "FAIL", "aborted": "ABORTED", "error": "STATION ERROR"}
 
 
 class SlotChanged(Message):
@@ -85,9 +86,9 @@ class SlotCard(Vertical):
             self.query_one(".rate", Static).update(rate)
         self.query_one(".outcome", Static).update(STATUS_WORD[slot.status])
         action = ""
-        if slot.status in ("failed", "aborted") and compact:  # one line: what to do; the reason is in the log
+        if slot.status in ("failed", "aborted", "error") and compact:  # one line: what to do; the reason is in the log
             action = f"→ {slot.action}"
-        elif slot.status in ("failed", "aborted"):
+        elif slot.status in ("failed", "aborted", "error"):
             action = f"{slot.reason}\n→ {slot.action}"
         elif slot.status == "passed":
             action = f"→ {slot.action}"
@@ -182,6 +183,7 @@ class StationApp(App):
     .card.passed .outcome { background: green; color: white; }
     .card.failed .outcome { background: red; color: white; }
     .card.aborted .outcome { background: darkorange; color: black; }
+    .card.error .outcome { background: magenta; color: white; }
     .card.running .outcome { background: $warning-darken-2; color: black; }
     .card.failed { border: round red; }
     .card.passed { border: round green; }
@@ -245,6 +247,12 @@ class StationApp(App):
         self.set_interval(self.poll_interval, self._poll)
         self.set_interval(1.0, self._tick)
         self.scan_field.focus()
+        interrupted = self.line.ctx.record.unsettled_interrupted()
+        if interrupted:  # boards that may hold a serial from a run the station did not finish
+            who = ", ".join(f"{a['serial']} ({a['mac']})" for a in interrupted[:5])
+            more = f" and {len(interrupted) - 5} more" if len(interrupted) > 5 else ""
+            self.notify(f"{len(interrupted)} unit(s) were interrupted: {who}{more}. Put each back on the "
+                        "line: a new attempt keeps its serial.", severity="warning", timeout=30, markup=False)
         if self.ask_operator:
             self.push_screen(TextPrompt("Operator: type your name or scan your badge"), self._set_operator)
 
@@ -302,7 +310,8 @@ class StationApp(App):
             f"{prof.content_hash[:8]}   station [b]{line.ctx.station.station_id}[/b] · operator "
             f"[b]{line.operator or '-'}[/b] · lot [b]{line.lot or '-'}[/b]{paused}\n"
             f"[green]PASS {line.passed}[/green]  [red]FAIL {line.failed}[/red]  yield {y}  "
-            f"{line.units_per_hour:.0f} units/h  cycle {cyc}")
+            f"{line.units_per_hour:.0f} units/h  cycle {cyc}"
+            + (f"  [reverse red] NOT STARTING UNITS: {escape(line.refusal)} [/]" if line.refusal else ""))
 
     def _poll(self) -> None:
         self.line.poll()

@@ -71,8 +71,10 @@ def _rows(n: int, station: str = "test-station"):
 
 @pytest.mark.parametrize("tamper,first", [
     ("update attempts set error = 'x' where id = 3", "attempt 3 was edited"),
-    ("delete from attempts where id = 3", "attempt 4 does not follow"),
-    ("update attempts set id = 99 where id = 2", "attempt 3 does not follow"),
+    ("delete from attempts where id = 3", "attempt 3 was deleted"),
+    ("update attempts set id = 99 where id = 2", "attempt 99 was edited"),
+    ("delete from journal where id = 3", "journal entry 4 does not follow"),
+    ("update journal set body = replace(body, 'S-3', 'S-9') where id = 4", "journal entry 4 was edited"),
 ])
 def test_db_verify_names_the_first_tampered_row(station_env, capsys, tamper, first):
     record = Record(station_env / "station.db")

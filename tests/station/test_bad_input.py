@@ -133,22 +133,27 @@ def test_board_that_boots_its_app_instead_of_download_mode(station_env, capsys):
         assert "BOOT/IO0" in bad["remedy"]
 
 
-def test_locked_database_keeps_the_result_in_the_spool(station_env, capsys):
+def test_locked_database_fails_the_unit_before_flashing_and_spools_the_result(station_env, capsys):
     import sqlite3
+
+    from station.config import StationConfig
+    from station.runner import open_record
 
     Record(station_env / "station.db").close()
     holder = sqlite3.connect(station_env / "station.db")
     holder.execute("BEGIN EXCLUSIVE")
     with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
-        from station import record as record_mod
-
         rc, out, _ = run_station(capsys, "flash", "--port", bench[0].url, "--json")
+        # the write-ahead commit failed: nothing was written to the board
+        assert set(bench[0].device.flash.read(0, 0x400000)) == {0xFF}
     res = finished(out)[bench[0].url]
-    assert rc == 1 and res["failed_step"] == "serial"
+    assert rc == 3 and res["outcome"] == "error" and res["failed_step"] == "serial"
     assert "database is locked" in res["error"] and "close the other program" in res["remedy"]
     assert "spool" in res["note"]
     holder.rollback()
     holder.close()
-    record = record_mod.Record(station_env / "station.db")  # replays the spool on open
+    record = open_record(StationConfig.load(station_env / "station.toml"))  # replays the spool on open
     rows = record.attempts()
-    assert len(rows) == 1 and rows[0]["failed_step"] == "serial" and not record.spool.exists()
+    assert len(rows) == 1 and rows[0]["failed_step"] == "serial" and rows[0]["outcome"] == "error"
+    assert not record.spool.exists() and record.replayed == 1
+    assert record.verify_chain() == []
