@@ -167,8 +167,8 @@ def esptool_output(sink: EsptoolSink | None) -> Iterator[None]:
 NO_RESET_SCHEMES = ("socket://", "loop://")
 
 # esptool's words for packets garbled or lost on the wire
-LINK_TROUBLE = re.compile(r"checksum|Invalid head of packet|Timed out waiting for packet|"
-                          r"Serial data stream stopped|corrupt", re.I)
+LINK_TROUBLE = re.compile(r"checksum|Bad data|Invalid head of packet|Timed out waiting for packet|"
+                          r"Serial data stream stopped|Packet content transfer stopped|corrupt", re.I)
 
 
 class SessionError(UnitError):
@@ -411,6 +411,10 @@ class UnitSession:
             with esptool_output(self.sink):
                 return self.esp.flash_md5sum(offset, size)
         except FatalError as exc:
+            if LINK_TROUBLE.search(str(exc)):  # garbled or lost packets: the cable, not the board
+                raise SessionError("the MD5 check failed: the serial link garbled or lost data",
+                                   "check the USB cable and the fixture's contacts, then retry",
+                                   str(exc), link=True) from None
             raise SessionError("the board did not answer an MD5 check", "retry; replace the board if it repeats",
                                str(exc), link=True) from None
         except (serial.SerialException, OSError) as exc:

@@ -274,7 +274,7 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
         _summary(results)
     if stop.name:
         return SIGNAL_EXIT[stop.name]
-    if any(r.outcome == "error" for r in results):
+    if any(r.outcome == "error" or r.recorded == "lost" for r in results):
         return Exit.STATION_ERROR
     return Exit.OK if all(r.passed for r in results) else Exit.UNIT_FAILED
 
@@ -301,12 +301,12 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
-def _open_record(args) -> tuple:
+def _open_record(args, replay: bool = True) -> tuple:
     from station.config import StationConfig
     from station.runner import open_record
 
     station = StationConfig.load(args.config)
-    return station, open_record(station, args.db)
+    return station, open_record(station, args.db, replay=replay)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -360,15 +360,23 @@ def cmd_db_verify(args: argparse.Namespace) -> int:
     from station.config import ConfigError
 
     try:
-        _, record = _open_record(args)
+        _, record = _open_record(args, replay=False)  # a spool is reported here, never applied
     except ConfigError as exc:
         _err(f"station db verify: {exc}")
         return Exit.USAGE
+    for a in record.settled:
+        print(f"settled as interrupted: attempt {a['id']} ({a['mac']}, serial {a['serial']})")
     problems = record.verify_chain()
+    good, bad = record.spool_report()
     for p in problems:
         print(p)
-    if problems:
-        _err("the record has been tampered with (see above)")
+    if good:
+        print(f"spool {record.spool}: {good} result(s) not yet in the database; the station adds them "
+              "the next time it runs (station flash, the screen, station export)")
+    for b in bad:
+        print(f"spool {record.spool}: {b}")
+    if problems or bad:
+        _err("the record has been tampered with or damaged (see above)")
         return Exit.UNIT_FAILED
     n = record.db().execute("select count(*) from attempts").fetchone()[0]
     print(f"the record is intact: {n} attempts, every station's chain verified")
@@ -461,10 +469,10 @@ def _demo_batch(args, station, db: Path) -> int:
     rc = cmd_flash(ns, station=station)
     if rc != Exit.USAGE:
         from station.audit import ExportFilter, export, signing_key
-        from station.record import Record
+        from station.runner import open_record
 
         out = db.with_name("demo-export.csv")
-        m = export(Record(db), out, "csv", ExportFilter(), station.station_id, signing_key(station.signing_key))
+        m = export(open_record(station, db), out, "csv", ExportFilter(), station.station_id, signing_key(station.signing_key))
         _err(f"the record is in {db}; {m['rows']} provisioned units exported to {out} (signed manifest "
              f"beside it: station export verify {out})")
     return rc
@@ -496,7 +504,8 @@ def _demo_screen(args, station, db: Path) -> int:
         finally:
             demo.stop()
             app.line.shutdown()
-    return Exit.OK
+            app.line.ctx.record.release_session()
+    return SIGNAL_EXIT[app.signalled] if app.signalled else Exit.OK
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -519,8 +528,12 @@ def cmd_tui(args: argparse.Namespace) -> int:
         return Exit.USAGE
     app = StationApp(ctx, ports, operator=args.operator,
                      open_profile=lambda name: open_station(name, args.config, args.db))
-    app.run()
-    return Exit.OK
+    try:
+        app.run()
+    finally:
+        app.line.shutdown()
+        app.line.ctx.record.release_session()
+    return SIGNAL_EXIT[app.signalled] if app.signalled else Exit.OK
 
 
 # -- parser ---------------------------------------------------------------------------------
@@ -567,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--since", help="ISO date or time: from then on")
     e.add_argument("--until", help="ISO date or time: before then")
     e.add_argument("--profile")
-    e.add_argument("--outcome", choices=["passed", "failed", "aborted", "any"],
+    e.add_argument("--outcome", choices=["passed", "failed", "aborted", "error", "interrupted", "started", "any"],
                    help="export attempts with this outcome (default: the provisioned units)")
     e.add_argument("--operator")
     e.add_argument("--station", help="station id")

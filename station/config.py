@@ -64,6 +64,8 @@ class StationConfig:
     secrets_file: Path = Path("var/secrets.enc")
     smoke: SmokeDefaults = field(default_factory=SmokeDefaults)
     source: Path | None = None
+    spool_path: Path = Path("var/station.db.spool")  # record finishes that could not be written
+    min_free_mb: int = 64  # no unit starts when the database's disk has less free space
 
     @classmethod
     def load(cls, path: Path | None = None) -> "StationConfig":
@@ -78,7 +80,7 @@ class StationConfig:
             raise ConfigError(f"{path}: {exc}") from None
         take(data, {"station_id", "database", "profiles_dir", "default_profile", "slots",
                     "ports", "operator", "lot", "admin_password_sha256", "key_file", "smoke",
-                    "signing_key", "secrets_file"},
+                    "signing_key", "secrets_file", "spool", "min_free_mb"},
              str(path))
         base = path.parent
         ports = take(data.get("ports", {}), {"usb"}, f"{path} [ports]")
@@ -88,12 +90,18 @@ class StationConfig:
         slots = data.get("slots", 4)
         if not isinstance(slots, int) or not 1 <= slots <= 64:
             raise ConfigError(f"{path}: slots must be a whole number from 1 to 64")
+        min_free = data.get("min_free_mb", 64)
+        if not isinstance(min_free, int) or isinstance(min_free, bool) or min_free < 0:
+            raise ConfigError(f"{path}: min_free_mb must be a whole number of megabytes, 0 or more")
+        database = base / data.get("database", "var/station.db")
         for vp in ports.get("usb", []):
             if not isinstance(vp, str) or len(vp.split(":")) != 2:
                 raise ConfigError(f"{path} [ports] usb: {vp!r} is not 'vid:pid' in hex")
         return cls(
             station_id=str(data.get("station_id", "station-1")),
-            database=base / data.get("database", "var/station.db"),
+            database=database,
+            spool_path=base / data["spool"] if "spool" in data else database.with_name(database.name + ".spool"),
+            min_free_mb=min_free,
             profiles_dir=base / data.get("profiles_dir", "profiles"),
             default_profile=str(data.get("default_profile", "relay")),
             slots=slots,

@@ -13,7 +13,7 @@ from typing import Callable, Union
 @dataclass(frozen=True)
 class UnitResult:
     port: str
-    outcome: str  # passed | failed | aborted
+    outcome: str  # passed | failed | aborted | error (the station's fault) — station.record.Outcome
     failed_step: str | None = None
     error: str | None = None
     remedy: str | None = None
@@ -26,6 +26,7 @@ class UnitResult:
     attempt_id: int | None = None
     written_regions: tuple[str, ...] = ()
     note: str | None = None
+    recorded: str = "database"  # where the attempt went: database | spool | lost
 
     @property
     def passed(self) -> bool:

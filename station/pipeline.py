@@ -338,11 +338,19 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         t = time.monotonic()
         written = ctx.record.finish(attempt) if run.started else ctx.record.add(attempt)
         attempt.durations["record"] = round(time.monotonic() - t, 3)
+    recorded = "database" if written.attempt_id is not None else "spool" if written.spooled else "lost"
+    if recorded == "lost" and run.started:
+        # the record holds it as started, so it shows as interrupted: say so now, at the line
+        attempt.outcome, attempt.failed_step = Outcome.ERROR, "record"
+        attempt.error = f"the unit's result could not be recorded ({written.problem})"
+        attempt.remedy = ("call the station's engineer; put this board aside: it shows as interrupted, "
+                          "with its serial, until it is run again")
     result = UnitResult(
         port=job.port, outcome=str(attempt.outcome), failed_step=attempt.failed_step, error=attempt.error,
         remedy=attempt.remedy, mac=attempt.mac, serial=attempt.serial, device_id=attempt.device_id,
         chip=attempt.chip, firmware_version=attempt.firmware_version, durations=dict(attempt.durations),
-        attempt_id=written.attempt_id, written_regions=tuple(attempt.written_regions), note=written.note)
+        attempt_id=written.attempt_id, written_regions=tuple(attempt.written_regions), note=written.note,
+        recorded=recorded)
     emit(UnitFinished(job.port, result))
     return result
 

@@ -261,7 +261,7 @@ class Record:
     """The station's SQLite record; one connection per thread, one writer at a time."""
 
     def __init__(self, path: Path | str, key: bytes | None = None, spool: Path | str | None = None,
-                 busy_timeout_s: float = 5.0):
+                 busy_timeout_s: float = 5.0, replay: bool = True):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.spool = Path(spool) if spool else self.path.with_name(self.path.name + ".spool")
@@ -281,7 +281,7 @@ class Record:
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         migrations.apply(db)
-        if self._spool_key is not None:
+        if replay and self._spool_key is not None:
             self.replay_spool()
         self.settled = self.settle_interrupted()
 
@@ -394,8 +394,7 @@ class Record:
                     a.error = ("interrupted: the station stopped (killed, crashed or lost power) during this "
                                f"attempt; the board may hold serial {a.serial} and the vendor's parameters")
                     a.remedy = "put the board back on the line: a new attempt keeps its serial"
-                    self._project(conn, a, "interrupted")
-                    settled.append(a.row())
+                    settled.append({**a.row(), "id": self._project(conn, a, "interrupted")})
             except sqlite3.Error:
                 break  # a locked or full database: the next open settles them
         return settled
@@ -587,6 +586,19 @@ class Record:
             return [line for line in self.spool.read_text("utf-8", "replace").splitlines() if line.strip()]
         except FileNotFoundError:
             return []
+
+    def spool_report(self) -> tuple[int, list[str]]:
+        """How many spool lines are authentic, and what is wrong with the others (nothing applied)."""
+        good, bad = 0, []
+        for n, line in enumerate(self.spool_lines(), 1):
+            try:
+                if self._spool_key is None:
+                    raise ValueError("cannot be checked without the station's key")
+                self._parse_spool_line(line)
+                good += 1
+            except (ValueError, KeyError, TypeError) as exc:
+                bad.append(f"line {n}: {exc}")
+        return good, bad
 
     def _parse_spool_line(self, line: str) -> tuple[str, Attempt]:
         outer = json.loads(line)

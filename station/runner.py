@@ -41,18 +41,20 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
     return StationContext(station, prof, secrets, record, key, smoke_level=smoke, accounts=accounts)
 
 
-def open_record(station: StationConfig, db: Path | None = None, key: bytes | None = None) -> Record:
+def open_record(station: StationConfig, db: Path | None = None, key: bytes | None = None,
+                replay: bool = True) -> Record:
     """The station's record, with its spool where station.toml says (else beside the database).
 
-    Opening it replays the spool and settles attempts of stations that were killed.
+    Opening it replays the spool (unless `replay` is off) and settles the attempts of
+    stations that were killed.
     """
     path = db or station.database
-    spool = getattr(station, "spool_path", None) if db is None else None
-    return Record(path, key if key is not None else station_key(station.key_file), spool)
+    spool = station.spool_path if db is None else None
+    return Record(path, key if key is not None else station_key(station.key_file), spool, replay=replay)
 
 
 def min_free_mb(station: StationConfig) -> float:
-    return float(getattr(station, "min_free_mb", 64))
+    return float(station.min_free_mb)
 
 
 def run_units(jobs: list[UnitJob], ctx: StationContext, emit: Emit,

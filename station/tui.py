@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from typing import Callable
 
 from rich.markup import escape
@@ -213,6 +214,7 @@ class StationApp(App):
                  open_profile: Callable[[str], StationContext] | None = None, poll_interval: float = 0.2):
         super().__init__()
         self.line = Line(ctx, ports, self._changed, operator=operator or "")
+        self.signalled: str | None = None  # the signal that ended the screen (SIGTERM, SIGHUP)
         self.ask_operator = operator is None
         self.open_profile = open_profile
         self.poll_interval = poll_interval
@@ -244,6 +246,8 @@ class StationApp(App):
         for slot in self.line.slots:
             self._show(slot.index)
         self._header()
+        if threading.current_thread() is threading.main_thread():
+            self.install_signal_handlers()
         self.set_interval(self.poll_interval, self._poll)
         self.set_interval(1.0, self._tick)
         self.scan_field.focus()
@@ -388,6 +392,21 @@ class StationApp(App):
             return
         self.notify(f"profile {self.line.ctx.profile.name}, lot {self.line.lot}")
         self._header()
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGHUP quit like Ctrl+Q answered "yes": running units are aborted and recorded."""
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, lambda name=sig.name: self.run_worker(self._quit_on_signal(name)))
+
+    async def _quit_on_signal(self, name: str) -> None:
+        self.signalled = name
+        self.line.shutdown()
+        while self.line.running():  # each aborted run records itself, then leaves "running"
+            await asyncio.sleep(0.05)
+        self.exit()
 
     @work
     async def action_quit_station(self) -> None:
