@@ -328,14 +328,17 @@ def test_a_damaged_or_forged_spool_line_is_set_aside_and_good_lines_go_in_once(t
         f.write(json.dumps(forged) + "\n")
         f.write(lines[2][: len(lines[2]) // 2] + "\n")  # a short write: power lost mid-line
     kept = record.spool.read_text()
+    entries = []
     for _ in range(3):  # every start replays what is there: never twice
         record.spool.write_text(kept)
         again = Record(db, key)
         assert not again.spool.exists()
         rows = again.attempts()
         assert sorted(r["serial"] for r in rows) == ["S-0", "S-1", "S-2"]
+        entries.append(again.db().execute("select count(*) from journal").fetchone()[0])
         assert again.verify_chain() == []
         again.close()
+    assert entries == [3, 3, 3]  # nothing recorded twice, not even in the journal
     rejected = [json.loads(x) for x in record.rejected.read_text().splitlines()]
     assert len(rejected) == 6 and all("line 4" in r["why"] or "line 5" in r["why"] for r in rejected)
     assert "authentication code does not match" in rejected[0]["why"]
