@@ -4,7 +4,8 @@ Timing model on at 921600, the example relay profile (~1 MB app) with the health
 smoke test, boards in a separate `station virtual --realtime` process, one station
 process driving every port. Prints per port count: aggregate throughput, mean
 whole-unit cycle, the cycle the timing model says is the minimum, units per hour,
-station CPU and peak memory. Then fast rework against a full flash of the same unit,
+station CPU and peak memory, and the record's time per unit (the write-ahead start
+commit in the serial step, the finish). Then fast rework against a full flash of the same unit,
 and (with --soak N) memory growth of the station process across N units.
 
     python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000]
@@ -83,7 +84,10 @@ def run_ports(n: int, tmp: Path) -> dict:
     return {"ports": n, "passed": len(passed), "wall": wall, "throughput": len(passed) * size / wall,
             "cycle": statistics.mean(cycles) if cycles else float("nan"), "uph": len(passed) / wall * 3600,
             "cpu": cpu, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "min_cycle": model_min_cycle(ctx)}
+            "min_cycle": model_min_cycle(ctx),
+            # the record's own steps: the write-ahead commit (serial) and the finish (record)
+            "serial_ms": 1000 * statistics.mean(r.durations["serial"] for r in passed) if passed else float("nan"),
+            "record_ms": 1000 * statistics.mean(r.durations["record"] for r in passed) if passed else float("nan")}
 
 
 FLASHING = ("connect", "identify", "flash")  # every step that talks the flashing protocol
@@ -171,13 +175,14 @@ def main() -> None:
         tmp = Path(tmp)
         rows = []
         print(f"{'ports':>5} {'passed':>6} {'MB/s':>6} {'cycle s':>8} {'model min s':>11} {'units/h':>8} "
-              f"{'CPU s':>6} {'peak MB':>8}", flush=True)
+              f"{'CPU s':>6} {'peak MB':>8} {'start ms':>8} {'finish ms':>9}", flush=True)
         for n in [int(x) for x in args.ports.split(",")]:
             (tmp / f"p{n}").mkdir()
             r = run_ports(n, tmp / f"p{n}")
             rows.append(r)
             print(f"{r['ports']:>5} {r['passed']:>6} {r['throughput'] / 1e6:>6.3f} {r['cycle']:>8.2f} "
-                  f"{r['min_cycle']:>11.2f} {r['uph']:>8.0f} {r['cpu']:>6.1f} {r['rss']:>8.1f}", flush=True)
+                  f"{r['min_cycle']:>11.2f} {r['uph']:>8.0f} {r['cpu']:>6.1f} {r['rss']:>8.1f} "
+                  f"{r['serial_ms']:>8.1f} {r['record_ms']:>9.1f}", flush=True)
         one = rows[0]["throughput"]
         for r in rows[1:]:
             print(f"  {r['ports']} ports: {r['throughput'] / (r['ports'] * one):.2f} x {r['ports']} x the 1-port "
