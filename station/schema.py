@@ -105,7 +105,7 @@ def read_text(path: Path, what: str) -> str:
         raise refuse(f"is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}; "
                      f"save the {what} as UTF-8") from None
     if not text.strip():  # a truncated or never-written file, not a choice of every default
-        raise refuse(f"is empty: write the {what}, or remove the file")
+        raise refuse(f"is empty: a {what} has at least one key")
     return text
 
 
@@ -144,7 +144,10 @@ _ADAPTERS: dict[Any, TypeAdapter] = {}
 
 
 def validate(schema: type[T], data: Any, file: str, prefix: str = "") -> tuple[T | None, list[Problem]]:
-    """The value, or None and every problem pydantic found (in one pass), in words of the line."""
+    """The value, or None and every problem pydantic found (in one pass), in words of the line.
+
+    `data` is what a TOML or JSON reader gave (a JSON object is called a table, as in TOML).
+    """
     adapter = _ADAPTERS.get(schema) or _ADAPTERS.setdefault(schema, TypeAdapter(schema))
     outside = [f.name for f in dataclasses.fields(schema) if f.metadata == NOT_IN_FILE]  # type: ignore[arg-type]
     if isinstance(data, dict) and any(k in data for k in outside):  # pydantic would take them: refuse here
@@ -200,8 +203,8 @@ def describe(value: Any) -> str:
 _KIND = {
     "string_type": "text in quotes", "int_type": "a whole number", "float_type": "a number",
     "bool_type": "true or false", "path_type": "a path in quotes", "list_type": "a list [ ... ]",
-    "tuple_type": "a list [ ... ]", "dict_type": "a table", "dataclass_type": "a table",
-    "model_type": "a table", "literal_error": "", "finite_number": "a finite number (not nan or inf)",
+    "tuple_type": "a list [ ... ]", "dict_type": "a table { ... }",
+    "dataclass_type": "a table { ... }", "model_type": "a table { ... }", "literal_error": "", "finite_number": "a finite number (not nan or inf)",
 }
 
 
