@@ -42,6 +42,7 @@ from flashing.nvs import INT_TYPES, MAX_STRING, NvsEntry, NvsError, build_partit
 from .schema import (
     SCHEMA,
     ConfigError,
+    FileName,
     Flag,
     Name,
     Offset,
@@ -136,7 +137,7 @@ class RegionEntry:
     """One entry of [firmware] regions."""
 
     offset: Offset
-    file: Name  # relative to the profile's folder
+    file: FileName  # relative to the profile's folder
     sha256: Sha256
     name: Name | None = None  # default: the file's stem
 
@@ -146,7 +147,7 @@ class FirmwareTable:
     """[firmware]: explicit regions, or an ESP-IDF build's flasher_args.json with a pin per file."""
 
     regions: tuple[RegionEntry, ...] | None = None
-    flasher_args: Name | None = None
+    flasher_args: FileName | None = None
     sha256: dict[Text, Sha256] = dataclasses.field(default_factory=dict)  # flasher_args: file -> SHA-256
 
     @model_validator(mode="after")
@@ -176,7 +177,7 @@ class SecretTable:
     """[secrets.NAME]: where a secret is read (never its value)."""
 
     env: Name | None = None
-    file: Name | None = None  # relative to the profile's folder
+    file: FileName | None = None  # relative to the profile's folder
     store: Name | None = None  # a name in the station's encrypted secrets file
     optional: Flag = False
 
@@ -237,7 +238,7 @@ class ProfileFile:
 
 @schema(frozen=True, config=ConfigDict(extra="ignore"))  # ESP-IDF's file: its other keys are esptool's
 class FlasherArgs:
-    flash_files: Annotated[dict[Offset, Name], Field(min_length=1)]
+    flash_files: Annotated[dict[Offset, FileName], Field(min_length=1)]
 
 
 # -- the value: what the station works with -------------------------------------------------
@@ -437,10 +438,10 @@ def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None,
                 continue
         elif s.file is not None:
             try:
-                value = s.file.read_text().strip()
-            except OSError as exc:
+                value = read_text(s.file, "secret file").strip()
+            except ConfigError as exc:
                 if not s.optional:
-                    problems.append(Problem(str(s.file), f"secrets.{s.name}.file", f"cannot read: {exc.strerror}"))
+                    problems += [dataclasses.replace(p, field=f"secrets.{s.name}.file") for p in exc.problems]
                 continue
         if value is None:
             if not s.optional:

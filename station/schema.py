@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, Union
 
-from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
 T = TypeVar("T")
 
@@ -35,7 +35,14 @@ Text = Annotated[str, Strict()]
 Flag = Annotated[bool, Strict()]
 Seconds = Annotated[float, Strict(), Field(ge=0, le=3600, allow_inf_nan=False)]
 Name = Annotated[str, Strict(), Field(min_length=1, max_length=200)]
-FilePath = Annotated[Path, Field(strict=False)]  # a string in the file; relative to the file's folder
+def _no_nul(path: T) -> T:
+    if "\0" in str(path):
+        raise ValueError("a file name cannot hold a NUL character (\\u0000)")
+    return path
+
+
+FilePath = Annotated[Path, Field(strict=False), AfterValidator(_no_nul)]  # relative to the file's folder
+FileName = Annotated[str, Strict(), Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 Sha256 = Annotated[str, Strict(), Field(pattern=SHA256_PATTERN)]
 
@@ -92,12 +99,16 @@ def read_text(path: Path, what: str) -> str:
         size = path.stat().st_size
         if path.is_dir():
             raise refuse(f"is a folder; the {what} is a file")
+        if not path.is_file():  # a FIFO or a device could block or never end
+            raise refuse(f"is not a regular file; the {what} is a file")
         if size > MAX_FILE_BYTES:
-            raise refuse(f"is {size / 1e6:.1f} MB; a {what} is a few kilobytes (at most "
-                         f"{MAX_FILE_BYTES // 1024} KiB are read)")
+            raise refuse(f"is {size / 1e6:.1f} MB; a {what} is a few kilobytes (files over "
+                         f"{MAX_FILE_BYTES >> 20} MiB are refused)")
         raw = path.read_bytes()[: MAX_FILE_BYTES + 1]  # a file that grows while read stays bounded
     except OSError as exc:
         raise refuse(f"cannot read the {what}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the name: no such file can exist
+        raise refuse(f"cannot read the {what}: the name holds a NUL character") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -105,7 +116,7 @@ def read_text(path: Path, what: str) -> str:
         raise refuse(f"is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}; "
                      f"save the {what} as UTF-8") from None
     if not text.strip():  # a truncated or never-written file, not a choice of every default
-        raise refuse(f"is empty: a {what} has at least one key")
+        raise refuse("is empty")
     return text
 
 

@@ -149,6 +149,9 @@ def test_a_namespace_the_firmware_does_not_read(station_env, capsys):
 def test_malformed_serial_pattern(station_env, capsys, pattern, message):
     edit(station_env, 'pattern = "RLY-{yymmdd}-{seq:05}"', f'pattern = "{pattern}"')
     refused(capsys, r"profile\.toml: serial\.pattern: " + message)
+    with pytest.raises(ProfileError) as exc:  # refused when the file is read, with the file's other problems
+        load_profile(station_env / "profiles/relay")
+    assert [p.field for p in exc.value.problems] == ["serial.pattern"]
 
 
 def test_serials_from_labels_need_no_pattern(station_env, capsys):
@@ -243,3 +246,44 @@ def test_malformed_file_exits_2_with_a_clear_message(station_env, kind):
     assert "Traceback" not in r.stderr and "pydantic" not in r.stderr
     for line in expect:
         assert line in r.stderr.splitlines(), r.stderr
+
+
+BIG = b"# padding\n" * 5_000_000  # 50 MB
+DEEP_TOML = b"x = " + b"[" * 3000 + b"]" * 3000 + b"\n"
+CASES = {
+    "station.toml": [b"", "folder", BIG, b'station_id = "\xff"\n', DEEP_TOML, b"slots = nan\n", b"slots = -5\n",
+                     b"slots = 99999999999999999999999999\n", b"smoke = [1, 2]\n", b"station_id = { a = 1 }\n",
+                     b"[ports]\nusb = [[[[]]]]\n", b"[[smoke]]\ntimeout_s = inf\n"],
+    "profile.toml": [b"", "folder", BIG, b'name = "\xc3\x28"\n', DEEP_TOML, b'chip = "esp32"\nfirmware = "x"\n',
+                     b'chip = ["esp32"]\n[firmware]\nregions = [{ offset = -1, file = "a", sha256 = "0" }]\n',
+                     b'chip = "esp32"\n[firmware]\nflasher_args = { file = "x" }\n',
+                     b'chip = "esp32"\nbaud = inf\n[firmware]\nregions = []\n'],
+    "flasher_args.json": [b"", "folder", BIG, b'{"flash_files": "\xff"}', b"[" * 100_000 + b"]" * 100_000,
+                          b"NaN", b'{"flash_files": {"0x1000": 1e999}}', b"[]", b'{"flash_files": {"-0x1": "a"}}',
+                          b'{"flash_files": {"0x1000": {"file": "a"}}}'],
+}
+
+
+@pytest.mark.parametrize("kind, case", [(k, i) for k, cases in CASES.items() for i in range(len(cases))])
+def test_malformed_files_exit_2_naming_file_and_key(station_env, capsys, kind, case):
+    content = CASES[kind][case]
+    prof = station_env / "profiles/relay"
+    if kind == "flasher_args.json":
+        text = (prof / "profile.toml").read_text()
+        start = text.index("regions = [")
+        end = text.index("]\n", start) + 2
+        (prof / "profile.toml").write_text(text[:start] + 'flasher_args = "flasher_args.json"\n' + text[end:])
+    target = {"station.toml": station_env / "station.toml", "profile.toml": prof / "profile.toml",
+              "flasher_args.json": prof / "flasher_args.json"}[kind]
+    target.unlink(missing_ok=True)
+    if content == "folder":
+        target.mkdir()
+    else:
+        target.write_bytes(content)
+    rc, text = check(capsys)
+    assert rc == 2, text
+    lines = [line for line in text.splitlines() if line.startswith(f"{target}: ")]
+    assert lines, text
+    for line in lines:
+        field, message = line.removeprefix(f"{target}: ").split(": ", 1)
+        assert field and message and "pydantic" not in message, line
