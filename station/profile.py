@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping

@@ -184,8 +184,8 @@ def dotted(prefix: str, loc: tuple) -> str:
         elif part == "[key]":
             continue  # a table's key was wrong: the key itself is already named
         else:
-            bare = part and all(c.isalnum() or c in "-_" for c in part)
-            name = part if bare else json.dumps(part)
+            bare = part and all(c.isascii() and (c.isalnum() or c in "-_") for c in part)
+            name = part if bare else describe(part)
             out += f".{name}" if out else name
     return out or "(top level)"
 
@@ -195,13 +195,16 @@ def describe(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
-        return str(value) if value.bit_length() < 64 else f"a {len(str(abs(value)))}-digit number"
+        if value.bit_length() < 64:
+            return str(value)
+        digits = len(str(abs(value))) if value.bit_length() < 14000 else int(value.bit_length() * 0.30103) + 1
+        return f"a {digits}-digit number"
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
         return ("-" if value < 0 else "") + "inf" if math.isinf(value) else repr(value)
     if isinstance(value, str):
-        return json.dumps(value if len(value) <= 40 else value[:37] + "...")
+        return json.dumps(value if len(value) <= 40 else value[:37] + "...", ensure_ascii=False)
     if isinstance(value, (list, tuple)):
         return f"a list of {len(value)} item{'s' * (len(value) != 1)}"
     if isinstance(value, dict):

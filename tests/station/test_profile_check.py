@@ -13,7 +13,7 @@ import pytest
 from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
 from flashing.images import Partition
 from station.config import ConfigError, StationConfig
-from station.profile import ProfileError, check_profile, load_profile
+from station.profile import ProfileError, load_profile
 from station.serials import SerialPattern, SerialPatternError, render_serial
 from tests.station.conftest import REPO, run_station, run_station_process
 
