@@ -458,6 +458,7 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
     f = str(profile.path)
     chip = chip_facts(profile.chip)
     images: dict[int, bytes] = {}
+    sizes: list[tuple[Region, int]] = []  # every region read (two at one offset are two regions)
     for r in profile.regions:
         where = f"firmware region 0x{r.offset:x}"
         try:
@@ -475,6 +476,7 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             problems.append(Problem(str(r.file), where, f"SHA-256 {digest} does not match the pinned "
                                     f"{r.sha256 or '(none)'}"))
         images[r.offset] = data
+        sizes.append((r, len(data)))
     table = images.get(0x8000)
     parts: list[Partition] = []
     if table is None:
@@ -511,7 +513,7 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
     if app is not None and app.offset not in images:
         problems.append(Problem(f, "firmware", "no app image for the partition the bootloader starts"))
 
-    problems += _check_layout(profile, images, parts, bootloader_flash)
+    problems += _check_layout(profile, sizes, parts, bootloader_flash)
     if profile.device_class == "other":
         if profile.config_partition or profile.keys:
             problems.append(Problem(f, "config", "'other' devices get no config partition"))
@@ -531,10 +533,9 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
     return problems
 
 
-def _written(profile: Profile, images: dict[int, bytes], parts: list[Partition]) -> list[tuple[str, int, int]]:
+def _written(profile: Profile, sizes: list[tuple[Region, int]], parts: list[Partition]) -> list[tuple[str, int, int]]:
     """What the station writes to a unit's flash: (what, start, end) of each region and partition."""
-    names = {r.offset: r.name for r in profile.regions}
-    spans = [(f"firmware region 0x{off:x} ({names[off]})", off, off + len(data)) for off, data in images.items()]
+    spans = [(f"firmware region 0x{r.offset:x} ({r.name})", r.offset, r.offset + n) for r, n in sizes]
     if profile.device_class != "other":
         wanted = [("config partition", profile.config_partition)]
         if profile.encryption != "none":
@@ -546,12 +547,12 @@ def _written(profile: Profile, images: dict[int, bytes], parts: list[Partition])
     return sorted(spans, key=lambda s: s[1])
 
 
-def _check_layout(profile: Profile, images: dict[int, bytes], parts: list[Partition],
+def _check_layout(profile: Profile, sizes: list[tuple[Region, int]], parts: list[Partition],
                   bootloader_flash: str | None) -> list[Problem]:
     """Nothing the station writes overlaps (to the 4 KiB sector esptool erases) or ends past the flash."""
     f = str(profile.path)
     problems = []
-    spans = _written(profile, images, parts)
+    spans = _written(profile, sizes, parts)
     for i, (what, start, end) in enumerate(spans):
         for other, o_start, o_end in spans[i + 1:]:
             if o_start < end:

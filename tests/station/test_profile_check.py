@@ -76,6 +76,12 @@ def test_overlapping_firmware_regions(station_env, capsys):
                     r"firmware region 0x8800 \(extra\)")
 
 
+def test_two_regions_at_one_offset(station_env, capsys):
+    add_region(station_env, 0x8000)
+    refused(capsys, r"firmware region 0x8000 \(partition-table\) \(0x8000-0x8bff\) overlaps "
+                    r"firmware region 0x8000 \(extra\)")
+
+
 def test_regions_sharing_a_flash_sector(station_env, capsys):
     add_region(station_env, 0x8c00)  # right after the table, but in its 4 KiB sector
     refused(capsys, r"firmware region 0x8000 .* and firmware region 0x8c00 \(extra\) .* share the flash "
