@@ -1,117 +1,119 @@
 """Station configuration (station.toml): who this station is and how it is set up.
 
-Unknown keys are refused, so a typo in station.toml is an error, not a silent
-default. The file is found at $STATION_CONFIG, else ./station.toml.
+The classes below are the file's only declaration: each is a frozen pydantic dataclass
+whose fields are the keys of its table. Unknown keys are refused, so a typo in
+station.toml is an error, not a silent default, and every problem is reported at once.
+Paths are relative to station.toml's folder. The file is found at $STATION_CONFIG,
+else ./station.toml (whose absence means the defaults).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import tomllib
-from dataclasses import dataclass, field
+import string
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, Field
+from pydantic.dataclasses import dataclass
+
+from .schema import (
+    NOT_IN_FILE,
+    SCHEMA,
+    ConfigError,
+    FilePath,
+    Name,
+    Problem,
+    Seconds,
+    Text,
+    describe,
+    read_toml,
+    validate,
+)
+
+__all__ = ["ConfigError", "Problem", "SmokeDefaults", "Ports", "StationConfig"]
+
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 
 
-class ConfigError(Exception):
-    """A configuration or profile problem: nothing is flashed."""
-
-
-def take(table: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
-    unknown = set(table) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
-                          f"allowed: {', '.join(sorted(allowed))}")
-    return table
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SCHEMA)
 class SmokeDefaults:
-    """How the smoke test reaches devices and which factory test accounts it uses."""
+    """[smoke]: how the smoke test reaches devices and which factory test accounts it uses."""
 
-    timeout_s: float = 10.0
-    reach: str = "direct"  # "direct" (URL or the IP from the boot log) or "wifi" (nmcli)
-    url: str = ""  # direct: a fixed pairing-server URL instead of the boot log's IP
-    port: int = 80  # the pairing server's port when the boot log does not say
-    wifi_interface: str = "wlan0"
-    test_ssid: str = "factory-test"
-    test_psk_env: str = "STATION_TEST_PSK"
-    test_email: str = "factory-test@example.com"
-    test_token_env: str = "STATION_TEST_TOKEN"
-    broker_host: str = "127.0.0.1"
-    broker_port: int = 1883
-    monitor_user: str = "station-monitor"
-    monitor_password_env: str = "STATION_MONITOR_PASSWORD"
-
-    FIELDS = ("timeout_s", "reach", "url", "port", "wifi_interface", "test_ssid", "test_psk_env",
-              "test_email", "test_token_env", "broker_host", "broker_port", "monitor_user",
-              "monitor_password_env")
+    timeout_s: Seconds = 10.0
+    reach: Literal["direct", "wifi"] = "direct"  # direct: URL or the IP from the boot log; wifi: nmcli
+    url: Text = ""  # direct: a fixed pairing-server URL instead of the boot log's IP
+    port: Port = 80  # the pairing server's port when the boot log does not say
+    wifi_interface: Text = "wlan0"
+    test_ssid: Text = "factory-test"
+    test_psk_env: Text = "STATION_TEST_PSK"
+    test_email: Text = "factory-test@example.com"
+    test_token_env: Text = "STATION_TEST_TOKEN"
+    broker_host: Text = "127.0.0.1"
+    broker_port: Port = 1883
+    monitor_user: Text = "station-monitor"
+    monitor_password_env: Text = "STATION_MONITOR_PASSWORD"
 
 
-@dataclass(frozen=True)
+def _vid_pid(vp: str) -> str:
+    parts = vp.split(":")
+    if len(parts) != 2 or not all(1 <= len(p) <= 4 and all(c in string.hexdigits for c in p) for p in parts):
+        raise ValueError(f"{describe(vp)} is not \"vid:pid\" in hex, such as \"10c4:ea60\"")
+    return vp
+
+
+@dataclass(frozen=True, config=SCHEMA)
+class Ports:
+    """[ports]: which serial ports are the fixture's."""
+
+    usb: tuple[Annotated[Text, AfterValidator(_vid_pid)], ...] = ()  # USB "vid:pid" filters
+
+
+@dataclass(frozen=True, config=SCHEMA)
 class StationConfig:
-    station_id: str = "station-1"
-    database: Path = Path("var/station.db")
-    profiles_dir: Path = Path("profiles")
-    default_profile: str = "relay"
-    slots: int = 4
-    usb_ports: tuple[str, ...] = ()  # "vid:pid" filters for fixture ports
-    operator: str = ""
-    lot: str = ""
-    admin_password_sha256: str = ""
-    key_file: Path = Path("var/station.key")
-    signing_key: Path = Path("var/station-ed25519.pem")
-    secrets_file: Path = Path("var/secrets.enc")
-    smoke: SmokeDefaults = field(default_factory=SmokeDefaults)
-    source: Path | None = None
-    spool_path: Path = Path("var/station.db.spool")  # record finishes that could not be written
-    min_free_mb: int = 64  # no unit starts when the database's disk has less free space
+    """station.toml: the top-level keys, then [ports] and [smoke]."""
+
+    station_id: Name = "station-1"
+    database: FilePath = Path("var/station.db")
+    # record finishes that could not be written wait here; default: the database path + ".spool"
+    spool: FilePath | None = None
+    # the station starts no unit when the database's filesystem has less free space than this
+    min_free_mb: Annotated[int, Field(strict=True, ge=0, le=1 << 40)] = 64
+    profiles_dir: FilePath = Path("profiles")
+    default_profile: Name = "relay"
+    slots: Annotated[int, Field(strict=True, ge=1, le=64)] = 4
+    operator: Text = ""
+    lot: Text = ""
+    admin_password_sha256: Annotated[str, Field(strict=True, pattern=r"^([0-9a-fA-F]{64})?$")] = ""
+    key_file: FilePath = Path("var/station.key")
+    signing_key: FilePath = Path("var/station-ed25519.pem")
+    secrets_file: FilePath = Path("var/secrets.enc")
+    ports: Ports = dataclasses.field(default_factory=Ports)
+    smoke: SmokeDefaults = dataclasses.field(default_factory=SmokeDefaults)
+    source: Path | None = dataclasses.field(default=None, metadata=NOT_IN_FILE)  # the station.toml read
+
+    @property
+    def usb_ports(self) -> tuple[str, ...]:
+        return self.ports.usb
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool if self.spool is not None else self.database.with_name(self.database.name + ".spool")
 
     @classmethod
     def load(cls, path: Path | None = None) -> "StationConfig":
+        """Read station.toml; ConfigError lists every problem (file, key, what is wrong)."""
         path = path or Path(os.environ.get("STATION_CONFIG", "station.toml"))
         if not path.exists():
             if path == Path("station.toml"):
                 return cls()
-            raise ConfigError(f"{path}: station configuration not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        take(data, {"station_id", "database", "profiles_dir", "default_profile", "slots",
-                    "ports", "operator", "lot", "admin_password_sha256", "key_file", "smoke",
-                    "signing_key", "secrets_file", "spool", "min_free_mb"},
-             str(path))
+            raise ConfigError([Problem(str(path), "(file)", "station configuration not found")])
+        data = read_toml(path, "station configuration")
+        config, problems = validate(cls, data, str(path))
+        if config is None:
+            raise ConfigError(problems)
+        # every path in the file is relative to the file's folder
         base = path.parent
-        ports = take(data.get("ports", {}), {"usb"}, f"{path} [ports]")
-        smoke = take(data.get("smoke", {}), set(SmokeDefaults.FIELDS), f"{path} [smoke]")
-        if smoke.get("reach", "direct") not in ("direct", "wifi"):
-            raise ConfigError(f"{path} [smoke] reach: 'direct' or 'wifi'")
-        slots = data.get("slots", 4)
-        if not isinstance(slots, int) or not 1 <= slots <= 64:
-            raise ConfigError(f"{path}: slots must be a whole number from 1 to 64")
-        min_free = data.get("min_free_mb", 64)
-        if not isinstance(min_free, int) or isinstance(min_free, bool) or min_free < 0:
-            raise ConfigError(f"{path}: min_free_mb must be a whole number of megabytes, 0 or more")
-        database = base / data.get("database", "var/station.db")
-        for vp in ports.get("usb", []):
-            if not isinstance(vp, str) or len(vp.split(":")) != 2:
-                raise ConfigError(f"{path} [ports] usb: {vp!r} is not 'vid:pid' in hex")
-        return cls(
-            station_id=str(data.get("station_id", "station-1")),
-            database=database,
-            spool_path=base / data["spool"] if "spool" in data else database.with_name(database.name + ".spool"),
-            min_free_mb=min_free,
-            profiles_dir=base / data.get("profiles_dir", "profiles"),
-            default_profile=str(data.get("default_profile", "relay")),
-            slots=slots,
-            usb_ports=tuple(ports.get("usb", ())),
-            operator=str(data.get("operator", "")),
-            lot=str(data.get("lot", "")),
-            admin_password_sha256=str(data.get("admin_password_sha256", "")),
-            key_file=base / data.get("key_file", "var/station.key"),
-            signing_key=base / data.get("signing_key", "var/station-ed25519.pem"),
-            secrets_file=base / data.get("secrets_file", "var/secrets.enc"),
-            smoke=SmokeDefaults(**smoke),
-            source=path,
-        )
+        paths = {f.name: base / v for f in dataclasses.fields(config) if isinstance(v := getattr(config, f.name), Path)}
+        return dataclasses.replace(config, **paths, source=path)

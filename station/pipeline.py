@@ -30,6 +30,7 @@ from .config import StationConfig
 from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult
 from .profile import Profile
 from .record import Attempt, Outcome, Record, SerialPlan, fingerprint, now_iso
+from .serials import SerialPattern
 from .smoke import FactoryAccounts, healthcheck, make_reach, pair_and_wait, soak
 
 
@@ -81,21 +82,6 @@ ABORTED_TEXT = ("aborted by the operator", "put the board back and start it agai
 def device_id_from_mac(mac: bytes) -> str:
     """The 2Smart SDK's device id: the Wi-Fi MAC in lower case with dashes."""
     return "-".join(f"{b:02x}" for b in mac)
-
-
-def render_serial(pattern: str, seq: int | None, when: datetime) -> str:
-    values = {"yymmdd": when.strftime("%y%m%d"), "yyyymmdd": when.strftime("%Y%m%d"),
-              "yy": when.strftime("%y"), "mm": when.strftime("%m"), "dd": when.strftime("%d")}
-    if seq is None:  # the counter's name: the pattern up to the sequence number
-        return pattern.split("{seq")[0].format(**values)
-    return pattern.format(seq=seq, **values)
-
-
-def counter_max(pattern: str) -> int:
-    """The counter's last value: what the pattern's zero-padded width holds, else 10**9 - 1."""
-    spec = pattern.split("{seq", 1)[1].split("}", 1)[0] if "{seq" in pattern else ""
-    digits = spec.lstrip(":").lstrip("0")
-    return 10 ** int(digits) - 1 if spec.startswith(":0") and digits.isdigit() else 10 ** 9 - 1
 
 
 def serial_max_length(profile: Profile) -> int | None:
@@ -206,9 +192,9 @@ def reserve_serial(run: UnitRun) -> None:
     if run.job.serial:
         plan = SerialPlan(given=run.job.serial)
     elif profile.serial_pattern:
-        pattern = profile.serial_pattern
-        plan = SerialPlan(counter=f"{profile.name}:{render_serial(pattern, None, now)}",
-                          render=lambda seq: render_serial(pattern, seq, now), max_value=counter_max(pattern))
+        pattern = SerialPattern.parse(profile.serial_pattern)
+        plan = SerialPlan(counter=f"{profile.name}:{pattern.counter_name(now)}",
+                          render=lambda seq: pattern.render(seq, now), max_value=pattern.max_seq)
     else:
         plan = SerialPlan()
     run.ctx.record.start(run.attempt, plan)

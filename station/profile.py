@@ -5,20 +5,29 @@ A profile is `profiles/<name>/profile.toml` plus its files: the chip, the firmwa
 SHA-256), the config partition and its schema (NVS namespace, keys, types, maximum
 lengths and where each value comes from), secrets (never in the profile itself),
 the serial-number scheme, the baud rate and the checks after flashing.
+
+The file's tables are declared once, below, as frozen pydantic dataclasses (`ProfileFile`
+and the tables it holds; `ConfigKey` and `Checks` are also what a `Profile` carries).
+`load_profile` reports every problem of the file at once; `check_profile` then checks
+what needs the firmware's bytes: hashes, images, the partition table, the flash layout,
+the keys the firmware reads and the serial numbers the pattern gives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
-import json
 import os
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
+from pydantic import BeforeValidator, ConfigDict, Field, PlainValidator, field_validator, model_validator
+from pydantic.dataclasses import dataclass as schema
+
+from flashing.firmware import read_manifest
 from flashing.images import (
+    FLASH_SIZES,
     SUPPORTED_CHIPS,
     ImageError,
     Partition,
@@ -27,35 +36,213 @@ from flashing.images import (
     chip_facts,
     parse_partition_table,
 )
-from flashing.nvs import NvsEntry, NvsError, build_partition, validate_entry, validate_key
+from flashing.nvs import INT_TYPES, MAX_STRING, NvsEntry, NvsError, build_partition, validate_entry, validate_key
 
-from .config import ConfigError, take
+from .schema import (
+    SCHEMA,
+    ConfigError,
+    FileName,
+    Flag,
+    Name,
+    Offset,
+    Problem,
+    Seconds,
+    Sha256,
+    Text,
+    describe,
+    dotted,
+    parse_toml,
+    read_json,
+    read_text,
+    validate,
+    whole_number,
+)
+from .serials import SerialPattern, SerialPatternError
+
+__all__ = ["Problem", "ProfileError", "Profile", "Region", "ConfigKey", "SecretSource", "Checks",
+           "load_profile", "check_profile", "resolve_secrets", "find_profile"]
 
 DEVICE_CLASSES = ("wifi", "no-wifi", "other")
 SMOKE_LEVELS = ("none", "healthcheck", "pair")
 UNIT_SOURCES = ("serial", "device_id", "mac")
+ENCRYPTIONS = ("none", "per-unit", "per-lot")
+BAUDS = (115200, 230400, 460800, 921600, 1500000, 2000000)  # the rates esptool uses
+NVS_TYPES = ("string", *INT_TYPES)
 # the 2Smart SDK's stored-config limits (it copies without bounds checks)
 SDK_LIMITS = {"ssid": 32, "psk": 64, "password": 64, "email": 64, "token": 10, "host": 64,
               "brport": 5}
-
-
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    field: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.field}: {self.message}"
+SECTOR = 0x1000  # esptool erases whole 4 KiB flash sectors before it writes
+MAX_REGION_BYTES = 128 << 20  # larger than any ESP flash: not read at all
+MANIFEST_SPAN = 8192  # the firmware manifest sits in the app's first bytes (as the device reads it)
 
 
 class ProfileError(ConfigError):
     def __init__(self, problems: list[Problem]):
-        super().__init__("; ".join(str(p) for p in problems))
-        self.problems = problems
+        super().__init__(problems)
 
 
-@dataclass(frozen=True)
+# -- the file: profile.toml's tables ------------------------------------------------------
+
+def _text_or_whole(value: object) -> str | int:
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"expected text in quotes or a whole number, got {describe(value)}")
+
+
+TextOrWhole = Annotated[str | int, PlainValidator(_text_or_whole)]
+MaxLength = Annotated[int, Field(strict=True, ge=1, le=MAX_STRING - 1)]
+
+
+@schema(frozen=True, config=SCHEMA)
+class ConfigKey:
+    """One [[config.keys]] entry: an NVS key and where its value comes from (exactly one source)."""
+
+    key: Text
+    type: Literal[NVS_TYPES] = "string"  # type: ignore[valid-type]
+    max_length: MaxLength | None = None
+    value: TextOrWhole | None = None  # the same for every unit
+    unit: Literal[UNIT_SOURCES] | None = None  # type: ignore[valid-type]  # this unit's serial, device id or MAC
+    secret: Name | None = None  # a [secrets.NAME]
+    optional: Flag = False  # the secret may be unset: the key is then left out
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ConfigKey":
+        given = [s for s in ("value", "unit", "secret") if getattr(self, s) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of value, unit or secret (given: {', '.join(given) or 'none'})")
+        return self
+
+
+@schema(frozen=True, config=SCHEMA)
+class Checks:
+    """[checks]: what is checked after flashing."""
+
+    boot: Flag = True
+    boot_timeout_s: Seconds = 5.0
+    boot_settle_s: Seconds = 0.5
+    smoke: Literal[SMOKE_LEVELS] = "none"  # type: ignore[valid-type]
+    smoke_soak_s: Seconds = 1.0  # console watched after the smoke checks for a late crash
+
+    @model_validator(mode="after")
+    def _smoke_needs_boot(self) -> "Checks":
+        if self.smoke != "none" and not self.boot:
+            raise ValueError("smoke = \"" + self.smoke + "\" needs boot = true (the smoke test reads the "
+                             "device's address from the boot log)")
+        return self
+
+
+@schema(frozen=True, config=SCHEMA)
+class RegionEntry:
+    """One entry of [firmware] regions."""
+
+    offset: Offset
+    file: FileName  # relative to the profile's folder
+    sha256: Sha256
+    name: Name | None = None  # default: the file's stem
+
+
+@schema(frozen=True, config=SCHEMA)
+class FirmwareTable:
+    """[firmware]: explicit regions, or an ESP-IDF build's flasher_args.json with a pin per file."""
+
+    regions: tuple[RegionEntry, ...] | None = None
+    flasher_args: FileName | None = None
+    sha256: dict[Text, Sha256] = dataclasses.field(default_factory=dict)  # flasher_args: file -> SHA-256
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "FirmwareTable":
+        if (self.regions is None) == (self.flasher_args is None):
+            raise ValueError("give either regions or flasher_args (exactly one)")
+        if self.regions == ():
+            raise ValueError("regions is empty: no firmware to write")
+        if self.regions is not None and self.sha256:
+            raise ValueError("the sha256 table pins flasher_args' files; a region carries its own sha256")
+        return self
+
+
+@schema(frozen=True, config=SCHEMA)
+class ConfigTable:
+    """[config]: the NVS partition the station writes and its keys."""
+
+    partition: Name | None = None  # by name; offset and size come from the partition table
+    namespace: Text = "2smart"
+    keys: tuple[ConfigKey, ...] = ()
+    encryption: Literal[ENCRYPTIONS] = "none"  # type: ignore[valid-type]
+    keys_partition: Name = "nvs_keys"
+
+
+@schema(frozen=True, config=SCHEMA)
+class SecretTable:
+    """[secrets.NAME]: where a secret is read (never its value)."""
+
+    env: Name | None = None
+    file: FileName | None = None  # relative to the profile's folder
+    store: Name | None = None  # a name in the station's encrypted secrets file
+    optional: Flag = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_values(cls, data: Any) -> Any:
+        keys = data.kwargs or {} if hasattr(data, "kwargs") else data
+        if isinstance(keys, dict) and "value" in keys:
+            raise ValueError("secrets are never written into a profile: give env, file or store")
+        return data
+
+    @model_validator(mode="after")
+    def _some_source(self) -> "SecretTable":
+        if self.env is None and self.file is None and self.store is None:
+            raise ValueError("give env, file or store: where the secret is read")
+        return self
+
+
+@schema(frozen=True, config=SCHEMA)
+class SerialTable:
+    """[serial]: a pattern with a counter (see station/serials.py), or serials given per unit."""
+
+    pattern: Text | None = None
+    given: Flag = False  # serials come from labels (--serial, the scanner)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            SerialPattern.parse(pattern)  # SerialPatternError is a ValueError: reported on the key
+        return pattern
+
+    @model_validator(mode="after")
+    def _pattern_or_given(self) -> "SerialTable":
+        if self.given and self.pattern is not None:
+            raise ValueError("give either pattern or given = true (serials from labels), not both")
+        return self
+
+
+@schema(frozen=True, config=SCHEMA)
+class ProfileFile:
+    """profile.toml: the top-level keys, then its tables."""
+
+    chip: Literal[SUPPORTED_CHIPS]  # type: ignore[valid-type]
+    firmware: FirmwareTable
+    name: Name | None = None  # default: the profile's folder name
+    title: Text = ""
+    device_class: Literal[DEVICE_CLASSES] = "wifi"  # type: ignore[valid-type]
+    product_id: Text = ""
+    lot: Text = ""  # the default production lot
+    baud: Annotated[Literal[BAUDS], BeforeValidator(whole_number)] = 921600  # type: ignore[valid-type]
+    flash_size: Literal[tuple(FLASH_SIZES)] | None = None  # type: ignore[valid-type]  # else the bootloader's
+    config: ConfigTable = dataclasses.field(default_factory=ConfigTable)
+    secrets: dict[Text, SecretTable] = dataclasses.field(default_factory=dict)
+    serial: SerialTable = dataclasses.field(default_factory=SerialTable)
+    checks: Checks = dataclasses.field(default_factory=Checks)
+
+
+@schema(frozen=True, config=ConfigDict(extra="ignore"))  # ESP-IDF's file: its other keys are esptool's
+class FlasherArgs:
+    flash_files: Annotated[dict[Offset, FileName], Field(min_length=1)]
+
+
+# -- the value: what the station works with -------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
 class Region:
     offset: int
     file: Path
@@ -63,18 +250,7 @@ class Region:
     name: str
 
 
-@dataclass(frozen=True)
-class ConfigKey:
-    key: str
-    type: str
-    max_length: int | None
-    value: str | int | None = None
-    unit: str | None = None
-    secret: str | None = None
-    optional: bool = False
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SecretSource:
     name: str
     env: str | None
@@ -83,16 +259,7 @@ class SecretSource:
     store: str | None = None  # a name in the station's encrypted secrets file
 
 
-@dataclass(frozen=True)
-class Checks:
-    boot: bool = True
-    boot_timeout_s: float = 5.0
-    boot_settle_s: float = 0.5
-    smoke: str = "none"
-    smoke_soak_s: float = 1.0  # console watched after the smoke checks for a late crash
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Profile:
     name: str
     title: str
@@ -112,7 +279,8 @@ class Profile:
     lot: str = ""  # the default production lot
     encryption: str = "none"  # NVS encryption of the config: none | per-unit | per-lot
     keys_partition: str = "nvs_keys"
-    partitions: tuple[Partition, ...] = field(default=())
+    partitions: tuple[Partition, ...] = dataclasses.field(default=())
+    flash_size: str | None = None  # as declared; None: the bootloader header's
 
     @property
     def dir(self) -> Path:
@@ -152,159 +320,89 @@ def _app_version(path: Path, sha256: str) -> str | None:
     return info.app.version if info.app else None
 
 
-def _int(v: Any) -> int:
-    return int(v, 0) if isinstance(v, str) else int(v)
-
-
 def find_profile(name_or_path: str | Path, profiles_dir: Path) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
-    if (p / "profile.toml").is_file():
+    if (p / "profile.toml").exists():
         return p / "profile.toml"
     candidate = profiles_dir / str(name_or_path) / "profile.toml"
-    if candidate.is_file():
+    if candidate.exists():  # a folder or an unreadable file is named by the reader
         return candidate
     raise ProfileError([Problem(str(candidate), "profile", "not found: give a profile name "
                                 f"under {profiles_dir} or a path to a profile.toml")])
 
 
 def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")) -> Profile:
-    """Parse a profile; raises ProfileError listing every structural problem."""
+    """Read and check a profile.toml; ProfileError lists every problem of the file at once."""
     path = find_profile(name_or_path, profiles_dir)
-    f = str(path)
-    problems: list[Problem] = []
-    raw = path.read_bytes()
     try:
-        data = tomllib.loads(raw.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ProfileError([Problem(f, "toml", str(exc))]) from None
-
-    def bad(fieldname: str, msg: str) -> None:
-        problems.append(Problem(f, fieldname, msg))
-
-    try:
-        take(data, {"name", "title", "chip", "device_class", "baud", "product_id", "firmware",
-                    "config", "secrets", "serial", "checks", "lot"}, f)
+        text = read_text(path, "profile")
+        spec, problems = validate(ProfileFile, parse_toml(text, path), str(path))
+        if spec is None:
+            raise ProfileError(problems)
+        regions = _regions(spec.firmware, path)
     except ConfigError as exc:
-        bad("(top level)", str(exc).split(": ", 1)[1])
-    chip = str(data.get("chip", ""))
-    if chip not in SUPPORTED_CHIPS:
-        bad("chip", f"{chip!r} is not one of {', '.join(SUPPORTED_CHIPS)}")
-    device_class = str(data.get("device_class", "wifi"))
-    if device_class not in DEVICE_CLASSES:
-        bad("device_class", f"{device_class!r} is not one of {', '.join(DEVICE_CLASSES)}")
-    baud = data.get("baud", 921600)
-    if baud not in (115200, 230400, 460800, 921600, 1500000, 2000000):
-        bad("baud", f"{baud} is not a rate esptool uses (115200 … 2000000)")
-
-    regions: list[Region] = []
-    fw = data.get("firmware", {})
-    try:
-        take(fw, {"regions", "flasher_args", "sha256"}, f"{f} [firmware]")
-    except ConfigError as exc:
-        bad("firmware", str(exc).split(": ", 1)[-1])
-    if "flasher_args" in fw:
-        fa_path = path.parent / fw["flasher_args"]
-        pins = fw.get("sha256", {})
-        try:
-            fa = json.loads(fa_path.read_text())
-            names = {v.get("offset"): k for k, v in fa.items() if isinstance(v, dict) and "offset" in v}
-            for off, rel in fa["flash_files"].items():
-                name = names.get(off, Path(rel).stem)
-                if rel not in pins:
-                    bad(f"firmware.sha256.\"{rel}\"", "no SHA-256 pinned for this file")
-                regions.append(Region(_int(off), fa_path.parent / rel, str(pins.get(rel, "")), name))
-        except (OSError, ValueError, KeyError) as exc:
-            bad("firmware.flasher_args", f"cannot read {fa_path}: {exc}")
-    else:
-        for i, r in enumerate(fw.get("regions", [])):
-            try:
-                take(r, {"offset", "file", "sha256", "name"}, "")
-                regions.append(Region(_int(r["offset"]), path.parent / r["file"], str(r.get("sha256", "")),
-                                      str(r.get("name", Path(r["file"]).stem))))
-                if not r.get("sha256"):
-                    bad(f"firmware.regions[{i}].sha256", "no SHA-256 pinned for this file")
-            except (KeyError, ValueError, ConfigError) as exc:
-                bad(f"firmware.regions[{i}]", f"needs offset, file and sha256 ({exc})")
-    if not regions:
-        bad("firmware", "no firmware: give flasher_args or regions")
-
-    cfg = data.get("config", {})
-    keys: list[ConfigKey] = []
-    try:
-        take(cfg, {"partition", "namespace", "keys", "encryption", "keys_partition"}, "")
-    except ConfigError as exc:
-        bad("config", str(exc).lstrip(": "))
-    for i, k in enumerate(cfg.get("keys", [])):
-        where = f"config.keys[{i}]"
-        try:
-            take(k, {"key", "type", "max_length", "value", "unit", "secret", "optional"}, "")
-        except ConfigError as exc:
-            bad(where, str(exc).lstrip(": "))
-            continue
-        sources = [s for s in ("value", "unit", "secret") if s in k]
-        if len(sources) != 1:
-            bad(where, "give exactly one of value, unit or secret")
-            continue
-        if "unit" in k and k["unit"] not in UNIT_SOURCES:
-            bad(f"{where}.unit", f"{k['unit']!r} is not one of {', '.join(UNIT_SOURCES)}")
-        keys.append(ConfigKey(str(k.get("key", "")), str(k.get("type", "string")),
-                              k.get("max_length"), k.get("value"), k.get("unit"), k.get("secret"),
-                              bool(k.get("optional", False))))
-    secrets: list[SecretSource] = []
-    for name, s in data.get("secrets", {}).items():
-        if not isinstance(s, dict):
-            bad(f"secrets.{name}", "must be a table with env or file")
-            continue
-        try:
-            take(s, {"env", "file", "optional", "store"}, "")
-        except ConfigError as exc:
-            bad(f"secrets.{name}", str(exc).lstrip(": "))
-        if "value" in s:
-            bad(f"secrets.{name}", "secrets are never written into a profile")
-        secrets.append(SecretSource(name, s.get("env"), path.parent / s["file"] if "file" in s else None,
-                                    bool(s.get("optional", False)), s.get("store")))
-    serial = data.get("serial", {})
-    pattern = serial.get("pattern")
-    if pattern is None and not serial.get("given", False):
-        pattern = f"{data.get('name', 'UNIT').upper()[:3]}-{{yymmdd}}-{{seq:05}}"
-    chk = data.get("checks", {})
-    try:
-        take(chk, {"boot", "boot_timeout_s", "boot_settle_s", "smoke", "smoke_soak_s"}, "")
-    except ConfigError as exc:
-        bad("checks", str(exc).lstrip(": "))
-    checks = Checks(bool(chk.get("boot", True)), float(chk.get("boot_timeout_s", 5.0)),
-                    float(chk.get("boot_settle_s", 0.5)), str(chk.get("smoke", "none")),
-                    float(chk.get("smoke_soak_s", 1.0)))
-    if checks.smoke not in SMOKE_LEVELS:
-        bad("checks.smoke", f"{checks.smoke!r} is not one of {', '.join(SMOKE_LEVELS)}")
-    elif checks.smoke != "none" and not checks.boot:
-        bad("checks.smoke", "the smoke test needs the boot check (it reads the device's address there)")
-    if problems:
-        raise ProfileError(problems)
-
-    content = hashlib.sha256(raw)
+        raise ProfileError(exc.problems or [Problem(str(path), "(file)", str(exc))]) from None
+    content = hashlib.sha256(text.encode())
     for r in regions:
         content.update(r.sha256.encode())
-    partitions: tuple[Partition, ...] = ()
-    for r in regions:
-        if r.offset == 0x8000 and r.file.exists():
-            try:
-                partitions = tuple(parse_partition_table(r.file.read_bytes()))
-            except ImageError:
-                pass
+    name = spec.name or path.parent.name
+    pattern = spec.serial.pattern
+    if pattern is None and not spec.serial.given:
+        prefix = name.upper()[:3].replace("{", "{{").replace("}", "}}")
+        pattern = f"{prefix}-{{yymmdd}}-{{seq:05}}"
     return Profile(
-        name=str(data.get("name", path.parent.name)), title=str(data.get("title", "")), path=path,
-        chip=chip, device_class=device_class, baud=baud, regions=tuple(regions),
-        config_partition=cfg.get("partition"), namespace=str(cfg.get("namespace", "2smart")),
-        keys=tuple(keys), secrets=tuple(secrets), serial_pattern=pattern, checks=checks,
-        content_hash=content.hexdigest(), product_id=str(data.get("product_id", "")),
-        lot=str(data.get("lot", "")),
-        encryption=str(cfg.get("encryption", "none")),
-        keys_partition=str(cfg.get("keys_partition", "nvs_keys")),
-        partitions=partitions,
+        name=name, title=spec.title, path=path, chip=spec.chip, device_class=spec.device_class,
+        baud=spec.baud, regions=regions, config_partition=spec.config.partition,
+        namespace=spec.config.namespace, keys=spec.config.keys,
+        secrets=tuple(SecretSource(n, s.env, path.parent / s.file if s.file else None, s.optional, s.store)
+                      for n, s in spec.secrets.items()),
+        serial_pattern=pattern, checks=spec.checks, content_hash=content.hexdigest(),
+        product_id=spec.product_id, lot=spec.lot, encryption=spec.config.encryption,
+        keys_partition=spec.config.keys_partition, partitions=_partitions(regions),
+        flash_size=spec.flash_size,
     )
+
+
+def _regions(fw: FirmwareTable, path: Path) -> tuple[Region, ...]:
+    """The regions to write: the profile's own, or those of the build's flasher_args.json."""
+    if fw.regions is not None:
+        return tuple(Region(r.offset, path.parent / r.file, r.sha256, r.name or Path(r.file).stem)
+                     for r in fw.regions)
+    fa_path = path.parent / str(fw.flasher_args)
+    raw = read_json(fa_path, "flasher_args.json")
+    args, problems = validate(FlasherArgs, raw, str(fa_path))
+    if args is None:
+        raise ConfigError(problems)
+    names: dict[int, str] = {}  # "bootloader": {"offset": "0x1000", ...} names its region
+    for key, entry in raw.items():
+        if isinstance(entry, dict) and isinstance(entry.get("offset"), str):
+            try:
+                names[int(entry["offset"], 0)] = key
+            except ValueError:
+                pass
+    regions = []
+    for offset, rel in args.flash_files.items():
+        if rel not in fw.sha256:
+            problems.append(Problem(str(path), dotted("firmware.sha256", (rel,)), "no SHA-256 pinned for "
+                                    f"this file of {fa_path.name}"))
+        regions.append(Region(offset, fa_path.parent / rel, fw.sha256.get(rel, ""),
+                              names.get(offset, Path(rel).stem)))
+    if problems:
+        raise ConfigError(problems)
+    return tuple(regions)
+
+
+def _partitions(regions: tuple[Region, ...]) -> tuple[Partition, ...]:
+    for r in regions:
+        if r.offset == 0x8000:
+            try:
+                if r.file.is_file() and r.file.stat().st_size <= MAX_REGION_BYTES:
+                    return tuple(parse_partition_table(r.file.read_bytes()))
+            except (OSError, ImageError):
+                pass
+    return ()
 
 
 def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None,
@@ -339,10 +437,10 @@ def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None,
                 continue
         elif s.file is not None:
             try:
-                value = s.file.read_text().strip()
-            except OSError as exc:
+                value = read_text(s.file, "secret file").strip()
+            except ConfigError as exc:
                 if not s.optional:
-                    problems.append(Problem(str(s.file), f"secrets.{s.name}.file", f"cannot read: {exc.strerror}"))
+                    problems += [dataclasses.replace(p, field=f"secrets.{s.name}.file") for p in exc.problems]
                 continue
         if value is None:
             if not s.optional:
@@ -360,9 +458,15 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
     f = str(profile.path)
     chip = chip_facts(profile.chip)
     images: dict[int, bytes] = {}
-    for i, r in enumerate(profile.regions):
+    sizes: list[tuple[Region, int]] = []  # every region read (two at one offset are two regions)
+    for r in profile.regions:
         where = f"firmware region 0x{r.offset:x}"
         try:
+            if not r.file.is_file():
+                raise FileNotFoundError(2, "no such file" if not r.file.exists() else "not a file")
+            if r.file.stat().st_size > MAX_REGION_BYTES:
+                problems.append(Problem(str(r.file), where, "larger than any ESP flash"))
+                continue
             data = r.file.read_bytes()
         except OSError as exc:
             problems.append(Problem(str(r.file), where, f"missing or unreadable ({exc.strerror})"))
@@ -372,6 +476,7 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             problems.append(Problem(str(r.file), where, f"SHA-256 {digest} does not match the pinned "
                                     f"{r.sha256 or '(none)'}"))
         images[r.offset] = data
+        sizes.append((r, len(data)))
     table = images.get(0x8000)
     parts: list[Partition] = []
     if table is None:
@@ -381,9 +486,11 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             parts = parse_partition_table(table)
         except ImageError as exc:
             problems.append(Problem(f, "firmware region 0x8000", f"invalid partition table: {exc}"))
+    bootloader_flash = None
     if chip.bootloader_offset in images:
         try:
-            check_image_bytes(images[chip.bootloader_offset], chip.image_chip_id)
+            info = check_image_bytes(images[chip.bootloader_offset], chip.image_chip_id)
+            bootloader_flash = info.flash_size_name if info.flash_size_name in FLASH_SIZES else None
         except ImageError as exc:
             problems.append(Problem(f, f"firmware region 0x{chip.bootloader_offset:x}",
                                     f"not a valid {chip.name} bootloader: {exc}"))
@@ -402,14 +509,19 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             except ImageError as exc:
                 problems.append(Problem(f, f"firmware region 0x{p.offset:x}",
                                         f"not a valid {chip.name} app image: {exc}"))
-    if parts and boot_partition(parts) is not None and boot_partition(parts).offset not in images:
+    app = boot_partition(parts) if parts else None
+    if app is not None and app.offset not in images:
         problems.append(Problem(f, "firmware", "no app image for the partition the bootloader starts"))
 
+    problems += _check_layout(profile, sizes, parts, bootloader_flash)
     if profile.device_class == "other":
         if profile.config_partition or profile.keys:
             problems.append(Problem(f, "config", "'other' devices get no config partition"))
     else:
         problems += _check_config(profile, parts)
+        if app is not None and app.offset in images:
+            problems += _check_firmware_reads(profile, read_manifest(images[app.offset][:MANIFEST_SPAN]))
+    problems += _check_serial(profile)
     secrets, secret_problems = resolve_secrets(profile, env, store_path)
     problems += secret_problems
     for k in profile.keys:
@@ -419,6 +531,86 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             problems.append(Problem(f, f"secrets.{k.secret}", f"{len(secrets[k.secret].encode())} bytes; "
                                     f"key {k.key!r} holds at most {k.max_length}"))
     return problems
+
+
+def _written(profile: Profile, sizes: list[tuple[Region, int]], parts: list[Partition]) -> list[tuple[str, int, int]]:
+    """What the station writes to a unit's flash: (what, start, end) of each region and partition."""
+    spans = [(f"firmware region 0x{r.offset:x} ({r.name})", r.offset, r.offset + n) for r, n in sizes]
+    if profile.device_class != "other":
+        wanted = [("config partition", profile.config_partition)]
+        if profile.encryption != "none":
+            wanted.append(("keys partition", profile.keys_partition))
+        for what, name in wanted:
+            p = next((p for p in parts if p.name == name), None)
+            if p is not None:
+                spans.append((f"{what} {p.name!r}", p.offset, p.offset + p.size))
+    return sorted(spans, key=lambda s: s[1])
+
+
+def _check_layout(profile: Profile, sizes: list[tuple[Region, int]], parts: list[Partition],
+                  bootloader_flash: str | None) -> list[Problem]:
+    """Nothing the station writes overlaps (to the 4 KiB sector esptool erases) or ends past the flash."""
+    f = str(profile.path)
+    problems = []
+    spans = _written(profile, sizes, parts)
+    for i, (what, start, end) in enumerate(spans):
+        for other, o_start, o_end in spans[i + 1:]:
+            if o_start < end:
+                problems.append(Problem(f, "firmware", f"{what} (0x{start:x}-0x{end - 1:x}) overlaps {other} "
+                                        f"(0x{o_start:x}-0x{o_end - 1:x})"))
+            elif o_start // SECTOR * SECTOR < end and (end - 1) // SECTOR == o_start // SECTOR:
+                problems.append(Problem(f, "firmware", f"{what} (ends 0x{end - 1:x}) and {other} (starts "
+                                        f"0x{o_start:x}) share the flash sector at 0x{o_start // SECTOR * SECTOR:x}: "
+                                        "esptool erases whole 4 KiB sectors, so writing one erases the other"))
+    if profile.flash_size and bootloader_flash and profile.flash_size != bootloader_flash:
+        problems.append(Problem(f, "flash_size", f"{profile.flash_size} declared, but the bootloader is built "
+                                f"for {bootloader_flash} flash"))
+    size_name = profile.flash_size or bootloader_flash
+    if size_name:
+        size = int(size_name.removesuffix("MB")) << 20
+        source = "flash_size" if profile.flash_size else "the bootloader header's flash size"
+        for what, start, end in spans:
+            if end > size:
+                problems.append(Problem(f, "firmware", f"{what} ends at 0x{end:x}, past the end of the "
+                                        f"{size_name} flash (0x{size:x}, {source})"))
+    return problems
+
+
+def _check_firmware_reads(profile: Profile, manifest: object) -> list[Problem]:
+    """The config matches what the firmware says it reads (a 2Smart firmware refuses unknown keys)."""
+    f = str(profile.path)
+    cfg = manifest.get("config") if isinstance(manifest, dict) else None
+    if not isinstance(cfg, dict):
+        return []  # the firmware declares nothing: nothing to compare
+    problems = []
+    for key, mine in (("partition", profile.config_partition), ("namespace", profile.namespace)):
+        theirs = cfg.get(key)
+        if isinstance(theirs, str) and mine and theirs != mine:
+            problems.append(Problem(f, f"config.{key}", f"{mine!r}, but the firmware reads its config from "
+                                    f"{key} {theirs!r}"))
+    reads = cfg.get("keys")
+    if isinstance(reads, list) and all(isinstance(k, str) for k in reads):
+        for i, k in enumerate(profile.keys):
+            if k.key not in reads:
+                problems.append(Problem(f, f"config.keys[{i}] ({k.key})", f"the firmware does not read "
+                                        f"{k.key!r} and refuses unknown keys; it reads {', '.join(reads)}"))
+    return problems
+
+
+def _check_serial(profile: Profile) -> list[Problem]:
+    """The longest serial the pattern gives fits the config key that carries it."""
+    if not profile.serial_pattern:
+        return []
+    f = str(profile.path)
+    try:
+        pattern = SerialPattern.parse(profile.serial_pattern)
+    except SerialPatternError as exc:
+        return [Problem(f, "serial.pattern", str(exc))]
+    longest = pattern.longest()
+    n = len(longest.encode())
+    return [Problem(f, "serial.pattern", f"gives serials up to {n} bytes ({longest!r} at the counter's maximum "
+                    f"{pattern.max_seq}); config.keys[{i}] ({k.key}) holds at most {k.max_length}")
+            for i, k in enumerate(profile.keys) if k.unit == "serial" and k.max_length and n > k.max_length]
 
 
 def _check_config(profile: Profile, parts: list[Partition]) -> list[Problem]:
@@ -433,9 +625,7 @@ def _check_config(profile: Profile, parts: list[Partition]) -> list[Problem]:
     elif slot is not None and (slot.type, slot.subtype) != (1, 2):
         problems.append(Problem(f, "config.partition", f"{slot.name!r} is {slot.type_name}/{slot.subtype_name}, "
                                 "not data/nvs"))
-    if profile.encryption not in ("none", "per-unit", "per-lot"):
-        problems.append(Problem(f, "config.encryption", f"{profile.encryption!r} is not none, per-unit or per-lot"))
-    elif profile.encryption != "none" and parts:
+    if profile.encryption != "none" and parts:
         kslot = next((p for p in parts if p.name == profile.keys_partition), None)
         if kslot is None or (kslot.type, kslot.subtype) != (1, 4):
             problems.append(Problem(f, "config.keys_partition", f"NVS encryption needs a data/nvs_keys "

@@ -98,14 +98,16 @@ def test_faults_fail_the_smoke_step_while_others_pass(pair_env, mosquitto, capsy
         assert expect in bad["error"], bad["error"]
 
 
-def test_wrong_key_name_profile_fails(station_env, capsys):
+def test_wrong_key_name_profile_is_refused_before_flashing(station_env, capsys):
+    # the firmware would reject it at boot ("config error: unknown key(s) 'tokn'"): its manifest says so first
     p = station_env / "profiles/relay/profile.toml"
     p.write_text(p.read_text().replace('key = "token"', 'key = "tokn"'))
     with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
         rc, res = flash(capsys, bench)
-        bad = res[bench[0].url]
-        assert rc == 1 and bad["failed_step"] == "boot"
-        assert "the firmware rejected its configuration: unknown key(s) 'tokn'" in bad["error"]
+        assert rc == 2 and res == {}
+        assert bench[0].device.flash.read(0x10000, 16) == b"\xff" * 16
+    rc, _, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 2 and "config.keys[1] (tokn): the firmware does not read 'tokn'" in err
 
 
 def make_profile(env: Path, device_class: str, keys: bool = True, smoke: str = "healthcheck") -> str:
