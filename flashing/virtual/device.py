@@ -103,6 +103,7 @@ class VirtualDevice:
         self.heartbeat_s = 10.0
         self.mqtt_retry_s = 5.0
         self.runtime: TwoSmartApp | None = None
+        self._stopped_apps: list[TwoSmartApp] = []  # their threads may still be ending
         self.boot_time = time.monotonic()
         # wire and circuit state (device thread only)
         self.powered = True
@@ -186,16 +187,25 @@ class VirtualDevice:
         box: dict[str, Any] = {}
         done = threading.Event()
         self._events.put(("call", fn, box, done))
-        if not done.wait(timeout):
-            raise TimeoutError(f"virtual device {self.index} did not answer")
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if self._stopped.is_set():
+                raise RuntimeError(f"virtual device {self.index} is closed")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"virtual device {self.index} did not answer")
         if "error" in box:
             raise box["error"]
         return box.get("result")
 
     def close(self) -> None:
+        """Stop the chip and its firmware, and wait for their threads to end."""
         if not self._stopped.is_set():
             self._events.put(("stop",))
             self._thread.join(5)
+        deadline = time.monotonic() + 5
+        for app in self._stopped_apps:
+            app.join(max(0.0, deadline - time.monotonic()))
+        self._stopped_apps.clear()
         self.flash.close()
 
     # -- control (documented interface; any thread) ---------------------------------
@@ -288,6 +298,7 @@ class VirtualDevice:
                 if ev is not None:
                     kind = ev[0]
                     if kind == "stop":
+                        self._stop_app()
                         return
                     if kind == "rx":
                         self._on_rx(ev[1], ev[2], ev[3])
@@ -319,6 +330,7 @@ class VirtualDevice:
     def _stop_app(self) -> None:
         if self.runtime is not None:
             self.runtime.stop()
+            self._stopped_apps = [a for a in self._stopped_apps if a.running()] + [self.runtime]
             self.runtime = None
 
     def _power_off(self) -> None:
