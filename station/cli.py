@@ -193,7 +193,7 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
     finally:
         if bench:
             bench.close()
-        ctx.record.close()
+        ctx.close()
     if not args.json:
         _summary(results)
     return Exit.OK if all(r.passed for r in results) else Exit.UNIT_FAILED

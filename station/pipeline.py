@@ -57,12 +57,24 @@ class StationContext:
         if not self.firmware:
             self.firmware = [(r.name, r.offset, data) for r, data in self.profile.region_bytes()]
         self._pool: ThreadPoolExecutor | None = None
+        self._outgrown: list[ThreadPoolExecutor] = []  # smaller pools, ending with their last units
 
     def workers(self, n: int) -> ThreadPoolExecutor:
         """Threads for running units, kept across batches (one per port at the most)."""
         if self._pool is None or self._pool._max_workers < n:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._outgrown.append(self._pool)
             self._pool = ThreadPoolExecutor(max_workers=max(n, 4), thread_name_prefix="unit")
         return self._pool
+
+    def close(self) -> None:
+        """Wait for the units still running, end the unit threads and close the record."""
+        pools = [*self._outgrown, self._pool] if self._pool else self._outgrown
+        self._pool, self._outgrown = None, []
+        for pool in pools:
+            pool.shutdown(wait=True)
+        self.record.close()
 
 
 class StepFailure(Exception):
@@ -134,7 +146,8 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                 session.close()
                 return
 
-    threading.Thread(target=watch_cancel, daemon=True).start()
+    watcher = threading.Thread(target=watch_cancel, daemon=True, name=f"cancel-{job.port}")
+    watcher.start()
 
     @contextmanager
     def step(name: str) -> Iterator[None]:
@@ -238,6 +251,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         attempt.remedy = "retry; if it repeats, report it to the station's engineers"
     finally:
         watcher_stop.set()
+        watcher.join()
         session.close()
     attempt.ended_at = now_iso()
     t = time.monotonic()

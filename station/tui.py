@@ -380,6 +380,9 @@ class StationApp(App):
         self.notify(f"profile {self.line.ctx.profile.name}, lot {self.line.lot}")
         self._header()
 
+    def on_unmount(self) -> None:
+        self.line.close()  # runs still going end as aborted; no unit thread outlives the screen
+
     @work
     async def action_quit_station(self) -> None:
         if self.line.running():
