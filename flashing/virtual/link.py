@@ -107,8 +107,10 @@ class SocketPort:
 
     def _take(self, conn: socket.socket) -> bool:
         """Give the port to a new host if nobody holds it or its holder has hung up."""
-        old, serving = self._conn, self._serving
-        if old is not None and not _hung_up(old):
+        with self._lock:  # _drop closes the old socket under the lock: never polled once closed
+            held = self._conn is not None and not _hung_up(self._conn)
+            serving = self._serving
+        if held:
             return False  # another program has the port open
         if serving is not None:
             serving.join(HANDOVER_S)  # the old holder's last messages reach the board first
@@ -153,13 +155,10 @@ class SocketPort:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
+            conn.close()
         if self._sink in self.device.sinks:
             self.device.sinks.remove(self._sink)
         self.device.reset_capable_host(False)
-        try:
-            conn.close()
-        except OSError:
-            pass
 
     def _send(self, data: bytes) -> None:
         conn = self._conn
