@@ -44,7 +44,8 @@ def make_bench(tmp_path):
 
     def make(count: int = 1, chip: str = "esp32", **kw) -> VirtualBench:
         kw.setdefault("run_dir", tmp_path / f"run{len(benches)}")
-        bench = VirtualBench(count, chip, seed=1234 + len(benches), **kw)
+        kw.setdefault("seed", 1234 + len(benches))
+        bench = VirtualBench(count, chip, **kw)
         benches.append(bench)
         return bench
 

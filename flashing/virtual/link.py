@@ -56,7 +56,7 @@ class SocketPort:
         self._closed = False
         self._host_baud = 115200
         self._lock = threading.RLock()
-        self._sink = Sink(self._send, lambda: self._host_baud)
+        self._sink = Sink(self._send, lambda: self._host_baud, "vesp")
         device.links.append(self)
         self._listen()
 
@@ -219,7 +219,7 @@ class PtyPort:
         self.path = os.ttyname(self._slave)
         self._closed = False
         self._wake_r, self._wake_w = os.pipe()  # close() wakes the pump's select through it
-        self._sink = Sink(self._send, self.host_baud)
+        self._sink = Sink(self._send, self.host_baud, "pty")
         device.sinks.append(self._sink)
         self._pump_thread = threading.Thread(target=self._pump, daemon=True, name=f"vdev-{device.index}-pty")
         self._pump_thread.start()

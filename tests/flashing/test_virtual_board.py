@@ -258,15 +258,16 @@ def test_fault_secure_download_mode(make_bench, tmp_path):
 
 
 def test_fault_line_noise(make_bench):
-    bench = make_bench(1, "esp32")
+    # seeded noise garbles the same bytes every run: with this seed the first data block arrives corrupted
+    bench = make_bench(1, "esp32", seed=1)
     dev = bench[0].device
     data = random.Random(8).randbytes(64_000)
     esp = cmds.run_stub(cmds.detect_chip(bench[0].url, connect_mode="no-reset"))
     cmds.attach_flash(esp)
     dev.set_fault("noise", 3e-4)
-    with pytest.raises(FatalError, match="Bad data checksum|Invalid head of packet|"
-                                         "Invalid SLIP escape|Timed out|stopped|doesn't match"):
+    with pytest.raises(FatalError) as failed:
         cmds.write_flash(esp, [(0x10000, data)])
+    assert str(failed.value) == "Failed to write to target flash after seq 0 (result was C100: Bad data checksum)"
     esp._port.close()
     dev.clear_faults()
     dev.reset("download")
