@@ -240,7 +240,7 @@ class PtyPort:
             except (OSError, ValueError):
                 if self._closed:
                     return
-                time.sleep(0.05)  # EIO while no program has the pty open: look again shortly
+                time.sleep(0.05)
                 continue
             if data:
                 self.device.host_write(data, self.host_baud(), time.monotonic())

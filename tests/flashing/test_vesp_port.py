@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 
@@ -64,26 +65,38 @@ def test_a_second_program_is_still_refused_while_the_port_is_open(make_bench):
             serial.serial_for_url(bench[0].url)
 
 
+def waiting_in(thread: threading.Thread, function: str) -> bool:
+    """The thread's innermost Python frame is `function` (blocked in a C call it made, or about to be)."""
+    frame = sys._current_frames().get(thread.ident)
+    return frame is not None and frame.f_code.co_name == function
+
+
 def test_close_from_another_thread_wakes_a_waiting_read(make_bench):
     bench = make_bench(1)
     port = serial.serial_for_url(bench[0].url, baudrate=115200, timeout=5)
     port.reset_input_buffer()  # the board in download mode says nothing more
-    closed_at: list[float] = []
+    outcome: dict[str, object] = {}
 
-    def close_soon() -> None:
-        time.sleep(0.2)  # the read has started waiting by then
-        closed_at.append(time.monotonic())
-        port.close()
+    def read() -> None:
+        try:
+            outcome["data"] = port.read(100)
+        except serial.SerialException as exc:
+            outcome["error"] = str(exc)
+        outcome["woke"] = time.monotonic()
 
-    closer = threading.Thread(target=close_soon, name="test-closer")
-    closer.start()
+    reader = threading.Thread(target=read, name="test-reader")
+    reader.start()
     try:
-        with pytest.raises(serial.SerialException, match=r"read failed: \[Errno 9\]"):
-            port.read(100)
-        woke = time.monotonic()
+        deadline = time.monotonic() + 5
+        while not waiting_in(reader, "_fill"):
+            assert time.monotonic() < deadline and reader.is_alive(), outcome
+            time.sleep(0.005)
+        closed = time.monotonic()
+        port.close()
     finally:
-        closer.join()
-    assert woke - closed_at[0] < 0.5
+        reader.join()
+    assert outcome["woke"] - closed < 0.5
+    assert outcome.get("error", "").startswith("read failed: [Errno 9]"), outcome  # as pyserial's POSIX Serial
     with serial.serial_for_url(bench[0].url, timeout=0.1):
         pass  # and the port is free again
 
