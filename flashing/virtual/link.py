@@ -97,13 +97,13 @@ class SocketPort:
                 conn.close()
                 continue
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            try:
+                conn.sendall(OPEN_OK)  # before the sink joins: the answer must be the first byte
+            except OSError:
+                pass  # the host gave up waiting: its serve thread drops it at once
             self.device.reset_capable_host(True)
             self.device.sinks.append(self._sink)
             self._serving = self._start(self._serve, conn, name=f"vdev-{self.device.index}-conn")
-            try:
-                conn.sendall(OPEN_OK)
-            except OSError:
-                conn.shutdown(socket.SHUT_RDWR)  # the host gave up waiting: its serve thread drops it
 
     def _take(self, conn: socket.socket) -> bool:
         """Give the port to a new host if nobody holds it or its holder has hung up."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import sys
 import threading
 import time
@@ -13,6 +14,7 @@ import serial
 from flashing.firmware import build_firmware
 from flashing.mqtt import EmbeddedBroker
 from flashing.nvs import NvsEntry, build_partition
+from flashing.virtual.slip import encode
 from flashing.virtual.bench import ControlClient, VirtualBench
 from tests.flashing.test_virtual_board import flash_firmware
 
@@ -56,6 +58,33 @@ def test_immediate_reopen_after_close_succeeds_every_time(make_bench):
 
 def test_immediate_reopen_after_close_succeeds_while_the_cpu_is_busy(make_bench, busy_cpu):
     reopen_many(make_bench(1))
+
+
+def test_immediate_reopen_while_the_board_keeps_talking(make_bench):
+    # a program on the board's pty keeps syncing: the ROM's answers reach the vesp host too
+    bench = make_bench(1)
+    slot = bench[0]
+    sync = encode(struct.pack("<BBHI", 0, 0x08, 36, 0) + b"\x07\x07\x12\x20" + b"\x55" * 32)
+    stop = threading.Event()
+
+    def talk() -> None:
+        with serial.Serial(slot.pty.path, 115200, timeout=0) as pty:
+            while not stop.is_set():
+                pty.write(sync)
+                pty.reset_input_buffer()
+                stop.wait(0.002)
+
+    talker = threading.Thread(target=talk, name="test-pty-talker")
+    talker.start()
+    heard = b""
+    try:
+        for i in range(REOPENS):
+            with serial.serial_for_url(slot.url, baudrate=115200, timeout=0.05) as port:
+                heard += port.read(64)
+    finally:
+        stop.set()
+        talker.join()
+    assert b"\x01\x08" in heard  # the board was answering syncs all along
 
 
 def test_a_second_program_is_still_refused_while_the_port_is_open(make_bench):
