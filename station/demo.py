@@ -32,21 +32,19 @@ class DemoLine:
         self.rng = random.Random(seed)
         self.stopped = threading.Event()
         self._swapping: set[int] = set()
-        self._threads: list[threading.Thread] = []
-
-    def _spawn(self, target, *args, name: str) -> None:
-        t = threading.Thread(target=target, args=args, daemon=True, name=name)
-        self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        t.start()
+        self._runner = threading.Thread(target=self._run, daemon=True, name="demo-line")
+        self._swaps: list[threading.Thread] = []
 
     def start(self) -> "DemoLine":
-        self._spawn(self._run, name="demo-line")
+        self._runner.start()
         return self
 
     def stop(self) -> None:
         """Stop swapping boards and wait for the swaps under way."""
         self.stopped.set()
-        for t in list(self._threads):
+        if self._runner.is_alive():
+            self._runner.join(10)  # after this no new swap starts
+        for t in self._swaps:
             t.join(10)
 
     def _run(self) -> None:
@@ -55,7 +53,10 @@ class DemoLine:
                 done = slot.status in ("passed", "failed", "aborted") and slot.ended is not None
                 if done and slot.index not in self._swapping and time.monotonic() - slot.ended > self.swap_after:
                     self._swapping.add(slot.index)
-                    self._spawn(self._swap, slot.index, name=f"demo-swap-{slot.index}")
+                    swap = threading.Thread(target=self._swap, args=(slot.index,), daemon=True,
+                                            name=f"demo-swap-{slot.index}")
+                    self._swaps = [t for t in self._swaps if t.is_alive()] + [swap]
+                    swap.start()
 
     def _swap(self, index: int) -> None:
         dev = self.bench[index].device
