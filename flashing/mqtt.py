@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -96,10 +97,25 @@ class MqttClient:
         self._pid = 0
         self._closed = threading.Event()
         self._subacks: dict[int, threading.Event] = {}
+        self._connecting: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
 
     def connect(self) -> int:
         """Connect and log in; returns the CONNACK code (0 = accepted)."""
         sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self._connecting = sock  # close() from another thread ends a login that waits
+        if self._closed.is_set():
+            sock.close()
+            raise MqttError("closed while connecting")
+        try:
+            return self._login(sock)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            self._connecting = None
+
+    def _login(self, sock: socket.socket) -> int:
         flags = 0x02
         payload = _str(self.client_id)
         if self.will:
@@ -123,8 +139,10 @@ class MqttClient:
             return data[1]
         sock.settimeout(None)
         self.sock = sock
-        threading.Thread(target=self._reader, daemon=True, name=f"mqtt-{self.client_id}").start()
-        threading.Thread(target=self._pinger, daemon=True).start()
+        self._threads = [threading.Thread(target=self._reader, daemon=True, name=f"mqtt-{self.client_id}"),
+                         threading.Thread(target=self._pinger, daemon=True, name=f"mqtt-{self.client_id}-ping")]
+        for t in self._threads:
+            t.start()
         return 0
 
     def _send(self, data: bytes) -> None:
@@ -186,18 +204,24 @@ class MqttClient:
         return self._closed.wait(timeout)
 
     def close(self) -> None:
+        """Disconnect and wait for the reader and pinger threads to end."""
         if self.sock is not None and not self._closed.is_set():
             try:
                 self._send(packet(DISCONNECT, 0, b""))
             except (OSError, MqttError):
                 pass
         self._closed.set()
+        for sock in (self._connecting, self.sock):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         if self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self.sock.close()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(5)
 
 
 class EmbeddedBroker:
@@ -211,20 +235,29 @@ class EmbeddedBroker:
         self._lock = threading.Lock()
         self._subs: list[tuple[socket.socket, str]] = []
         self._retained: dict[str, bytes] = {}
-        self._clients: set[socket.socket] = set()
+        self._clients: set[socket.socket] = set()  # every connection, logged in or not yet
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True, name="mqtt-broker").start()
+        self._threads = [threading.Thread(target=self._accept, daemon=True, name="mqtt-broker")]
+        self._threads[0].start()
 
     def close(self) -> None:
+        """Stop listening, drop every client and wait for the broker's threads to end."""
         self._closed = True
+        try:
+            self._srv.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
+        except OSError:
+            pass
         self._srv.close()
         with self._lock:
-            for c in list(self._clients):
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                c.close()
+            clients = list(self._clients)
+        for c in clients:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for t in list(self._threads):
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _accept(self) -> None:
         while not self._closed:
@@ -232,7 +265,15 @@ class EmbeddedBroker:
                 conn, _ = self._srv.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._clients.add(conn)
+                self._threads = [t for t in self._threads if t.is_alive()]
+                t = threading.Thread(target=self._serve, args=(conn,), daemon=True, name="mqtt-broker-client")
+                self._threads.append(t)
+            t.start()
 
     def _deliver(self, topic: str, payload: bytes, retain_flag: bool, only: socket.socket | None = None) -> None:
         data = packet(PUBLISH, 0x01 if retain_flag else 0, _str(topic) + payload)
@@ -271,8 +312,6 @@ class EmbeddedBroker:
                 conn.sendall(packet(CONNACK, 0, b"\x00\x05"))
                 return
             conn.sendall(packet(CONNACK, 0, b"\x00\x00"))
-            with self._lock:
-                self._clients.add(conn)
             while True:
                 ptype, flags, data = read_packet(conn)
                 if ptype == PUBLISH:

@@ -268,8 +268,7 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
     finally:
         if bench:
             bench.close()
-        ctx.record.release_session()
-        ctx.record.close()
+        ctx.close()
     if not args.json:
         _summary(results)
     if stop.name:

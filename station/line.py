@@ -5,7 +5,8 @@ Each slot is a fixture port. A board arriving on a port starts its run by itself
 (unless paused, or the profile takes serials from labels and none was scanned yet);
 a board pulled mid-run aborts it. Runs go to the station's unit threads, one per
 slot at the most (not a GUI toolkit's worker pool, which may run only a few at once),
-and report through `on_change(slot_index)`.
+and report through `on_change(slot_index)`. The line owns the station contexts it
+is given: a switch closes the one it replaces, and `close()` the current one.
 """
 
 from __future__ import annotations
@@ -231,13 +232,19 @@ class Line:
         if self.running():
             raise RuntimeError("wait until no slot is running")
         if ctx is not None:
-            self.ctx = ctx
+            old, self.ctx = self.ctx, ctx
+            old.close()
         if lot is not None:
             self.lot = lot
 
     def shutdown(self) -> None:
         for slot in self.running():
             slot.cancel.set()
+
+    def close(self) -> None:
+        """Abort the runs still going, wait until they have recorded themselves, end the unit threads."""
+        self.shutdown()
+        self.ctx.close()
 
     # -- events from the pipeline (worker threads) -------------------------------------------------
     def _event(self, slot: Slot, e: Event) -> None:

@@ -60,12 +60,25 @@ class StationContext:
         if not self.firmware:
             self.firmware = [(r.name, r.offset, data) for r, data in self.profile.region_bytes()]
         self._pool: ThreadPoolExecutor | None = None
+        self._outgrown: list[ThreadPoolExecutor] = []  # smaller pools, ending with their last units
 
     def workers(self, n: int) -> ThreadPoolExecutor:
         """Threads for running units, kept across batches (one per port at the most)."""
         if self._pool is None or self._pool._max_workers < n:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._outgrown.append(self._pool)
             self._pool = ThreadPoolExecutor(max_workers=max(n, 4), thread_name_prefix="unit")
         return self._pool
+
+    def close(self) -> None:
+        """Wait for the units still running, end the unit threads and close the record."""
+        pools = [*self._outgrown, self._pool] if self._pool else self._outgrown
+        self._pool, self._outgrown = None, []
+        for pool in pools:
+            pool.shutdown(wait=True)
+        self.record.release_session()  # every attempt of this context has its finish (or its spool line)
+        self.record.close()
 
 
 class StepFailure(UnitError):
@@ -317,7 +330,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
     finally:
         watcher_stop.set()
         session.close()
-        watcher.join(1.0)
+        watcher.join()
         if attempt.outcome == Outcome.STARTED:  # a BaseException escaped the branch above
             attempt.outcome, attempt.error, attempt.remedy = Outcome.ABORTED, *ABORTED_TEXT
         attempt.ended_at = now_iso()

@@ -408,6 +408,9 @@ class StationApp(App):
             await asyncio.sleep(0.05)
         self.exit()
 
+    def on_unmount(self) -> None:
+        self.line.close()  # runs still going end as aborted; no unit thread outlives the screen
+
     @work
     async def action_quit_station(self) -> None:
         if self.line.running():

@@ -1,10 +1,12 @@
-"""Shared fixtures: virtual benches, the esptool CLI as a subprocess, firmware."""
+"""Shared fixtures: virtual benches, the esptool CLI as a subprocess, firmware, no leaked threads."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,26 @@ from flashing.virtual.bench import VirtualBench
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STATION_SHARED_DIR", REPO.parent / "shared"))
+THREAD_GRACE_S = 5.0  # a closed owner joins its threads; this only covers ones in their last steps
+
+
+@pytest.fixture(autouse=True)
+def no_thread_outlives_its_test():
+    """Fail a test that leaves a thread running: whatever it opened, it must close.
+
+    Threads alive before the test (session fixtures, pytest's own) are not its doing.
+    """
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_GRACE_S
+    while True:
+        left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        if not left or time.monotonic() >= deadline:
+            break
+        left[0].join(deadline - time.monotonic())
+    if left:
+        pytest.fail(f"{len(left)} thread(s) outlived the test: "
+                    f"{', '.join(sorted(t.name for t in left))}", pytrace=False)
 
 
 @pytest.fixture
@@ -22,7 +44,8 @@ def make_bench(tmp_path):
 
     def make(count: int = 1, chip: str = "esp32", **kw) -> VirtualBench:
         kw.setdefault("run_dir", tmp_path / f"run{len(benches)}")
-        bench = VirtualBench(count, chip, seed=1234 + len(benches), **kw)
+        kw.setdefault("seed", 1234 + len(benches))
+        bench = VirtualBench(count, chip, **kw)
         benches.append(bench)
         return bench
 
@@ -40,6 +63,8 @@ def esptool_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not (SHARED / "fixtures").is_dir():
+        if os.environ.get("CI"):  # in CI a missing fixture is a broken setup, not a reason to skip
+            pytest.fail(f"shared fixtures not found at {SHARED} (set STATION_SHARED_DIR)")
         pytest.skip(f"shared fixtures not found at {SHARED} (set STATION_SHARED_DIR)")
     return SHARED
 
@@ -49,7 +74,6 @@ def shared_dir() -> Path:
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
-import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 TEST_EMAIL = "factory-test@example.com"

@@ -50,6 +50,8 @@ class TwoSmartApp:
         self.mqtt: MqttClient | None = None
         self.boot = device.boots
         self.mode = "starting"
+        self.threads: list[threading.Thread] = []  # every thread this firmware run started
+        self._reboot: threading.Timer | None = None
 
     # -- console, from any thread ---------------------------------------------------------
     def log(self, level: str, tag: str, msg: str) -> None:
@@ -88,19 +90,36 @@ class TwoSmartApp:
             self.mode = "ap"
         self._start_server()
         if self.mode == "network" and self.config.get("token") and self.config.get("email"):
-            threading.Thread(target=self._mqtt_loop, daemon=True,
-                             name=f"vdev-{self.dev.index}-mqtt").start()
+            self._spawn(threading.Thread(target=self._mqtt_loop, daemon=True,
+                                         name=f"vdev-{self.dev.index}-mqtt"))
+
+    def _spawn(self, thread: threading.Thread) -> None:
+        self.threads.append(thread)
+        thread.start()
 
     def stop(self) -> None:
+        """Stop serving and leave the broker; returns at once (the device thread calls it)."""
         self.stopped.set()
+        if self._reboot is not None:
+            self._reboot.cancel()
         server, self.server = self.server, None
         if server is not None:
             def shut() -> None:
-                server.shutdown()
+                server.shutdown()  # waits for serve_forever to return: not on the device thread
                 server.server_close()
-            threading.Thread(target=shut, daemon=True).start()
-        if self.mqtt is not None:
-            self.mqtt.close()
+            self._spawn(threading.Thread(target=shut, daemon=True, name=f"vdev-{self.dev.index}-http-stop"))
+        mqtt = self.mqtt
+        if mqtt is not None:
+            mqtt.close()
+
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def join(self, timeout: float) -> None:
+        """Wait until every thread of this stopped firmware run has ended."""
+        deadline = time.monotonic() + timeout
+        for t in list(self.threads):
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # -- configuration ----------------------------------------------------------------------
     def _slot(self):
@@ -156,7 +175,10 @@ class TwoSmartApp:
             if self.dev.boots == self.boot and not self.stopped.is_set():
                 self.dev._print("Restarting...\n")
                 self.dev._start(False, "sw")
-        threading.Timer(delay, lambda: self.dev.post(do)).start()
+        self._reboot = threading.Timer(delay, lambda: self.dev.post(do))
+        self._reboot.daemon = True
+        self._reboot.name = f"vdev-{self.dev.index}-reboot"
+        self._spawn(self._reboot)
 
     # -- pairing server ---------------------------------------------------------------------------
     def _start_server(self) -> None:
@@ -201,8 +223,8 @@ class TwoSmartApp:
             self.log("E", "web_server", f"cannot listen on port {self.dev.http_port}: {exc}")
             return
         self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                         daemon=True, name=f"vdev-{self.dev.index}-http").start()
+        self._spawn(threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                     daemon=True, name=f"vdev-{self.dev.index}-http"))
         self.log("I", "web_server", f"pairing server listening on port {self.dev.http_port}")
 
     def _admin_ok(self, handler: BaseHTTPRequestHandler) -> bool:
@@ -286,6 +308,9 @@ class TwoSmartApp:
                 client = MqttClient(addr, port, self.device_id, user, token,
                                     keepalive=max(10, int(self.dev.heartbeat_s * 3)),
                                     will=(f"{root}/$state", b"lost", True))
+                self.mqtt = client  # stop() closes it, also while it is still connecting
+                if self.stopped.is_set():
+                    break
                 rc = client.connect()
             except (OSError, MqttError) as exc:
                 self.log("E", "mqtt", f"cannot reach broker {host}:{port}: {exc}; retrying in "
@@ -297,7 +322,6 @@ class TwoSmartApp:
                          f"(rc={rc}); retrying in {self.dev.mqtt_retry_s:g} s")
                 self.stopped.wait(self.dev.mqtt_retry_s)
                 continue
-            self.mqtt = client
             if self.stopped.is_set():
                 client.close()
                 return

@@ -17,6 +17,7 @@ import json
 import socket
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,12 +81,13 @@ class VirtualBench:
         return len(self.slots)
 
     def close(self) -> None:
+        """Stop every board and port; no thread of the bench is left when this returns."""
         if self.control:
             self.control.close()
         for slot in self.slots:
+            slot.device.close()  # first: a stopped chip sends nothing to a port being closed
             slot.socket.close()
             slot.pty.close()
-            slot.device.close()
         if self._tmp:
             self._tmp.cleanup()
 
@@ -103,10 +105,26 @@ class ControlServer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
         self._sock.listen(8)
-        threading.Thread(target=self._accept, daemon=True, name="vesp-control").start()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._conns: set[socket.socket] = set()
+        self._threads = [threading.Thread(target=self._accept, daemon=True, name="vesp-control")]
+        self._threads[0].start()
 
     def close(self) -> None:
+        """Stop answering, hang up on every client and wait for the server's threads."""
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns)
+        for s in (self._sock, *conns):
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes accept() and reads; close() alone does not
+            except OSError:
+                pass
         self._sock.close()
+        deadline = time.monotonic() + 5
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -118,17 +136,31 @@ class ControlServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+                self._threads = [t for t in self._threads if t.is_alive()]
+                t = threading.Thread(target=self._serve, args=(conn,), daemon=True, name="vesp-control-client")
+                self._threads.append(t)
+            t.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as f:
-            for line in f:
-                try:
-                    reply = {"ok": True, **self.handle(json.loads(line))}
-                except Exception as exc:  # every bad request gets an answer, not a hang
-                    reply = {"ok": False, "error": str(exc)}
-                f.write(json.dumps(reply).encode() + b"\n")
-                f.flush()
+        try:
+            with conn, conn.makefile("rwb") as f:
+                for line in f:
+                    try:
+                        reply = {"ok": True, **self.handle(json.loads(line))}
+                    except Exception as exc:  # every bad request gets an answer, not a hang
+                        reply = {"ok": False, "error": str(exc)}
+                    f.write(json.dumps(reply).encode() + b"\n")
+                    f.flush()
+        except OSError:
+            pass  # the client went away, or the server is closing
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
 
     def handle(self, req: dict) -> dict:
         op = req.get("op")

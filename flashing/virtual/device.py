@@ -73,6 +73,45 @@ class Sink:
 
     write: Callable[[bytes], None]
     baud: Callable[[], int | None]
+    name: str  # names the wire's noise stream, so a seeded board garbles the same bytes every run
+
+
+class WireNoise:
+    """Errors on one direction of one wire, placed by byte count and a seeded generator.
+
+    Where an error falls depends only on how many bytes have crossed the wire, never on
+    how a transport happened to chunk them, so a seeded board fails the same way every run.
+    """
+
+    def __init__(self, seed: str):
+        self.rng = random.Random(seed)
+        self.rate = 0.0
+        self.gap = 0  # clean bytes before the next error
+
+    def _draw_gap(self) -> int:
+        return int(math.log(1 - self.rng.random()) / math.log(1 - min(self.rate, 0.999999)))
+
+    def flip_bits(self, data: bytes, rate: float) -> bytes:
+        """Flip one bit in a byte with probability `rate` per byte."""
+        if rate <= 0:
+            self.rate = 0.0
+            return data
+        if rate != self.rate:
+            self.rate = rate
+            self.gap = self._draw_gap()
+        if self.gap >= len(data):
+            self.gap -= len(data)
+            return data
+        out = bytearray(data)
+        i = self.gap
+        while i < len(out):
+            out[i] ^= 1 << self.rng.randrange(8)
+            i += self._draw_gap() + 1
+        self.gap = i - len(out)
+        return bytes(out)
+
+    def garbage(self, n: int) -> bytes:
+        return self.rng.randbytes(n)
 
 
 class VirtualDevice:
@@ -87,6 +126,8 @@ class VirtualDevice:
         self.realtime = realtime
         self.state_dir = Path(state_dir) if state_dir else None
         self.rng = random.Random(seed if seed is not None else os.urandom(8))
+        self._noise_seed = str(seed) if seed is not None else os.urandom(8).hex()
+        self._noise: dict[str, WireNoise] = {}  # per wire direction: "rx", "tx-vesp", "tx-pty"
         self.faults = Faults()
         self.flash_size = flash_size
         self.mac = mac
@@ -103,6 +144,7 @@ class VirtualDevice:
         self.heartbeat_s = 10.0
         self.mqtt_retry_s = 5.0
         self.runtime: TwoSmartApp | None = None
+        self._stopped_apps: list[TwoSmartApp] = []  # their threads may still be ending
         self.boot_time = time.monotonic()
         # wire and circuit state (device thread only)
         self.powered = True
@@ -186,16 +228,25 @@ class VirtualDevice:
         box: dict[str, Any] = {}
         done = threading.Event()
         self._events.put(("call", fn, box, done))
-        if not done.wait(timeout):
-            raise TimeoutError(f"virtual device {self.index} did not answer")
+        deadline = time.monotonic() + timeout
+        while not done.wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+            if self._stopped.is_set():
+                raise RuntimeError(f"virtual device {self.index} is closed")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"virtual device {self.index} did not answer")
         if "error" in box:
             raise box["error"]
         return box.get("result")
 
     def close(self) -> None:
+        """Stop the chip and its firmware, and wait for their threads to end."""
         if not self._stopped.is_set():
             self._events.put(("stop",))
             self._thread.join(5)
+        deadline = time.monotonic() + 5
+        for app in self._stopped_apps:
+            app.join(max(0.0, deadline - time.monotonic()))
+        self._stopped_apps.clear()
         self.flash.close()
 
     # -- control (documented interface; any thread) ---------------------------------
@@ -288,6 +339,7 @@ class VirtualDevice:
                 if ev is not None:
                     kind = ev[0]
                     if kind == "stop":
+                        self._stop_app()
                         return
                     if kind == "rx":
                         self._on_rx(ev[1], ev[2], ev[3])
@@ -319,6 +371,7 @@ class VirtualDevice:
     def _stop_app(self) -> None:
         if self.runtime is not None:
             self.runtime.stop()
+            self._stopped_apps = [a for a in self._stopped_apps if a.running()] + [self.runtime]
             self.runtime = None
 
     def _power_off(self) -> None:
@@ -491,32 +544,25 @@ class VirtualDevice:
             return  # in reset, in the app (console input is ignored) or silent
         if self.baud is None:
             self.baud = self.host_baud  # ROM auto-baud locks on the first sync
-        data = self._corrupt(data, self.host_baud, self.baud)
+        data = self._corrupt(data, self.host_baud, self.baud, "rx")
         for frame in self.decoder.feed(data):
             if self.loader is None:
                 break
             self.loader.handle(frame)
 
-    def _corrupt(self, data: bytes, sender: int | None, receiver: int | None) -> bytes:
+    def _corrupt(self, data: bytes, sender: int | None, receiver: int | None, wire: str) -> bytes:
         """What arrives when a UART reads bytes sent at `sender` baud at `receiver` baud."""
+        noise = self._noise.get(wire)
+        if noise is None:
+            noise = self._noise[wire] = WireNoise(f"{self._noise_seed}:{wire}")
         if sender and receiver and abs(sender / receiver - 1) > BAUD_TOLERANCE:
             # wrong rate: framing errors; fewer or more bytes, none of them right
             n = max(1, int(len(data) * receiver / sender))
-            return bytes(self.rng.randrange(256) for _ in range(min(n, 4096)))
+            return noise.garbage(min(n, 4096))
         rate = self.faults.noise
         if self.faults.garble_above and sender and sender > self.faults.garble_above:
             rate = max(rate, GARBLE_RATE)
-        if rate <= 0:
-            return data
-        out = bytearray(data)
-        i = -1
-        log_q = math.log(1 - min(rate, 0.999999))
-        while True:
-            i += int(math.log(1 - self.rng.random()) / log_q) + 1
-            if i >= len(out):
-                break
-            out[i] ^= 1 << self.rng.randrange(8)
-        return bytes(out)
+        return noise.flip_bits(data, rate)
 
     def _print(self, text: str) -> None:
         raw = text.replace("\n", "\r\n").encode()
@@ -539,7 +585,7 @@ class VirtualDevice:
             self._sleep_until(done)
         for sink in list(self.sinks):
             try:
-                sink.write(self._corrupt(data, dev_baud, sink.baud()))
+                sink.write(self._corrupt(data, dev_baud, sink.baud(), f"tx-{sink.name}"))
             except OSError:
                 pass  # the host end went away; a UART does not notice
 

@@ -30,13 +30,20 @@ HEADER = struct.Struct("<cI")
 DATA_HEAD = struct.Struct("<Id")
 LINES = struct.Struct("<BBd")
 OPEN_OK, OPEN_BUSY = b"\x01", b"\x00"
+HANDOVER_S = 10.0  # bounds the wait for a hung-up host's last messages to reach the board
+JOIN_S = 5.0  # how long close() waits for a port's threads
 
 _SPEEDS = {getattr(termios, n): int(n[1:]) for n in dir(termios)
            if n.startswith("B") and n[1:].isdigit()}
 
 
 class SocketPort:
-    """The board's USB-serial bridge as a Unix socket speaking the vesp protocol."""
+    """The board's USB-serial bridge as a Unix socket speaking the vesp protocol.
+
+    One host at a time holds the port. A host that closed its end (it hung up) has
+    released it, even if this side has not yet read its last messages: the next open
+    waits for those to reach the board, then takes the port, as a tty is free at close().
+    """
 
     def __init__(self, device: VirtualDevice, path: Path):
         self.device = device
@@ -44,11 +51,27 @@ class SocketPort:
         self.url = f"vesp://{self.path}"
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
+        self._serving: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._closed = False
         self._host_baud = 115200
-        self._lock = threading.Lock()
-        self._sink = Sink(self._send, lambda: self._host_baud)
+        self._lock = threading.RLock()
+        self._sink = Sink(self._send, lambda: self._host_baud, "vesp")
         device.links.append(self)
         self._listen()
+
+    @property
+    def attached(self) -> bool:
+        """A host holds the port, or its last messages are still on their way to the board."""
+        serving = self._serving
+        return serving is not None and serving.is_alive()
+
+    def _start(self, target, *args, name: str) -> threading.Thread:
+        t = threading.Thread(target=target, args=args, daemon=True, name=name)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+        return t
 
     def _listen(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +81,7 @@ class SocketPort:
         s.bind(str(self.path))
         s.listen(4)
         self._listener = s
-        threading.Thread(target=self._accept_loop, args=(s,), daemon=True,
-                         name=f"vdev-{self.device.index}-sock").start()
+        self._start(self._accept_loop, s, name=f"vdev-{self.device.index}-sock")
 
     def _accept_loop(self, listener: socket.socket) -> None:
         while True:
@@ -67,22 +89,38 @@ class SocketPort:
                 conn, _ = listener.accept()
             except OSError:
                 return  # unplugged or closed
-            with self._lock:
-                busy = self._conn is not None
-                if not busy:
-                    self._conn = conn
-            if busy:
+            if not self._take(conn):
                 try:
                     conn.sendall(OPEN_BUSY)
-                finally:
-                    conn.close()
+                except OSError:
+                    pass
+                conn.close()
                 continue
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
-            conn.sendall(OPEN_OK)
+            try:
+                conn.sendall(OPEN_OK)  # before the sink joins: the answer must be the first byte
+            except OSError:
+                pass  # the host gave up waiting: its serve thread drops it at once
             self.device.reset_capable_host(True)
             self.device.sinks.append(self._sink)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                             name=f"vdev-{self.device.index}-conn").start()
+            self._serving = self._start(self._serve, conn, name=f"vdev-{self.device.index}-conn")
+
+    def _take(self, conn: socket.socket) -> bool:
+        """Give the port to a new host if nobody holds it or its holder has hung up."""
+        with self._lock:  # _drop closes the old socket under the lock: never polled once closed
+            held = self._conn is not None and not _hung_up(self._conn)
+            serving = self._serving
+        if held:
+            return False  # another program has the port open
+        if serving is not None:
+            serving.join(HANDOVER_S)  # the old holder's last messages reach the board first
+            if serving.is_alive():
+                return False
+        with self._lock:
+            if self._closed:
+                return False
+            self._conn = conn
+        return True
 
     def _serve(self, conn: socket.socket) -> None:
         buf = bytearray()
@@ -115,16 +153,12 @@ class SocketPort:
 
     def _drop(self, conn: socket.socket) -> None:
         with self._lock:
-            if self._conn is not conn:
-                return
-            self._conn = None
+            if self._conn is conn:
+                self._conn = None
+            conn.close()
         if self._sink in self.device.sinks:
             self.device.sinks.remove(self._sink)
         self.device.reset_capable_host(False)
-        try:
-            conn.close()
-        except OSError:
-            pass
 
     def _send(self, data: bytes) -> None:
         conn = self._conn
@@ -133,13 +167,13 @@ class SocketPort:
 
     # the cable: called on the device thread
     def unplugged(self) -> None:
-        if self._listener is not None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
             try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop (close alone does not)
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop (close alone does not)
             except OSError:
                 pass
-            self._listener.close()
-            self._listener = None
+            listener.close()
         try:
             self.path.unlink()
         except FileNotFoundError:
@@ -152,11 +186,26 @@ class SocketPort:
                 pass
 
     def replugged(self) -> None:
-        if self._listener is None:
-            self._listen()
+        with self._lock:  # a close() at the same time must see the new listener
+            if not self._closed and self._listener is None:
+                self._listen()
 
     def close(self) -> None:
+        """Pull the cable for good and wait for this port's threads to end."""
+        with self._lock:
+            self._closed = True
         self.unplugged()
+        deadline = time.monotonic() + JOIN_S
+        for t in list(self._threads):
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """The host closed its end (its last messages may still wait to be read)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
 class PtyPort:
@@ -169,9 +218,11 @@ class PtyPort:
         os.set_blocking(self.master, False)
         self.path = os.ttyname(self._slave)
         self._closed = False
-        device.sinks.append(Sink(self._send, self.host_baud))
-        threading.Thread(target=self._pump, daemon=True,
-                         name=f"vdev-{device.index}-pty").start()
+        self._wake_r, self._wake_w = os.pipe()  # close() wakes the pump's select through it
+        self._sink = Sink(self._send, self.host_baud, "pty")
+        device.sinks.append(self._sink)
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True, name=f"vdev-{device.index}-pty")
+        self._pump_thread.start()
 
     def host_baud(self) -> int | None:
         try:
@@ -182,8 +233,8 @@ class PtyPort:
     def _pump(self) -> None:
         while not self._closed:
             try:
-                ready, _, _ = select.select([self.master], [], [], 0.5)
-                if not ready:
+                ready, _, _ = select.select([self.master, self._wake_r], [], [], 0.5)
+                if self.master not in ready:
                     continue
                 data = os.read(self.master, 1 << 16)
             except (OSError, ValueError):
@@ -195,7 +246,7 @@ class PtyPort:
                 self.device.host_write(data, self.host_baud(), time.monotonic())
 
     def _send(self, data: bytes) -> None:
-        if not self.device.powered:
+        if not self.device.powered or self._closed:
             return
         view = memoryview(data)
         while view:
@@ -212,8 +263,15 @@ class PtyPort:
         pass
 
     def close(self) -> None:
+        """Stop the pump, then close the pty (never under a select that still uses it)."""
+        if self._closed:
+            return
         self._closed = True
-        for fd in (self.master, self._slave):
+        if self._sink in self.device.sinks:
+            self.device.sinks.remove(self._sink)
+        os.write(self._wake_w, b"x")
+        self._pump_thread.join(JOIN_S)
+        for fd in (self.master, self._slave, self._wake_r, self._wake_w):
             try:
                 os.close(fd)
             except OSError:

@@ -5,11 +5,14 @@ the packages in `serial.protocol_handler_packages`). It behaves like a USB-seria
 bridge: data both ways, DTR and RTS driving the board's auto-reset circuit, and the
 baud rate reaching the board. Like a pty it has no file descriptor for modem-line
 ioctls, so `fileno()` raises ENOTTY and esptool falls back to its DTR/RTS setters.
+Like a tty, the port is free again the moment `close()` returns, and a close from
+another thread ends a read that is waiting (the station aborts a unit that way).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import struct
@@ -22,6 +25,9 @@ from .link import DATA_HEAD, HEADER, LINES, MSG_BAUD, MSG_DATA, MSG_LINES, OPEN_
 
 DISCONNECTED = ("device reports readiness to read but returned no data "
                 "(device disconnected or multiple access on port?)")
+# what pyserial's POSIX Serial raises when its port is closed under a read
+CLOSED_UNDER_READ = f"read failed: [Errno {errno.EBADF}] {os.strerror(errno.EBADF)}"
+OPEN_ANSWER_S = 15.0  # the board answers at once; this only bounds a board that is gone
 
 
 class Serial(SerialBase):
@@ -34,7 +40,7 @@ class Serial(SerialBase):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
-            sock.settimeout(2.0)
+            sock.settimeout(OPEN_ANSWER_S)
             answer = sock.recv(1)
         except FileNotFoundError:
             sock.close()
@@ -72,10 +78,12 @@ class Serial(SerialBase):
     def close(self) -> None:
         if self.is_open:
             self.is_open = False
+            # shutdown hangs up the board's end now (it sees the port free) and wakes a waiting read
             try:
-                self._sock.close()
+                self._sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            self._sock.close()
 
     def _msg(self, kind: bytes, body: bytes) -> None:
         try:
@@ -105,7 +113,12 @@ class Serial(SerialBase):
         raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
 
     def _fill(self, timeout: float | None) -> bool:
-        ready, _, _ = select.select([self._sock], [], [], timeout)
+        try:
+            ready, _, _ = select.select([self._sock], [], [], timeout)
+        except (OSError, ValueError):
+            ready = None  # the socket was closed by another thread
+        if not self.is_open:
+            raise SerialException(CLOSED_UNDER_READ)
         if not ready:
             return False
         try:
@@ -113,6 +126,8 @@ class Serial(SerialBase):
         except OSError as exc:
             raise SerialException(f"read failed: {exc}") from None
         if not chunk:
+            if not self.is_open:
+                raise SerialException(CLOSED_UNDER_READ)
             self.is_open = False
             raise SerialException(DISCONNECTED)
         self._rx += chunk

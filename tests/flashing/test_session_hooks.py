@@ -35,7 +35,8 @@ def test_compress_once_gives_zlibs_bytes_and_compresses_each_image_once(monkeypa
     assert z.compress(image, 6) == real(image, 6)  # the level is part of the key
     assert calls == [len(image), 5, len(image)]
     assert not z._busy  # nobody left waiting, nothing kept for the hits
-    assert z.decompressobj  # everything else is zlib's own
+    assert z.decompressobj is zlib.decompressobj and z.crc32 is zlib.crc32  # everything else is zlib's own
+    assert z.decompressobj().decompress(out[0]) == image
 
 
 def test_compress_once_keeps_only_a_few_images():

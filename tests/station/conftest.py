@@ -30,6 +30,7 @@ def station_env(tmp_path, monkeypatch):
 
 
 def run_station(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # only what this command prints, not what the test printed before it
     rc = main(list(args))
     out, err = capsys.readouterr()
     return rc, out, err

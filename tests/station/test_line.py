@@ -63,6 +63,7 @@ def test_a_hung_port_while_seven_others_finish(station_env):
         assert bad.outcome == "failed" and bad.failed_step == "flash"
         others = max(sum(r.durations.values()) for i, r in enumerate(results) if i != 3)
         assert others < took  # the others did not wait for the hung one
+    ctx.close()
 
 
 def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
@@ -85,3 +86,4 @@ def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
             assert time.monotonic() < deadline + 60
             time.sleep(0.1)
         assert [s.status for s in line.slots] == ["passed", "passed", "aborted", "passed"]
+    line.close()
