@@ -222,11 +222,11 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         attempt.outcome = "passed"
     except Aborted:
         attempt.outcome, attempt.failed_step = "aborted", current["step"]
-        attempt.error, attempt.remedy = "aborted by the operator", "put the board back and start it again"
+        attempt.error, attempt.remedy = _abort_reason(cancel), "put the board back and start it again"
     except (StepFailure, SessionError, RecordError, SmokeFailure) as exc:
         if cancel.is_set():
             attempt.outcome = "aborted"
-            attempt.error, attempt.remedy = "aborted by the operator", "put the board back and start it again"
+            attempt.error, attempt.remedy = _abort_reason(cancel), "put the board back and start it again"
         else:
             attempt.error = getattr(exc, "message", str(exc))
             attempt.remedy = exc.remedy
@@ -234,8 +234,12 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         attempt.failed_step = current["step"]
     except Exception as exc:  # a bug must not take the other ports down
         attempt.failed_step = current["step"]
-        attempt.error = f"unexpected error: {exc!r}"
-        attempt.remedy = "retry; if it repeats, report it to the station's engineers"
+        if cancel.is_set():  # a port closed under esptool by an abort raises whatever esptool raises
+            attempt.outcome = "aborted"
+            attempt.error, attempt.remedy = _abort_reason(cancel), "put the board back and start it again"
+        else:
+            attempt.error = f"unexpected error: {exc!r}"
+            attempt.remedy = "retry; if it repeats, report it to the station's engineers"
     finally:
         watcher_stop.set()
         session.close()
@@ -253,6 +257,11 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         attempt_id=attempt_id, written_regions=tuple(attempt.written_regions), note=note)
     emit(UnitFinished(job.port, result))
     return result
+
+
+def _abort_reason(cancel: threading.Event) -> str:
+    # the line's cancel knows whether the board was pulled; a plain Event means the operator
+    return getattr(cancel, "reason", "aborted by the operator")
 
 
 def _assign_serial(job: UnitJob, ctx: StationContext, mac: str) -> str:
