@@ -317,4 +317,163 @@ def test_snapshot_main_screen(station_env, snap_compare, size):
     cfg.write_text(cfg.read_text().replace('station_id = "test-station"', 'station_id = "line-1-station-1"'))
     ports = [f"/dev/ttyFIXTURE{i}" for i in range(4)]  # no board in any slot: a steady screen
     app = StationApp(ctx_for(station_env), ports, operator="Anna")
-    assert snap_compare(app, terminal_size=size)
+    assert snap_compare(app, terminal_size=size, run_before=lambda pilot: steady_cursor(app))
+
+
+# -- snapshots of the working screen, built from fixed state ---------------------------------------
+
+class FixedClock:
+    """The line's clock, held still: elapsed times and rates on the cards do not move."""
+
+    def __init__(self, t: float = 10_000.0):
+        self.t = t
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def fixed_station(station_env, monkeypatch):
+    cfg = station_env / "station.toml"
+    cfg.write_text(cfg.read_text().replace('station_id = "test-station"', 'station_id = "line-1-station-1"'))
+    clock = FixedClock()
+    monkeypatch.setattr(station.line, "time", clock)
+    return station_env, clock
+
+
+def fixed_app(env, clock, slots: int) -> StationApp:
+    # fixture ports that are not there: the poll leaves the state below alone
+    app = StationApp(ctx_for(env), [f"/dev/ttyFIXTURE{i}" for i in range(slots)], operator="Anna")
+    app.line.spawn = lambda fn: None  # no pipeline: the test plays the events
+    app.line.lot = "LOT-2611"
+    app.line.opened = clock.t - 3600  # an hour into the shift
+    return app
+
+
+def play(app, clock, i: int, until_step: str, fraction: float = 0.0) -> None:
+    """Slot i through the pipeline's events up to `until_step` (fixed MAC and serial)."""
+    line, port = app.line, app.line.slots[i].port
+    slot = line.slots[i]
+    total = sum(len(d) for _, _, d in line.ctx.firmware) + line.ctx.profile.config_slot().size
+    line.start(i)
+    feed = lambda e: line._event(slot, e)  # noqa: E731  (the pipeline's emit for this slot)
+    mac = f"24:0a:c4:5e:10:{0x30 + i:02x}"
+    for step in ("connect", "identify", "guard", "serial", "config", "flash", "boot"):
+        feed(StepStarted(port, step))
+        if step == "connect":
+            feed(UnitInfo(port, mac, "ESP32"))
+        if step == "serial":
+            feed(UnitInfo(port, serial=f"RLY-261126-{i + 1:05d}"))
+        if step == "flash":
+            feed(Progress(port, "flash", 0, total, "bootloader"))
+            clock.t += 4.0
+            feed(Progress(port, "flash", int(total * fraction), total, "app"))
+        if step == until_step:
+            return
+        if step == "flash":
+            feed(Progress(port, "flash", total, total, ""))
+        clock.t += 1.0
+
+
+def finish(app, clock, i: int, outcome: str, step: str | None = None, error: str | None = None,
+           remedy: str | None = None) -> None:
+    slot = app.line.slots[i]
+    clock.t += 2.0
+    app.line._event(slot, UnitFinished(slot.port, UnitResult(
+        slot.port, outcome, step, error, remedy, slot.mac, slot.serial, chip=slot.chip)))
+
+
+def steady_cursor(app) -> None:
+    app.query_one("#scan").cursor_blink = False  # a blinking cursor would be in the picture half the time
+
+
+async def settle(pilot, app, words: dict[int, str]) -> None:
+    """Wait until every card shows its word (the line's changes went through the message queue)."""
+    await until(pilot, lambda: all(w in card_text(app, i) for i, w in words.items()))
+
+
+def test_snapshot_flashing(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 4)
+
+    async def before(pilot):
+        steady_cursor(app)
+        play(app, clock, 0, "flash", 0.42)
+        play(app, clock, 1, "flash", 0.81)
+        play(app, clock, 2, "boot")
+        app.line.slots[3].status = "waiting"
+        app.line.on_change(3)
+        clock.t += 3.0
+        await settle(pilot, app, {0: "kB/s", 1: "kB/s", 2: "step: boot", 3: "READY"})
+
+    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
+
+
+def test_snapshot_pass_and_fail(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 4)
+
+    async def before(pilot):
+        steady_cursor(app)
+        play(app, clock, 0, "boot")
+        finish(app, clock, 0, "passed")
+        play(app, clock, 1, "flash", 0.3)
+        finish(app, clock, 1, "failed", "flash", "the board was unplugged or the port failed while writing",
+               "reseat the board, then retry")
+        play(app, clock, 2, "boot")
+        finish(app, clock, 2, "passed")
+        play(app, clock, 3, "connect")
+        finish(app, clock, 3, "failed", "connect", "wrong chip: found ESP32-C3, the profile is for ESP32",
+               "put this board aside for the right product, or load the right profile")
+        await settle(pilot, app, {0: "PASS", 1: "FAIL", 2: "PASS", 3: "FAIL"})
+        assert "PASS 2" in header_text(app) and "FAIL 2" in header_text(app) and "yield 50%" in header_text(app)
+
+    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
+
+
+def test_snapshot_aborted(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 2)
+
+    async def before(pilot):
+        steady_cursor(app)
+        play(app, clock, 0, "flash", 0.5)
+        finish(app, clock, 0, "aborted", "flash", "the board was pulled out mid-run",
+               "put the board back and start it again")
+        play(app, clock, 1, "boot")
+        finish(app, clock, 1, "aborted", "boot", "aborted by the operator", "put the board back and start it again")
+        await settle(pilot, app, {0: "ABORTED", 1: "ABORTED"})
+        assert "pulled out mid-run" in card_text(app, 0) and "put the board back" in card_text(app, 0)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=before)
+
+
+def test_snapshot_sixteen_slots(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 16)
+
+    async def before(pilot):
+        steady_cursor(app)
+        words = {}
+        for i in range(16):
+            kind = i % 4
+            if kind in (0, 1):
+                play(app, clock, i, "flash", (i + 1) / 17)
+                words[i] = "kB/s"
+            elif kind == 2:
+                play(app, clock, i, "boot")
+                finish(app, clock, i, "passed")
+                words[i] = "PASS"
+            elif i == 15:
+                play(app, clock, i, "flash", 0.6)
+                finish(app, clock, i, "aborted", "flash", "the board was pulled out mid-run",
+                       "put the board back and start it again")
+                words[i] = "ABORTED"
+            else:
+                play(app, clock, i, "connect")
+                finish(app, clock, i, "failed", "connect", "no device answered", "check the board is seated")
+                words[i] = "FAIL"
+        await settle(pilot, app, words)
+        assert app.compact
+
+    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
