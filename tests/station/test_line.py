@@ -120,3 +120,27 @@ def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
             assert time.monotonic() < deadline + 60
             time.sleep(0.1)
         assert [s.status for s in line.slots] == ["passed", "passed", "aborted", "passed"]
+
+
+def test_demo_line_swaps_each_finished_board_for_a_new_one_some_faulty(station_env):
+    from station.demo import DemoLine
+
+    ctx = ctx_for(station_env)
+    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
+        first_macs = [s.device.mac_text for s in bench.slots]
+        line = Line(ctx, [s.url for s in bench.slots], lambda i: None)
+        # every new board faulty; seed 7 draws a dead flash and no download mode: both fail
+        demo = DemoLine(bench, line, swap_after=0.2, faulty_share=1.0, seed=7).start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(ctx.record.attempts()) < 4:  # two boards, then the two that replaced them
+                assert time.monotonic() < deadline, [s.status for s in line.slots]
+                line.poll()  # the screen's hot-plug poll
+                time.sleep(0.1)
+        finally:
+            demo.stop()
+        second_macs = [s.device.mac_text for s in bench.slots]
+    rows = sorted(ctx.record.attempts(), key=lambda r: r["id"])
+    assert [r["outcome"] for r in rows[:2]] == ["passed", "passed"] and {r["mac"] for r in rows[:2]} == set(first_macs)
+    assert set(first_macs).isdisjoint(second_macs)  # new boards, new MACs
+    assert sorted((r["outcome"], r["failed_step"]) for r in rows[2:]) == [("failed", "connect"), ("failed", "identify")]
