@@ -3,6 +3,7 @@
 
     python3 tasks.py demo    # the station with virtual boards and the example profile
     python3 tasks.py test    # the test suite (what CI runs)
+    python3 tasks.py coverage  # the test suite under coverage, then the per-module report
     python3 tasks.py bench   # the benchmark scripts (slow; prints the numbers we quote)
 
 Each creates or updates the local virtual environment `.venv` first.
@@ -45,7 +46,7 @@ def ensure_venv() -> None:
 def main() -> int:
     task = sys.argv[1] if len(sys.argv) > 1 else "help"
     extra = sys.argv[2:]
-    if task not in ("demo", "test", "bench"):
+    if task not in ("demo", "test", "coverage", "bench"):
         print(__doc__)
         return 0 if task == "help" else 2
     ensure_venv()
@@ -53,6 +54,12 @@ def main() -> int:
         return subprocess.call([PY, "-m", "station", "demo", *extra], cwd=ROOT)
     if task == "test":
         return subprocess.call([PY, "-m", "pytest", *extra], cwd=ROOT)
+    if task == "coverage":  # settings in pyproject.toml [tool.coverage.*]; subprocesses are measured too
+        subprocess.call([PY, "-m", "coverage", "erase"], cwd=ROOT)
+        rc = subprocess.call([PY, "-m", "coverage", "run", "-m", "pytest", *extra], cwd=ROOT)
+        subprocess.call([PY, "-m", "coverage", "combine", "-q"], cwd=ROOT)
+        subprocess.call([PY, "-m", "coverage", "report"], cwd=ROOT)
+        return rc
     rc = 0
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         print(f"== {script.name}", flush=True)

@@ -3,7 +3,8 @@
 Headless: the operator's screen shows it and drives it, the tests drive it too.
 Each slot is a fixture port. A board arriving on a port starts its run by itself
 (unless paused, or the profile takes serials from labels and none was scanned yet);
-a board pulled mid-run aborts it. Runs go to the station's unit threads, one per
+a board pulled mid-run ends it as aborted, whoever notices first (the line's poll, or
+esptool reading from the vanished port). Runs go to the station's unit threads, one per
 slot at the most (not a GUI toolkit's worker pool, which may run only a few at once),
 and report through `on_change(slot_index)`. The line owns the station contexts it
 is given: a switch closes the one it replaces, and `close()` the current one.
@@ -34,6 +35,27 @@ NEXT_ACTION = {
     "boot": "replace board",
     "smoke": "retry; replace board if it fails again",
 }
+
+
+class RunCancel(threading.Event):
+    """A run's cancel: set by an abort, and reads as set once the slot's board is gone.
+
+    So a pulled board ends its run as aborted even when esptool's read on the vanished
+    port fails before the line's next poll has seen the board go.
+    """
+
+    def __init__(self, port: str):
+        super().__init__()
+        self.port = port
+
+    def is_set(self) -> bool:
+        return super().is_set() or not present(self.port)
+
+    @property
+    def reason(self) -> str:
+        if not present(self.port):
+            return "the board was pulled out mid-run"
+        return "aborted by the operator"
 
 
 @dataclass
@@ -168,7 +190,7 @@ class Line:
         slot.done = slot.total = 0
         slot.rate = 0.0
         slot.started = slot.ended = None
-        slot.cancel = threading.Event()
+        slot.cancel = RunCancel(slot.port)
         slot.log.clear()
 
     # -- operator actions ---------------------------------------------------------------------

@@ -359,7 +359,8 @@ def _how_it_ended(exc: BaseException, cancel: threading.Event) -> tuple[Outcome,
     if isinstance(exc, UnitError) and exc.station_fault:
         return Outcome.ERROR, exc.message, exc.remedy, exc.detail  # even during an abort: say so
     if isinstance(exc, Aborted) or cancel.is_set() or not isinstance(exc, Exception):
-        return Outcome.ABORTED, *ABORTED_TEXT, None
+        # the line's cancel knows whether the board was pulled; a plain Event means the operator
+        return Outcome.ABORTED, getattr(cancel, "reason", ABORTED_TEXT[0]), ABORTED_TEXT[1], None
     if isinstance(exc, UnitError):
         return Outcome.FAILED, exc.message, exc.remedy, exc.detail
     # a bug must not take the other ports down, nor be charged to the board

@@ -15,7 +15,7 @@ import pytest
 from flashing.virtual.bench import VirtualBench
 from station.audit import ExportFilter, export, signing_key
 from station.record import Attempt, Record, now_iso
-from tests.station.conftest import TOKEN, run_station
+from tests.station.conftest import TOKEN, json_lines, run_station
 
 WIFI_PASSWORD = "wifi-Pa55-word"
 
@@ -224,3 +224,91 @@ def test_encrypted_config_partition_round_trips_through_the_virtual_device(stati
         st = dev.reset("app")
         assert "the NVS keys do not match" in dev.console_text()
         assert st["app_mode"] == "config-error"
+
+
+def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, capsys, monkeypatch):
+    """Failed units carry error and detail (esptool's and the console's words), and a locked
+    database sends every attempt to the spool: neither may hold the token or the Wi-Fi password."""
+    monkeypatch.setenv("RELAY_WIFI_SSID", "factory-wifi")
+    monkeypatch.setenv("RELAY_WIFI_PASSWORD", WIFI_PASSWORD)
+    db = station_env / "station.db"
+    Record(db).close()
+    holder = sqlite3.connect(db)  # another program holding the database
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
+            bench[1].device.set_fault("panic_after", 0.05)  # crashes while it boots: detail is the boot log
+            bench[2].device.set_fault("unplug_after", 300_000)  # cable pulled mid-write
+            ports = sum((["--port", s.url, "--serial", f"SN-{i}"] for i, s in enumerate(bench.slots)), [])
+            rc, out, err = run_station(capsys, "flash", *ports, "--json")
+        done = {e["port"]: e for e in json_lines(out) if e["event"] == "unit_finished"}
+        assert rc == 1 and [done[s.url]["outcome"] for s in bench.slots] == ["passed", "failed", "failed"]
+        assert all("spool" in (e["note"] or "") for e in done.values())
+        spooled = [json.loads(line) for line in (station_env / "station.db.spool").read_text().splitlines()]
+        spool_bytes = (station_env / "station.db.spool").read_bytes()
+    finally:
+        holder.rollback()
+        holder.close()
+    # the spool holds what the record will: the token's fingerprint, the failures' words
+    assert len(spooled) == 3 and all(a["token_fingerprint"].startswith("hmac-sha256:") for a in spooled)
+    failed = {a["failed_step"]: a for a in spooled if a["outcome"] == "failed"}
+    assert set(failed) == {"boot", "flash"}
+    assert "Guru Meditation" in failed["boot"]["error"] and "unplugged" in failed["flash"]["error"]
+    assert "app_init: Project name:     relay" in failed["boot"]["detail"]  # the boot log itself
+    rows = Record(db).attempts()  # replayed on open
+    assert len(rows) == 3 and not (station_env / "station.db.spool").exists()
+    columns = b"\n".join(str(r[k]).encode() for r in rows for k in ("error", "detail", "remedy"))
+    assert b"app_init: App version:      1.4.2" in columns  # the console's words made it into the record
+    for secret in (TOKEN, WIFI_PASSWORD):
+        for form in forms(secret):
+            assert form not in spool_bytes, f"{secret!r} as {form!r} in the spool"
+            assert form not in columns, f"{secret!r} as {form!r} in a failed unit's error or detail"
+
+
+@pytest.mark.parametrize("clash,why", [
+    (lambda a: setattr(a, "serial", "S-OTHER"), "unit 24:0a:c4:00:00:00: serial S-0 in a.csv (station-a) but "
+                                                "S-OTHER in b.csv"),
+    (lambda a: setattr(a, "mac", "24:0a:c4:00:00:77"), "serial S-0: board 24:0a:c4:00:00:00 and board "
+                                                       "24:0a:c4:00:00:77 (b.csv"),
+], ids=["one-mac-two-serials", "one-serial-two-boards"])
+def test_merge_refuses_conflicting_records(station_env, capsys, tmp_path, clash, why):
+    a_db, b_db = Record(tmp_path / "a.db"), Record(tmp_path / "b.db")
+    for r in _rows(2, "station-a"):
+        a_db.add_attempt(r)
+    other = _rows(1, "station-b")[0]  # station B's record of unit 0, made to conflict
+    clash(other)
+    b_db.add_attempt(other)
+    export(a_db, tmp_path / "a.csv", "csv", ExportFilter(), "station-a", signing_key(tmp_path / "a.pem"))
+    export(b_db, tmp_path / "b.csv", "csv", ExportFilter(), "station-b", signing_key(tmp_path / "b.pem"))
+    rc, _, err = run_station(capsys, "export", "merge", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                             "--out", str(tmp_path / "all.csv"))
+    assert rc == 1 and "refused: 1 conflicting record(s); nothing was written" in err
+    assert why in err
+    assert not (tmp_path / "all.csv").exists() and not (tmp_path / "all.csv.manifest.json").exists()
+
+
+def test_per_lot_nvs_keys_are_shared_within_a_lot_and_differ_between_lots(station_env, capsys):
+    from flashing.nvs import read_keys_partition, read_partition
+    from station.profile import load_profile
+
+    encrypted_profile(station_env, "per-lot")
+    slot = load_profile(station_env / "profiles/relay").config_slot()
+    with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
+        a0, a1, b = bench.slots
+        for s, lot in ((a0, "LOT-A"), (a1, "LOT-A"), (b, "LOT-B")):
+            rc, out, err = run_station(capsys, "flash", "--port", s.url, "--lot", lot, "--json")
+            assert rc == 0, err
+        keys = [read_keys_partition(s.device.flash.read(0x196000, 0x1000)) for s in bench.slots]
+        assert keys[0] == keys[1] != keys[2]
+        assert len(keys[0]) == 64 and keys[0] != bytes(64)
+        for s, k in zip(bench.slots, keys):
+            image = s.device.flash.read(slot.offset, slot.size)
+            assert TOKEN.encode() not in image  # encrypted on the flash ...
+            assert read_partition(image, k)["2smart"]["token"] == TOKEN  # ... with the lot's keys
+            assert s.device.state()["app_mode"] == "ap"  # the board decrypted its config and came up
+        # the lot's keys are derived again, not stored: LOT-A next shift gives the same keys
+        rc, _, err = run_station(capsys, "flash", "--port", b.url, "--lot", "LOT-A", "--rework", "--json")
+        assert rc == 0, err
+        assert read_keys_partition(b.device.flash.read(0x196000, 0x1000)) == keys[0]
+    stored = b"".join(p.read_bytes() for p in station_env.glob("station.db*"))
+    assert not any(k in stored or k.hex().encode() in stored for k in keys)

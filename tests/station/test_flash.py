@@ -110,3 +110,44 @@ def test_given_serials_and_serial_conflict(station_env, capsys):
 def test_profile_check_command(station_env, capsys):
     rc, out, err = run_station(capsys, "profile", "check", "relay")
     assert rc == 0 and "is ready" in out
+
+
+def test_profile_from_an_esp_idf_build_flasher_args(station_env, capsys):
+    """[firmware] flasher_args: the build's own layout, each file pinned in [firmware.sha256]."""
+    import hashlib
+    import shutil
+
+    d = station_env / "profiles/relay"
+    build = d / "build"
+    files = {"0x1000": "bootloader/bootloader.bin", "0x8000": "partition_table/partition-table.bin",
+             "0x10000": "relay.bin"}
+    sources = {"0x1000": "bootloader.bin", "0x8000": "partition-table.bin", "0x10000": "relay.bin"}
+    for off, rel in files.items():
+        (build / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(d / "firmware" / sources[off], build / rel)
+    (build / "flasher_args.json").write_text(json.dumps({  # as idf.py writes it
+        "write_flash_args": ["--flash_mode", "dio", "--flash_size", "4MB", "--flash_freq", "40m"],
+        "flash_files": files,
+        "bootloader": {"offset": "0x1000", "file": files["0x1000"], "encrypted": "false"},
+        "partition-table": {"offset": "0x8000", "file": files["0x8000"], "encrypted": "false"},
+        "app": {"offset": "0x10000", "file": files["0x10000"], "encrypted": "false"},
+        "extra_esptool_args": {"after": "hard_reset", "before": "default_reset", "stub": True, "chip": "esp32"},
+    }))
+    pins = "\n".join(f'"{rel}" = "{hashlib.sha256((build / rel).read_bytes()).hexdigest()}"' for rel in files.values())
+    text = (d / "profile.toml").read_text()
+    start, end = text.index("[firmware]"), text.index("# The pre-specified parameters")
+    p = d / "profile.toml"
+    p.write_text(text[:start] + f'[firmware]\nflasher_args = "build/flasher_args.json"\n\n[firmware.sha256]\n{pins}\n\n'
+                 + text[end:])
+    rc, out, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 0 and "firmware 1.4.2, 3 regions" in out, err
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        rc, out, err = run_station(capsys, "flash", "--port", bench[0].url, "--json")
+        assert rc == 0, err
+        done = json_lines(out)[-1]
+        assert done["written_regions"] == ["bootloader", "partition-table", "app", "config"]
+        assert done["firmware_version"] == "1.4.2"
+    # a file of the build without its pin is refused before anything is flashed
+    p.write_text(p.read_text().replace(f'"{files["0x10000"]}" = ', '"other.bin" = '))
+    rc, out, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 2 and 'firmware.sha256."relay.bin": no SHA-256 pinned for this file' in err

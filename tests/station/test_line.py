@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
+from flashing.nvs import read_partition
 from flashing.virtual.bench import VirtualBench
 from station.line import Line
 from station.pipeline import UnitJob, provision_unit
-from station.runner import open_station, run_units
+from station.record import fingerprint
+from station.runner import open_station
+from tests.station.conftest import TOKEN, json_lines, run_station_process
 
 
 def ctx_for(env, smoke="none"):
@@ -36,34 +40,64 @@ def test_baud_fallback_is_remembered_per_port_and_recorded(station_env):
     assert bauds == [460800, 460800]
 
 
-def test_rework_rewrites_only_what_changed(station_env, monkeypatch):
+def test_baud_falls_back_below_460800_with_the_reason_in_the_log(station_env):
     ctx = ctx_for(station_env)
     with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        bench[0].device.set_fault("garble_above", 230400)  # a board at low supply voltage
+        events = []
+        r = provision_unit(UnitJob(bench[0].url), ctx, events.append)
+        assert r.passed, r
+    lines = [e.text for e in events if type(e).__name__ == "LogLine" and e.source == "station"]
+    assert [(l.split(" failed")[0], l.rsplit("; ", 1)[1]) for l in lines] == [
+        ("baud 921600", "trying 460800"), ("baud 460800", "trying 230400")]
+    for line in lines:  # esptool's own words for what went wrong, one line each
+        reason = line[line.index(" on this port (") + 15:line.rindex("); trying")]
+        assert reason and "\n" not in line
+        assert any(w in reason.lower() for w in ("noise", "corrupt", "checksum", "invalid", "timed out", "no serial data")), lines
+    assert ctx.port_baud[bench[0].url] == 230400
+    assert [a["baud"] for a in ctx.record.attempts()] == [230400]
+
+
+def test_rework_rewrites_only_what_changed(station_env, monkeypatch):
+    ctx = ctx_for(station_env)
+    slot = ctx.profile.config_slot()
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        dev = bench[0].device
         first = provision_unit(UnitJob(bench[0].url), ctx, lambda e: None)
         assert first.passed and first.written_regions == ("bootloader", "partition-table", "app", "config")
+        assert read_partition(dev.flash.read(slot.offset, slot.size))["2smart"]["token"] == TOKEN
         # same firmware, new vendor token: only the config partition changes
         ctx.secrets["vendor_token"] = "tok-000002"
         again = provision_unit(UnitJob(bench[0].url, rework=True), ctx, lambda e: None)
         assert again.passed and again.written_regions == ("config",)
         assert again.serial == first.serial
         assert again.durations["flash"] * 3 < first.durations["flash"]
+        # the board holds the new token; the record holds only its fingerprint
+        values = read_partition(dev.flash.read(slot.offset, slot.size))["2smart"]
+        assert values["token"] == "tok-000002" and values["serial"] == first.serial
     rows = ctx.record.attempts()
     assert rows[0]["written_regions"] == '["config"]' and rows[0]["rework"] == 1
+    assert rows[0]["token_fingerprint"] == fingerprint(ctx.key, "tok-000002") != rows[1]["token_fingerprint"]
+    assert not any("tok-000002" in str(v) for row in rows for v in row.values())
 
 
 def test_a_hung_port_while_seven_others_finish(station_env):
-    ctx = ctx_for(station_env)
+    # esptool's own config file gives the hung port a 12 s block timeout (one attempt): the
+    # seven others need a few seconds, so if they waited for the hung port they would end after it
+    cfg = station_env / "esptool.cfg"
+    cfg.write_text("[esptool]\ntimeout = 12\nwrite_block_attempts = 1\n")
+    env = {**os.environ, "STATION_CONFIG": str(station_env / "station.toml"), "ESPTOOL_CFGFILE": str(cfg)}
     with VirtualBench(8, "esp32", run_dir=station_env / "run") as bench:
         bench[3].device.set_fault("hang_after", 200_000)  # goes silent mid-write
-        t = time.monotonic()
-        results = run_units([UnitJob(s.url) for s in bench.slots], ctx, lambda e: None)
-        took = time.monotonic() - t
-        assert [r.outcome for r in results].count("passed") == 7
-        bad = results[3]
-        assert bad.outcome == "failed" and bad.failed_step == "flash"
-        others = max(sum(r.durations.values()) for i, r in enumerate(results) if i != 3)
-        assert others < took  # the others did not wait for the hung one
-    ctx.close()
+        ports = sum((["--port", s.url] for s in bench.slots), [])
+        r = run_station_process("flash", *ports, "--smoke", "none", "--json", env=env, cwd=station_env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    finished = [e for e in json_lines(r.stdout) if e["event"] == "unit_finished"]  # in the order they ended
+    hung = bench[3].url
+    assert [e["port"] for e in finished][-1] == hung  # all seven others ended before the hung one
+    assert [e["outcome"] for e in finished] == ["passed"] * 7 + ["failed"]
+    bad = finished[-1]
+    assert bad["failed_step"] == "flash" and bad["durations"]["flash"] >= 12  # it really sat out its timeout
 
 
 def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
@@ -87,3 +121,28 @@ def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
             time.sleep(0.1)
         assert [s.status for s in line.slots] == ["passed", "passed", "aborted", "passed"]
     line.close()
+
+
+def test_demo_line_swaps_each_finished_board_for_a_new_one_some_faulty(station_env):
+    from station.demo import DemoLine
+
+    ctx = ctx_for(station_env)
+    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
+        first_macs = [s.device.mac_text for s in bench.slots]
+        line = Line(ctx, [s.url for s in bench.slots], lambda i: None)
+        # every new board faulty; seed 7 draws a dead flash and no download mode: both fail
+        demo = DemoLine(bench, line, swap_after=0.2, faulty_share=1.0, seed=7).start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(ctx.record.attempts()) < 4:  # two boards, then the two that replaced them
+                assert time.monotonic() < deadline, [s.status for s in line.slots]
+                line.poll()  # the screen's hot-plug poll
+                time.sleep(0.1)
+        finally:
+            demo.stop()
+            line.close()
+        second_macs = [s.device.mac_text for s in bench.slots]
+    rows = sorted(ctx.record.attempts(), key=lambda r: r["id"])
+    assert [r["outcome"] for r in rows[:2]] == ["passed", "passed"] and {r["mac"] for r in rows[:2]} == set(first_macs)
+    assert set(first_macs).isdisjoint(second_macs)  # new boards, new MACs
+    assert sorted((r["outcome"], r["failed_step"]) for r in rows[2:]) == [("failed", "connect"), ("failed", "identify")]

@@ -48,8 +48,31 @@ def flash(capsys, bench, *extra: str) -> tuple[int, dict[str, dict]]:
 
 def test_healthcheck_level_passes(station_env, capsys):
     with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
-        rc, res = flash(capsys, bench, "--smoke", "healthcheck")
-        assert rc == 0 and all(r["durations"]["smoke"] > 0 for r in res.values())
+        ports = sum((["--port", s.url] for s in bench.slots), [])
+        rc, out, err = run_station(capsys, "flash", *ports, "--json", "--smoke", "healthcheck")
+        assert rc == 0, err
+        events = json_lines(out)
+        res = finished(out)
+        assert sorted(res) == sorted(s.url for s in bench.slots)
+        for s in bench.slots:
+            r = res[s.url]
+            assert r["outcome"] == "passed" and r["durations"]["smoke"] > 0
+            smoke = [e for e in events if e["event"] == "step_finished" and e["port"] == s.url and e["step"] == "smoke"]
+            assert len(smoke) == 1 and smoke[0]["ok"] is True
+            assert s.device.state()["app_mode"] == "ap"  # the pairing server it checked is the one the AP serves
+        # the same boards with --smoke none: no smoke step at all
+        rc, out, _ = run_station(capsys, "flash", *ports, "--json", "--smoke", "none", "--rework")
+        assert rc == 0
+        assert [r for r in finished(out).values() if "smoke" in r["durations"]] == []
+
+
+def wait_for_line(lines: list[str], want, what: str, timeout: float = 10.0, poke=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not want(lines):
+        assert time.monotonic() < deadline, f"{what}: not seen in {lines}"
+        if poke:
+            poke()
+        time.sleep(0.1)
 
 
 def test_pair_level_with_mosquitto_and_an_independent_subscriber(pair_env, mosquitto, capsys):
@@ -57,8 +80,14 @@ def test_pair_level_with_mosquitto_and_an_independent_subscriber(pair_env, mosqu
     sub = subprocess.Popen(["mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-u",
                             mosquitto.monitor_user, "-P", MONITOR_PASSWORD, "-v", "-t", f"{user}/sweet-home/+/$state"],
                            stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in sub.stdout), daemon=True).start()
+    probe = ["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-u", user, "-P", TEST_TOKEN,
+             "-t", f"{user}/sweet-home/probe/$state", "-m", "probe"]
     try:
+        # the subscriber is listening once it hears a probe on the same topic pattern
+        wait_for_line(lines, lambda ls: f"{user}/sweet-home/probe/$state probe" in ls, "probe",
+                      poke=lambda: subprocess.run(probe, check=True, timeout=10))
         with VirtualBench(3, "esp32", run_dir=pair_env / "run") as bench:
             for s in bench.slots:
                 s.device.heartbeat_s = 1
@@ -68,12 +97,11 @@ def test_pair_level_with_mosquitto_and_an_independent_subscriber(pair_env, mosqu
                 # restored afterwards: the unit's own config, no Wi-Fi, so its AP is up again
                 assert s.device.state()["app_mode"] == "ap"
             ids = [s.device.mac_text.replace(":", "-") for s in bench.slots]
+        for device_id in ids:
+            wait_for_line(lines, lambda ls: f"{user}/sweet-home/{device_id}/$state ready" in ls, device_id)
     finally:
-        time.sleep(0.3)
         sub.terminate()
-        out = sub.communicate(timeout=5)[0]
-    for device_id in ids:
-        assert f"{user}/sweet-home/{device_id}/$state ready" in out
+        sub.wait(5)
 
 
 @pytest.mark.parametrize("fault,value,level,expect", [
@@ -166,15 +194,16 @@ def test_wifi_reach_through_nmcli_seam(tmp_path, monkeypatch):
     settings = SmokeDefaults(reach="wifi", wifi_interface="wlx-test", timeout_s=5)
     boot = parse_boot_log('I (301) wifi_ap: access point "2Smart Relay AP" started\nAP IP address: 192.168.4.1\n')
     macs = [bytes.fromhex("240ac41234ff"), bytes.fromhex("240ac4123500")]
-    spans = []
+    spans = []  # from joined to leaving: inside the interface's lock, so they may never overlap
 
     def join(mac: bytes) -> None:
         reach = WifiReach(settings)
-        t0 = time.monotonic()
         assert reach.open(boot, mac, None) == "http://192.168.4.1"
-        time.sleep(0.1)
+        joined = time.monotonic()
+        time.sleep(0.1)  # the smoke test's work on the AP: a window in which a second join would show
+        left = time.monotonic()
         reach.close()
-        spans.append((t0, time.monotonic()))
+        spans.append((joined, left))
 
     threads = [threading.Thread(target=join, args=(m,)) for m in macs]
     for t in threads:
@@ -187,4 +216,7 @@ def test_wifi_reach_through_nmcli_seam(tmp_path, monkeypatch):
     assert "wifi connect 2Smart Relay AP bssid 24:0a:c4:12:35:00 ifname wlx-test" in lines[0] + "".join(connects)
     assert any("bssid 24:0a:c4:12:35:01 ifname wlx-test" in l for l in connects)  # carry into the next byte
     assert lines[1].startswith("connection down id 2Smart Relay AP")  # one join at a time per interface
+    assert [("wifi connect" in l, "connection down" in l) for l in lines] == [(True, False), (False, True)] * 2
+    first, second = sorted(spans)
+    assert len(spans) == 2 and first[1] <= second[0]
     assert soft_ap_bssid(bytes.fromhex("ffffffffffff")) == "00:00:00:00:00:00"

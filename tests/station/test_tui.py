@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import time
 
 import pytest
 
+import station.line
 from flashing.virtual.bench import VirtualBench
+from station.events import Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
 from station.runner import open_station
-from station.tui import SlotCard, StationApp
+from station.tui import Confirm, HistoryScreen, SlotCard, StationApp, TextPrompt
 
 
 def ctx_for(env, profile="relay"):
@@ -23,6 +26,10 @@ async def until(pilot, cond, timeout=30.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not reached: {[(s.status, s.step) for s in pilot.app.line.slots]}")
         await pilot.pause(0.1)
+
+
+def header_text(app) -> str:
+    return str(app.query_one("#header").render())
 
 
 def card_text(app, i) -> str:
@@ -59,17 +66,19 @@ def test_auto_start_pass_fail_retry_and_history(station_env):
                 await until(pilot, lambda: line.slots[1].status == "passed")
                 # history: every attempt, then searched by MAC
                 await pilot.press("f2")
-                await pilot.pause(0.3)
+                await until(pilot, lambda: isinstance(app.screen, HistoryScreen))
                 table = app.screen.query_one("DataTable")
+                await until(pilot, lambda: table.row_count == 3)
                 rows = [table.get_row_at(i) for i in range(table.row_count)]
                 assert sorted(r[3] for r in rows) == ["FAILED", "PASSED", "PASSED"]
                 assert [r[4] for r in rows if r[3] == "FAILED"] == ["connect"]  # no MAC known then
                 mac = bench[1].device.mac_text
                 await pilot.press(*mac[-5:])
-                await pilot.pause(0.3)
+                await until(pilot, lambda: table.row_count == 1)
                 rows = [table.get_row_at(i) for i in range(table.row_count)]
                 assert len(rows) == 1 and rows[0][2] == mac and rows[0][3] == "PASSED"
                 await pilot.press("escape")
+                await until(pilot, lambda: not isinstance(app.screen, HistoryScreen))
         run(go())
 
 
@@ -82,19 +91,27 @@ def test_hot_plug_starts_a_run_and_a_pulled_board_aborts(station_env):
         async def go():
             async with app.run_test(size=(100, 30)) as pilot:
                 slot = app.line.slots[0]
-                await pilot.pause(0.3)
-                assert slot.status == "empty" and "NO BOARD" in card_text(app, 0)
+                await until(pilot, lambda: "NO BOARD" in card_text(app, 0))
+                assert slot.status == "empty" and not slot.present
                 dev.replug()  # a board arrives: its run starts by itself
-                await until(pilot, lambda: slot.status == "running" and slot.step == "flash")
-                dev.unplug()  # pulled mid-run: FAIL, aborted or unplugged, whichever the station saw first
-                await until(pilot, lambda: slot.status in ("aborted", "failed"), timeout=10)
-                await until(pilot, lambda: "WORKING" not in card_text(app, 0))
-                text = card_text(app, 0)
-                assert "ABORTED" in text or ("FAIL" in text and "unplugged" in text)
-                assert not slot.present and slot.status != "waiting"
+                await until(pilot, lambda: slot.status == "running" and slot.step == "flash" and slot.done > 0)
+                dev.unplug()  # pulled mid-write: always ABORTED, whether esptool or the poll sees it first
+                await until(pilot, lambda: slot.status != "running", timeout=10)
+                assert slot.status == "aborted", slot.result
+                assert slot.result.error == "the board was pulled out mid-run" and slot.result.failed_step == "flash"
+                await until(pilot, lambda: "ABORTED" in card_text(app, 0))
+                assert "pulled out mid-run" in card_text(app, 0)
+                await until(pilot, lambda: not slot.present)  # the poll saw it go; the slot keeps its result
+                assert slot.status == "aborted"
+                dev.replug()  # the next board starts by itself
+                await until(pilot, lambda: slot.status == "running")
+                app.line.abort(0)
+                await until(pilot, lambda: slot.status not in ("waiting", "running"))
+                assert slot.status == "aborted", slot.result  # also when esptool is cut off mid-connect
         run(go())
         rows = ctx_for(station_env).record.attempts()
-        assert rows[0]["outcome"] in ("aborted", "failed") and rows[0]["failed_step"] == "flash"
+        assert [(r["outcome"], r["failed_step"]) for r in rows][-1] == ("aborted", "flash")
+        assert sorted(r["error"] for r in rows) == ["aborted by the operator", "the board was pulled out mid-run"]
 
 
 def test_abort_key_and_quit_mid_run_records_aborted_units(station_env):
@@ -111,11 +128,14 @@ def test_abort_key_and_quit_mid_run_records_aborted_units(station_env):
                 assert time.monotonic() - t < 2.0
                 assert line.slots[1].status == "running"  # the other slot carries on
                 await pilot.press("ctrl+q")  # quitting mid-run asks first
-                await pilot.pause(0.2)
-                await pilot.press("n")
-                assert line.slots[1].status == "running"
+                await until(pilot, lambda: isinstance(app.screen, Confirm))
+                assert "1 slot(s) are working" in str(app.screen.query("Label").first().render())
+                await pilot.press("n")  # no: the screen and the run carry on
+                await until(pilot, lambda: not isinstance(app.screen, Confirm))
+                assert app.is_running and line.slots[1].status == "running"
+                assert not any(isinstance(s, Confirm) for s in app.screen_stack)
                 await pilot.press("ctrl+q")
-                await pilot.pause(0.2)
+                await until(pilot, lambda: isinstance(app.screen, Confirm))
                 await pilot.press("y")
                 await until(pilot, lambda: line.slots[1].status == "aborted", timeout=5)
         run(go())
@@ -143,8 +163,8 @@ def test_sixteen_slots_work_at_once_on_compact_cards(station_env):
                 for i in range(16):
                     line.abort(i)
                 await until(pilot, lambda: all(s.status == "aborted" for s in line.slots))
-                await pilot.pause(0.2)
-                assert "ABORTED" in card_text(app, 15) and "→ " in card_text(app, 15)
+                await until(pilot, lambda: "ABORTED" in card_text(app, 15))
+                assert "→ " in card_text(app, 15)
 
         run(go())
     assert len(app.line.ctx.record.attempts()) == 16
@@ -154,22 +174,27 @@ def test_scanner_assigns_labels_and_refuses_a_used_serial(station_env):
     label_profile(station_env)
     with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
         app = StationApp(ctx_for(station_env), [s.url for s in bench.slots], operator="Anna", poll_interval=0.1)
-        bells = []
+        bells, refusals = [], []
         app.bell = lambda: bells.append(1)
+        orig = app.notify
+        # the red flash lasts a second: look at it when the refusal is announced
+        app.notify = lambda msg, **kw: (kw.get("severity") == "error" and refusals.append(
+            (msg, app.query_one("#scan").has_class("refused"))), orig(msg, **kw))
 
         async def go():
             async with app.run_test(size=(160, 45)) as pilot:
                 line = app.line
-                await pilot.pause(0.5)
-                assert [s.status for s in line.slots] == ["waiting", "waiting"]  # waiting for labels
+                # seen by the poll that would have started them: they wait for labels
+                await until(pilot, lambda: all(s.present for s in line.slots))
+                assert [s.status for s in line.slots] == ["waiting", "waiting"]
                 await until(pilot, lambda: "scan the label" in card_text(app, 0))
                 await pilot.press(*"LBL-0001", "enter")
                 await until(pilot, lambda: line.slots[0].status == "passed")
                 assert line.slots[0].serial == "LBL-0001" and line.slots[1].status == "waiting"
                 # the same label again: refused loudly, nothing starts
                 await pilot.press(*"LBL-0001", "enter")
-                await pilot.pause(0.3)
-                assert bells and app.query_one("#scan").has_class("refused")
+                await until(pilot, lambda: refusals)
+                assert bells and refusals == [("serial LBL-0001 is already used", True)]
                 assert line.slots[1].status == "waiting" and line.slots[1].scanned is None
                 # to a chosen slot
                 await pilot.press("f4", *"LBL-0002", "enter")
@@ -178,11 +203,21 @@ def test_scanner_assigns_labels_and_refuses_a_used_serial(station_env):
         run(go())
 
 
+def second_profile(env) -> None:
+    """`relay2`: the relay profile under another name and title (another content hash)."""
+    shutil.copytree(env / "profiles/relay", env / "profiles/relay2")
+    p = env / "profiles/relay2/profile.toml"
+    p.write_text(p.read_text().replace('name = "relay"', 'name = "relay2"')
+                 .replace('title = "2Smart Relay"', 'title = "2Smart Relay Two"'))
+
+
 def test_admin_lock_on_profile_and_lot_change(station_env):
     cfg = station_env / "station.toml"
+    second_profile(station_env)
     with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
-        bench[0].device.unplug()
-        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna",
+        dev = bench[0].device
+        dev.unplug()
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1,
                          open_profile=lambda name: ctx_for(station_env, name))
         notes = []
         orig = app.notify
@@ -191,32 +226,76 @@ def test_admin_lock_on_profile_and_lot_change(station_env):
         async def go():
             async with app.run_test(size=(100, 30)) as pilot:
                 await pilot.press("f10")
-                await pilot.pause(0.2)
-                assert any("admin is locked" in n for n in notes)
+                await until(pilot, lambda: any("admin is locked" in n for n in notes))
+                assert not isinstance(app.screen, TextPrompt)  # nothing to type a password into
         run(go())
 
         cfg.write_text(cfg.read_text() + f'admin_password_sha256 = "{hashlib.sha256(b"s3cret").hexdigest()}"\n')
-        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna",
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1,
                          open_profile=lambda name: ctx_for(station_env, name))
         notes.clear()
         orig2 = app.notify
         app.notify = lambda msg, **kw: (notes.append(msg), orig2(msg, **kw))
 
+        async def prompt(pilot, question: str, answer: str) -> None:
+            await until(pilot, lambda: isinstance(app.screen, TextPrompt) and app.screen.question == question)
+            field = app.screen.query_one("#answer")
+            field.value = ""
+            await pilot.press(*answer, "enter")
+
         async def go2():
             async with app.run_test(size=(100, 30)) as pilot:
-                await pilot.press("f10", *"guess", "enter")
-                await pilot.pause(0.2)
-                assert any("wrong admin password" in n for n in notes)
-                assert app.line.lot == ""
-                await pilot.press("f10", *"s3cret", "enter")
-                await pilot.pause(0.2)
-                await pilot.press("enter")  # keep the profile
-                await pilot.pause(0.2)
-                await pilot.press(*"LOT-42", "enter")
-                await pilot.pause(0.2)
-                assert app.line.lot == "LOT-42"
-                assert "lot LOT-42" in str(app.query_one("#header").render())
+                line = app.line
+                await pilot.press("f10")
+                await prompt(pilot, "Admin password", "guess")
+                await until(pilot, lambda: any("wrong admin password" in n for n in notes))
+                assert line.ctx.profile.name == "relay" and line.lot == ""
+                # a profile that does not exist: refused, the screen stays on the old one
+                await pilot.press("f10")
+                await prompt(pilot, "Admin password", "s3cret")
+                await prompt(pilot, "Profile", "no-such-profile")
+                await prompt(pilot, "Lot", "LOT-41")
+                await until(pilot, lambda: any(n.startswith("not switched:") for n in notes))
+                assert line.ctx.profile.name == "relay" and line.lot == ""
+                # the other profile and a lot
+                await pilot.press("f10")
+                await prompt(pilot, "Admin password", "s3cret")
+                await prompt(pilot, "Profile", "relay2")
+                await prompt(pilot, "Lot", "LOT-42")
+                await until(pilot, lambda: "profile relay2, lot LOT-42" in notes)
+                assert line.ctx.profile.name == "relay2" and line.lot == "LOT-42"
+                assert "relay2" in header_text(app) and "2Smart Relay Two" in header_text(app)
+                assert "lot LOT-42" in header_text(app)
+                dev.replug()  # the next board runs on the new profile, in the new lot
+                await until(pilot, lambda: line.slots[0].status == "passed")
         run(go2())
+    row = ctx_for(station_env).record.attempts()[0]
+    assert (row["profile"], row["lot"], row["outcome"]) == ("relay2", "LOT-42", "passed")
+
+
+def test_f9_pauses_and_resumes_auto_start(station_env):
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        dev = bench[0].device
+        dev.unplug()
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1)
+
+        async def go():
+            async with app.run_test(size=(100, 30)) as pilot:
+                line, slot = app.line, app.line.slots[0]
+                await pilot.press("f9")
+                await until(pilot, lambda: "PAUSED" in header_text(app))
+                assert line.paused
+                dev.replug()
+                # the poll that sees a board arrive starts it at once unless paused
+                await until(pilot, lambda: slot.present)
+                line.poll()
+                line.poll()
+                assert slot.status == "waiting" and "READY" in card_text(app, 0)
+                await pilot.press("f9")
+                await until(pilot, lambda: "PAUSED" not in header_text(app))
+                await until(pilot, lambda: slot.status == "passed")
+                assert not line.paused
+        run(go())
 
 
 def test_operator_is_asked_at_start(station_env):
@@ -224,10 +303,11 @@ def test_operator_is_asked_at_start(station_env):
 
     async def go():
         async with app.run_test(size=(100, 30)) as pilot:
-            await pilot.pause(0.2)
+            await until(pilot, lambda: isinstance(app.screen, TextPrompt))
+            assert app.line.operator == ""
             await pilot.press(*"Maria", "enter")
-            await pilot.pause(0.2)
-            assert app.line.operator == "Maria"
+            await until(pilot, lambda: app.line.operator == "Maria")
+            assert "operator Maria" in header_text(app)
     run(go())
 
 
@@ -237,4 +317,163 @@ def test_snapshot_main_screen(station_env, snap_compare, size):
     cfg.write_text(cfg.read_text().replace('station_id = "test-station"', 'station_id = "line-1-station-1"'))
     ports = [f"/dev/ttyFIXTURE{i}" for i in range(4)]  # no board in any slot: a steady screen
     app = StationApp(ctx_for(station_env), ports, operator="Anna")
-    assert snap_compare(app, terminal_size=size)
+    assert snap_compare(app, terminal_size=size, run_before=lambda pilot: steady_cursor(app))
+
+
+# -- snapshots of the working screen, built from fixed state ---------------------------------------
+
+class FixedClock:
+    """The line's clock, held still: elapsed times and rates on the cards do not move."""
+
+    def __init__(self, t: float = 10_000.0):
+        self.t = t
+
+    def monotonic(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def fixed_station(station_env, monkeypatch):
+    cfg = station_env / "station.toml"
+    cfg.write_text(cfg.read_text().replace('station_id = "test-station"', 'station_id = "line-1-station-1"'))
+    clock = FixedClock()
+    monkeypatch.setattr(station.line, "time", clock)
+    return station_env, clock
+
+
+def fixed_app(env, clock, slots: int) -> StationApp:
+    # fixture ports that are not there: the poll leaves the state below alone
+    app = StationApp(ctx_for(env), [f"/dev/ttyFIXTURE{i}" for i in range(slots)], operator="Anna")
+    app.line.spawn = lambda fn: None  # no pipeline: the test plays the events
+    app.line.lot = "LOT-2611"
+    app.line.opened = clock.t - 3600  # an hour into the shift
+    return app
+
+
+def play(app, clock, i: int, until_step: str, fraction: float = 0.0) -> None:
+    """Slot i through the pipeline's events up to `until_step` (fixed MAC and serial)."""
+    line, port = app.line, app.line.slots[i].port
+    slot = line.slots[i]
+    total = sum(len(d) for _, _, d in line.ctx.firmware) + line.ctx.profile.config_slot().size
+    line.start(i)
+    feed = lambda e: line._event(slot, e)  # noqa: E731  (the pipeline's emit for this slot)
+    mac = f"24:0a:c4:5e:10:{0x30 + i:02x}"
+    for step in ("connect", "identify", "guard", "serial", "config", "flash", "boot"):
+        feed(StepStarted(port, step))
+        if step == "connect":
+            feed(UnitInfo(port, mac, "ESP32"))
+        if step == "serial":
+            feed(UnitInfo(port, serial=f"RLY-261126-{i + 1:05d}"))
+        if step == "flash":
+            feed(Progress(port, "flash", 0, total, "bootloader"))
+            clock.t += 4.0
+            feed(Progress(port, "flash", int(total * fraction), total, "app"))
+        if step == until_step:
+            return
+        if step == "flash":
+            feed(Progress(port, "flash", total, total, ""))
+        clock.t += 1.0
+
+
+def finish(app, clock, i: int, outcome: str, step: str | None = None, error: str | None = None,
+           remedy: str | None = None) -> None:
+    slot = app.line.slots[i]
+    clock.t += 2.0
+    app.line._event(slot, UnitFinished(slot.port, UnitResult(
+        slot.port, outcome, step, error, remedy, slot.mac, slot.serial, chip=slot.chip)))
+
+
+def steady_cursor(app) -> None:
+    app.query_one("#scan").cursor_blink = False  # a blinking cursor would be in the picture half the time
+
+
+async def settle(pilot, app, words: dict[int, str]) -> None:
+    """Wait until every card shows its word (the line's changes went through the message queue)."""
+    await until(pilot, lambda: all(w in card_text(app, i) for i, w in words.items()))
+
+
+def test_snapshot_flashing(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 4)
+
+    async def before(pilot):
+        steady_cursor(app)
+        play(app, clock, 0, "flash", 0.42)
+        play(app, clock, 1, "flash", 0.81)
+        play(app, clock, 2, "boot")
+        app.line.slots[3].status = "waiting"
+        app.line.on_change(3)
+        clock.t += 3.0
+        await settle(pilot, app, {0: "kB/s", 1: "kB/s", 2: "step: boot", 3: "READY"})
+
+    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
+
+
+def test_snapshot_pass_and_fail(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 4)
+
+    async def before(pilot):
+        steady_cursor(app)
+        play(app, clock, 0, "boot")
+        finish(app, clock, 0, "passed")
+        play(app, clock, 1, "flash", 0.3)
+        finish(app, clock, 1, "failed", "flash", "the board was unplugged or the port failed while writing",
+               "reseat the board, then retry")
+        play(app, clock, 2, "boot")
+        finish(app, clock, 2, "passed")
+        play(app, clock, 3, "connect")
+        finish(app, clock, 3, "failed", "connect", "wrong chip: found ESP32-C3, the profile is for ESP32",
+               "put this board aside for the right product, or load the right profile")
+        await settle(pilot, app, {0: "PASS", 1: "FAIL", 2: "PASS", 3: "FAIL"})
+        assert "PASS 2" in header_text(app) and "FAIL 2" in header_text(app) and "yield 50%" in header_text(app)
+
+    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
+
+
+def test_snapshot_aborted(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 2)
+
+    async def before(pilot):
+        steady_cursor(app)
+        play(app, clock, 0, "flash", 0.5)
+        finish(app, clock, 0, "aborted", "flash", "the board was pulled out mid-run",
+               "put the board back and start it again")
+        play(app, clock, 1, "boot")
+        finish(app, clock, 1, "aborted", "boot", "aborted by the operator", "put the board back and start it again")
+        await settle(pilot, app, {0: "ABORTED", 1: "ABORTED"})
+        assert "pulled out mid-run" in card_text(app, 0) and "put the board back" in card_text(app, 0)
+
+    assert snap_compare(app, terminal_size=(100, 30), run_before=before)
+
+
+def test_snapshot_sixteen_slots(fixed_station, snap_compare):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, 16)
+
+    async def before(pilot):
+        steady_cursor(app)
+        words = {}
+        for i in range(16):
+            kind = i % 4
+            if kind in (0, 1):
+                play(app, clock, i, "flash", (i + 1) / 17)
+                words[i] = "kB/s"
+            elif kind == 2:
+                play(app, clock, i, "boot")
+                finish(app, clock, i, "passed")
+                words[i] = "PASS"
+            elif i == 15:
+                play(app, clock, i, "flash", 0.6)
+                finish(app, clock, i, "aborted", "flash", "the board was pulled out mid-run",
+                       "put the board back and start it again")
+                words[i] = "ABORTED"
+            else:
+                play(app, clock, i, "connect")
+                finish(app, clock, i, "failed", "connect", "no device answered", "check the board is seated")
+                words[i] = "FAIL"
+        await settle(pilot, app, words)
+        assert app.compact
+
+    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
