@@ -226,37 +226,55 @@ def test_encrypted_config_partition_round_trips_through_the_virtual_device(stati
         assert st["app_mode"] == "config-error"
 
 
-def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, capsys, monkeypatch):
-    """Failed units carry error and detail (esptool's and the console's words), and a locked
-    database sends every attempt to the spool: neither may hold the token or the Wi-Fi password."""
+def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, monkeypatch):
+    """Failed units carry error and detail (esptool's and the console's words), and a database
+    locked once every unit has started sends every finish to the spool: neither may hold the token
+    or the Wi-Fi password."""
+    from station.config import StationConfig
+    from station.events import UnitInfo
+    from station.pipeline import UnitJob
+    from station.runner import open_record, open_station, run_units
+
     monkeypatch.setenv("RELAY_WIFI_SSID", "factory-wifi")
     monkeypatch.setenv("RELAY_WIFI_PASSWORD", WIFI_PASSWORD)
     db = station_env / "station.db"
-    Record(db).close()
-    holder = sqlite3.connect(db)  # another program holding the database
-    holder.execute("BEGIN EXCLUSIVE")
+    ctx = open_station("relay", station_env / "station.toml")
+    holder: list[sqlite3.Connection] = []
+    started: list[str] = []
+
+    def lock_once_all_started(e) -> None:
+        if isinstance(e, UnitInfo) and e.serial:  # emitted right after the unit's write-ahead commit
+            started.append(e.port)
+            if len(started) == 3:
+                holder.append(sqlite3.connect(db, check_same_thread=False))  # another program takes it
+                holder[0].execute("BEGIN EXCLUSIVE")
+
     try:
-        with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
+        # the timing model: the unplugged board is still writing when the database is taken
+        with VirtualBench(3, "esp32", run_dir=station_env / "run", realtime=True) as bench:
             bench[1].device.set_fault("panic_after", 0.05)  # crashes while it boots: detail is the boot log
             bench[2].device.set_fault("unplug_after", 300_000)  # cable pulled mid-write
-            ports = sum((["--port", s.url, "--serial", f"SN-{i}"] for i, s in enumerate(bench.slots)), [])
-            rc, out, err = run_station(capsys, "flash", *ports, "--json")
-        done = {e["port"]: e for e in json_lines(out) if e["event"] == "unit_finished"}
-        assert rc == 1 and [done[s.url]["outcome"] for s in bench.slots] == ["passed", "failed", "failed"]
-        assert all("spool" in (e["note"] or "") for e in done.values())
-        spooled = [json.loads(line) for line in (station_env / "station.db.spool").read_text().splitlines()]
-        spool_bytes = (station_env / "station.db.spool").read_bytes()
+            jobs = [UnitJob(s.url, serial=f"SN-{i}") for i, s in enumerate(bench.slots)]
+            results = run_units(jobs, ctx, lock_once_all_started)
+        assert [r.outcome for r in results] == ["passed", "failed", "failed"]
+        assert all(r.recorded == "spool" and "spool" in r.note for r in results)
+        spooled = [json.loads(json.loads(line)["body"])["attempt"]
+                   for line in ctx.record.spool.read_text().splitlines()]
+        spool_bytes = ctx.record.spool.read_bytes()
     finally:
-        holder.rollback()
-        holder.close()
+        for h in holder:
+            h.rollback()
+            h.close()
+        ctx.close()
     # the spool holds what the record will: the token's fingerprint, the failures' words
     assert len(spooled) == 3 and all(a["token_fingerprint"].startswith("hmac-sha256:") for a in spooled)
     failed = {a["failed_step"]: a for a in spooled if a["outcome"] == "failed"}
     assert set(failed) == {"boot", "flash"}
     assert "Guru Meditation" in failed["boot"]["error"] and "unplugged" in failed["flash"]["error"]
     assert "app_init: Project name:     relay" in failed["boot"]["detail"]  # the boot log itself
-    rows = Record(db).attempts()  # replayed on open
-    assert len(rows) == 3 and not (station_env / "station.db.spool").exists()
+    record = open_record(StationConfig.load(station_env / "station.toml"))  # replayed on open
+    rows = record.attempts()
+    assert len(rows) == 3 and not record.spool.exists() and record.replayed == 3
     columns = b"\n".join(str(r[k]).encode() for r in rows for k in ("error", "detail", "remedy"))
     assert b"app_init: App version:      1.4.2" in columns  # the console's words made it into the record
     for secret in (TOKEN, WIFI_PASSWORD):
@@ -310,5 +328,5 @@ def test_per_lot_nvs_keys_are_shared_within_a_lot_and_differ_between_lots(statio
         rc, _, err = run_station(capsys, "flash", "--port", b.url, "--lot", "LOT-A", "--rework", "--json")
         assert rc == 0, err
         assert read_keys_partition(b.device.flash.read(0x196000, 0x1000)) == keys[0]
-    stored = b"".join(p.read_bytes() for p in station_env.glob("station.db*"))
+    stored = b"".join(p.read_bytes() for p in station_env.glob("station.db*") if p.is_file())
     assert not any(k in stored or k.hex().encode() in stored for k in keys)
