@@ -56,7 +56,6 @@ class SocketPort:
         self._closed = False
         self._host_baud = 115200
         self._lock = threading.RLock()
-        self._sink = Sink(self._send, lambda: self._host_baud, "vesp")
         device.links.append(self)
         self._listen()
 
@@ -101,9 +100,11 @@ class SocketPort:
                 conn.sendall(OPEN_OK)  # before the sink joins: the answer must be the first byte
             except OSError:
                 pass  # the host gave up waiting: its serve thread drops it at once
+            # the board's output bound to this host: a write the board began for the last one never reaches it
+            sink = Sink(conn.sendall, lambda: self._host_baud, "vesp")
             self.device.reset_capable_host(True)
-            self.device.sinks.append(self._sink)
-            self._serving = self._start(self._serve, conn, name=f"vdev-{self.device.index}-conn")
+            self.device.sinks.append(sink)
+            self._serving = self._start(self._serve, conn, sink, name=f"vdev-{self.device.index}-conn")
 
     def _take(self, conn: socket.socket) -> bool:
         """Give the port to a new host if nobody holds it or its holder has hung up."""
@@ -122,7 +123,7 @@ class SocketPort:
             self._conn = conn
         return True
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, sink: Sink) -> None:
         buf = bytearray()
         dev = self.device
         try:
@@ -149,21 +150,16 @@ class SocketPort:
         except OSError:
             pass
         finally:
-            self._drop(conn)
+            self._drop(conn, sink)
 
-    def _drop(self, conn: socket.socket) -> None:
+    def _drop(self, conn: socket.socket, sink: Sink) -> None:
         with self._lock:
             if self._conn is conn:
                 self._conn = None
             conn.close()
-        if self._sink in self.device.sinks:
-            self.device.sinks.remove(self._sink)
+        if sink in self.device.sinks:
+            self.device.sinks.remove(sink)
         self.device.reset_capable_host(False)
-
-    def _send(self, data: bytes) -> None:
-        conn = self._conn
-        if conn is not None:
-            conn.sendall(data)
 
     # the cable: called on the device thread
     def unplugged(self) -> None:

@@ -129,6 +129,7 @@ class Serial(SerialBase):
             if not self.is_open:
                 raise SerialException(CLOSED_UNDER_READ)
             self.is_open = False
+            self._sock.close()  # the board is gone; a reopen (esptool's reconnect) makes a new socket
             raise SerialException(DISCONNECTED)
         self._rx += chunk
         return True
