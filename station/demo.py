@@ -32,13 +32,20 @@ class DemoLine:
         self.rng = random.Random(seed)
         self.stopped = threading.Event()
         self._swapping: set[int] = set()
+        self._runner = threading.Thread(target=self._run, daemon=True, name="demo-line")
+        self._swaps: list[threading.Thread] = []  # started by the runner only
 
     def start(self) -> "DemoLine":
-        threading.Thread(target=self._run, daemon=True, name="demo-line").start()
+        self._runner.start()
         return self
 
     def stop(self) -> None:
+        """Stop swapping; returns once no swap is under way, so the boards may be closed."""
         self.stopped.set()
+        if self._runner.is_alive():
+            self._runner.join(5)  # first: no swap starts after it
+        for t in self._swaps:
+            t.join(5)
 
     def _run(self) -> None:
         while not self.stopped.wait(0.2):
@@ -46,15 +53,19 @@ class DemoLine:
                 done = slot.status in ("passed", "failed", "aborted") and slot.ended is not None
                 if done and slot.index not in self._swapping and time.monotonic() - slot.ended > self.swap_after:
                     self._swapping.add(slot.index)
-                    threading.Thread(target=self._swap, args=(slot.index,), daemon=True).start()
+                    t = threading.Thread(target=self._swap, args=(slot.index,), daemon=True,
+                                         name=f"demo-swap-{slot.index}")
+                    self._swaps = [x for x in self._swaps if x.is_alive()] + [t]
+                    t.start()
 
     def _swap(self, index: int) -> None:
         dev = self.bench[index].device
         try:
             dev.unplug()
-            time.sleep(0.8)  # the operator takes the board out and puts the next one in
+            if self.stopped.wait(0.8):  # the operator takes the board out and puts the next one in
+                return
             faults = self.rng.choice(DEMO_FAULTS) if self.rng.random() < self.faulty_share else None
             dev.swap(faults=faults)
         finally:
-            time.sleep(0.5)
+            self.stopped.wait(0.5)
             self._swapping.discard(index)
