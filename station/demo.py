@@ -33,19 +33,19 @@ class DemoLine:
         self.stopped = threading.Event()
         self._swapping: set[int] = set()
         self._runner = threading.Thread(target=self._run, daemon=True, name="demo-line")
-        self._swaps: list[threading.Thread] = []
+        self._swaps: list[threading.Thread] = []  # started by the runner only
 
     def start(self) -> "DemoLine":
         self._runner.start()
         return self
 
     def stop(self) -> None:
-        """Stop swapping boards and wait for the swaps under way."""
+        """Stop swapping; returns once no swap is under way, so the boards may be closed."""
         self.stopped.set()
         if self._runner.is_alive():
-            self._runner.join(10)  # after this no new swap starts
+            self._runner.join(5)  # first: no swap starts after it
         for t in self._swaps:
-            t.join(10)
+            t.join(5)
 
     def _run(self) -> None:
         while not self.stopped.wait(0.2):
@@ -53,16 +53,17 @@ class DemoLine:
                 done = slot.status in ("passed", "failed", "aborted") and slot.ended is not None
                 if done and slot.index not in self._swapping and time.monotonic() - slot.ended > self.swap_after:
                     self._swapping.add(slot.index)
-                    swap = threading.Thread(target=self._swap, args=(slot.index,), daemon=True,
-                                            name=f"demo-swap-{slot.index}")
-                    self._swaps = [t for t in self._swaps if t.is_alive()] + [swap]
-                    swap.start()
+                    t = threading.Thread(target=self._swap, args=(slot.index,), daemon=True,
+                                         name=f"demo-swap-{slot.index}")
+                    self._swaps = [x for x in self._swaps if x.is_alive()] + [t]
+                    t.start()
 
     def _swap(self, index: int) -> None:
         dev = self.bench[index].device
         try:
             dev.unplug()
-            self.stopped.wait(0.8)  # the operator takes the board out and puts the next one in
+            if self.stopped.wait(0.8):  # the operator takes the board out and puts the next one in
+                return
             faults = self.rng.choice(DEMO_FAULTS) if self.rng.random() < self.faulty_share else None
             dev.swap(faults=faults)
         finally:

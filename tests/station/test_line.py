@@ -141,6 +141,8 @@ def test_demo_line_swaps_each_finished_board_for_a_new_one_some_faulty(station_e
         finally:
             demo.stop()
             line.close()
+        # nothing of the demo still acts on the boards once it stopped: they may be closed now
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("demo-")]
         second_macs = [s.device.mac_text for s in bench.slots]
     rows = sorted(ctx.record.attempts(), key=lambda r: r["id"])
     assert [r["outcome"] for r in rows[:2]] == ["passed", "passed"] and {r["mac"] for r in rows[:2]} == set(first_macs)
