@@ -377,7 +377,7 @@ def cmd_db_verify(args: argparse.Namespace) -> int:
     if problems or bad:
         _err("the record has been tampered with or damaged (see above)")
         return Exit.UNIT_FAILED
-    n = record.db().execute("select count(*) from attempts").fetchone()[0]
+    n = record.count_attempts()
     print(f"the record is intact: {n} attempts, every station's chain verified")
     return Exit.OK
 

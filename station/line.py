@@ -23,19 +23,7 @@ from flashing.ports import present
 from .events import Event, LogLine, Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
 from .record import RecordError
 from .runner import min_free_mb
-from .pipeline import StationContext, UnitJob, provision_unit
-
-NEXT_ACTION = {
-    "connect": "check the board is seated, then retry",
-    "identify": "replace board",
-    "guard": "set aside: already provisioned",
-    "serial": "scan a new label, then retry",
-    "config": "call the engineer: profile problem",
-    "flash": "reseat the board, then retry",
-    "boot": "replace board",
-    "smoke": "retry; replace board if it fails again",
-}
-
+from .pipeline import StationContext, UnitJob, clean_serial, provision_unit, serial_max_length
 
 class RunCancel(threading.Event):
     """A run's cancel: set by an abort, and reads as set once the slot's board is gone.
@@ -105,9 +93,7 @@ class Slot:
             return "swap in the next board" if r else ""
         if r.outcome == "aborted":
             return "put the board back to run it again"
-        if r.outcome == "error":  # the station's fault: the record's remedy says who acts
-            return r.remedy or "call the station's engineer"
-        return NEXT_ACTION.get(r.failed_step or "", "retry")
+        return r.remedy or "retry"  # one source of advice: what the record says to do
 
 
 class Line:
@@ -229,10 +215,11 @@ class Line:
 
     def scan(self, serial: str, index: int | None = None) -> tuple[bool, str]:
         """A label scanned: give it to the chosen slot or the next board waiting for one."""
-        serial = serial.strip()
-        if not serial:
-            return False, "empty scan"
-        if self.ctx.record.passed_unit(serial=serial) or any(
+        try:
+            serial = clean_serial(serial, serial_max_length(self.ctx.profile))
+        except ValueError as exc:
+            return False, f"not a serial: {exc}"
+        if self.ctx.record.serial_taken(serial) or any(
                 s.scanned == serial or (s.status == "running" and s.serial == serial) for s in self.slots):
             return False, f"serial {serial} is already used"
         candidates = [self.slots[index]] if index is not None else [
@@ -245,10 +232,7 @@ class Line:
         return False, "no board is waiting for a label"
 
     def history(self, query: str = "", limit: int = 200) -> list[dict]:
-        q = f"%{query.strip()}%"
-        return list(self.ctx.record.db().query(
-            "select id, serial, mac, outcome, failed_step, error, port, operator, lot, ended_at from attempts "
-            "where (? = '%%' or serial like ? or mac like ?) order by id desc limit ?", [q, q, q, limit]))
+        return self.ctx.record.history(query, limit)
 
     def switch(self, ctx: StationContext | None = None, lot: str | None = None) -> None:
         if self.running():

@@ -699,6 +699,16 @@ class Record:
     def attempts(self, limit: int = 100) -> list[dict]:
         return list(self.db().query("select * from attempts order by id desc limit ?", [limit]))
 
+    def count_attempts(self) -> int:
+        return self.db().execute("select count(*) from attempts").fetchone()[0]
+
+    def history(self, query: str = "", limit: int = 200) -> list[dict]:
+        """The newest attempts, optionally those whose serial or MAC contains `query`."""
+        q = f"%{query.strip()}%"
+        return list(self.db().query(
+            "select id, serial, mac, outcome, failed_step, error, port, operator, lot, ended_at from attempts "
+            "where (? = '%%' or serial like ? or mac like ?) order by id desc limit ?", [q, q, q, limit]))
+
 
 def _attempt_from_row(row: dict) -> Attempt:
     d = {k: row[k] for k in ATTEMPT_COLUMNS if k in row}

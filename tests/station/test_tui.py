@@ -56,7 +56,7 @@ def test_auto_start_pass_fail_retry_and_history(station_env):
                 assert line.slots[0].status == "passed"
                 text = card_text(app, 1)
                 assert "FAIL" in text and "connect: the board booted its firmware" in text
-                assert "check the board is seated" in text  # the next action in words
+                assert "check the fixture's BOOT/IO0 wiring" in text  # the next action: the recorded remedy
                 assert line.passed == 1 and line.failed == 1
                 # retry the failed slot once its fault is cleared
                 bench[1].device.clear_faults()
