@@ -19,7 +19,7 @@ from esptool import cmds
 
 from flashing.ports import present
 from flashing.virtual.bench import VirtualBench
-from tests.station.conftest import TOKEN, json_lines, run_station_process
+from tests.station.conftest import TOKEN, run_station_process
 
 
 @pytest.fixture
