@@ -43,3 +43,17 @@ def json_lines(text: str) -> list[dict]:
 def run_station_process(*args: str, env: dict | None = None, cwd: Path | None = None):
     return subprocess.run([sys.executable, "-m", "station", *args], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
+
+
+def pin_firmware(env: Path, fw, extra=lambda text: text) -> None:
+    """Put a generated build (`flashing.firmware.build_firmware`) in the example profile and pin its hashes."""
+    import hashlib
+
+    d = env / "profiles/relay"
+    text = (d / "profile.toml").read_text()
+    for name, data in (("bootloader.bin", fw.bootloader), ("partition-table.bin", fw.partition_table),
+                       ("relay.bin", fw.app)):
+        old = hashlib.sha256((d / "firmware" / name).read_bytes()).hexdigest()
+        (d / "firmware" / name).write_bytes(data)
+        text = text.replace(old, hashlib.sha256(data).hexdigest())
+    (d / "profile.toml").write_text(extra(text))

@@ -15,7 +15,7 @@ import pytest
 from flashing.virtual.bench import VirtualBench
 from station.audit import ExportFilter, export, signing_key
 from station.record import Attempt, Record, now_iso
-from tests.station.conftest import TOKEN, json_lines, run_station
+from tests.station.conftest import TOKEN, json_lines, pin_firmware, run_station
 
 WIFI_PASSWORD = "wifi-Pa55-word"
 
@@ -176,23 +176,14 @@ def test_token_and_wifi_password_appear_nowhere_in_plaintext(station_env, capsys
 
 def encrypted_profile(env, encryption: str = "per-unit") -> str:
     """The relay profile on firmware built with NVS encryption and an nvs_keys partition."""
-    import hashlib
-
     from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
     from flashing.images import Partition
 
-    d = env / "profiles/relay"
     parts = DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, 0x196000, 0x1000)]
     fw = build_firmware("esp32", project="relay", version="1.4.2", app_size=150_000, partitions=parts,
                         manifest=twosmart_manifest(encrypted=True))
-    text = (d / "profile.toml").read_text()
-    for name, data in (("bootloader.bin", fw.bootloader), ("partition-table.bin", fw.partition_table),
-                       ("relay.bin", fw.app)):
-        old = hashlib.sha256((d / "firmware" / name).read_bytes()).hexdigest()
-        (d / "firmware" / name).write_bytes(data)
-        text = text.replace(old, hashlib.sha256(data).hexdigest())
-    text = text.replace('namespace = "2smart"', f'namespace = "2smart"\nencryption = "{encryption}"')
-    (d / "profile.toml").write_text(text)
+    pin_firmware(env, fw, lambda text: text.replace('namespace = "2smart"',
+                                                     f'namespace = "2smart"\nencryption = "{encryption}"'))
     return "relay"
 
 

@@ -15,7 +15,7 @@ from flashing.images import Partition
 from station.config import ConfigError, StationConfig
 from station.profile import ProfileError, load_profile
 from station.serials import SerialPattern, SerialPatternError, render_serial
-from tests.station.conftest import REPO, run_station, run_station_process
+from tests.station.conftest import REPO, pin_firmware, run_station, run_station_process
 
 RELAY = REPO / "profiles/relay/profile.toml"
 
@@ -34,15 +34,7 @@ def add_region(env: Path, offset: int, file: str = "firmware/partition-table.bin
 
 def replace_firmware(env: Path, **build) -> None:
     """Swap the example's firmware files for another build and pin the new hashes."""
-    d = env / "profiles/relay"
-    fw = build_firmware("esp32", project="relay", version="1.4.2", app_size=150_000, **build)
-    text = (d / "profile.toml").read_text()
-    for name, data in (("bootloader.bin", fw.bootloader), ("partition-table.bin", fw.partition_table),
-                       ("relay.bin", fw.app)):
-        old = hashlib.sha256((d / "firmware" / name).read_bytes()).hexdigest()
-        (d / "firmware" / name).write_bytes(data)
-        text = text.replace(old, hashlib.sha256(data).hexdigest())
-    (d / "profile.toml").write_text(text)
+    pin_firmware(env, build_firmware("esp32", project="relay", version="1.4.2", app_size=150_000, **build))
 
 
 def check(capsys) -> tuple[int, str]:
