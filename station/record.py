@@ -440,9 +440,9 @@ class Record:
         Returns the serial. Raises SerialTaken (a label already on another board) or
         RecordError (the commit failed: nothing may be written to the board).
         """
-        a.session = self._own_session()
         a.outcome = Outcome.STARTED
         try:
+            a.session = self._own_session()
             with self.atomic() as conn:
                 a.serial = self._reserve(conn, a, plan)
                 self._project(conn, a, "started", insert=True)
