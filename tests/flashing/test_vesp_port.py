@@ -14,8 +14,8 @@ import serial
 from flashing.firmware import build_firmware
 from flashing.mqtt import EmbeddedBroker
 from flashing.nvs import NvsEntry, build_partition
-from flashing.virtual.slip import encode
 from flashing.virtual.bench import ControlClient, VirtualBench
+from flashing.virtual.slip import encode
 from tests.flashing.test_virtual_board import flash_firmware
 
 REOPENS = 50
@@ -47,7 +47,7 @@ def reopen_many(bench: VirtualBench) -> None:
         port = serial.serial_for_url(slot.url, baudrate=115200, timeout=0.1)  # refused if still held
         port.write(payload)
         port.close()
-    # everything written before each close reached the board, in order, as a tty drains at close
+    # everything written before each close reached the board, as a tty drains its output at close
     port = serial.serial_for_url(slot.url, baudrate=115200, timeout=0.1)
     port.close()
     assert slot.device.state()["bytes_in"] - before == REOPENS * len(payload)
