@@ -500,3 +500,23 @@ def test_a_station_fault_is_an_error_never_charged_to_the_board(station_env):
         assert slot.status == "error" and slot.result.failed_step == "serial"
         assert line.failed == 0 and line.passed == 0 and line.yield_pct is None
         assert "close the other program" in slot.action
+
+
+def test_the_screen_starts_no_unit_while_the_record_disk_is_nearly_full(station_env):
+    from station.line import Line
+
+    cfg = station_env / "station.toml"
+    cfg.write_text(cfg.read_text() + "min_free_mb = 1099511627776\n")  # more than any disk has
+    ctx = open_station("relay", cfg)
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        changed: list[int] = []
+        line = Line(ctx, [bench[0].url], changed.append)
+        try:
+            line.poll()  # the board is there: it would start now
+            assert line.slots[0].status == "waiting" and not line.running()
+            assert "MB free on the disk that holds the station database" in line.refusal
+            assert changed  # the screen is told, so the header shows why
+        finally:
+            line.close()
+        assert set(bench[0].device.flash.read(0, 0x400000)) == {0xFF}
+    assert open_record(StationConfig.load(cfg)).attempts() == []
