@@ -837,7 +837,7 @@ class Record:
         conn.execute(f"PRAGMA busy_timeout={min(self.busy_ms, 1000)}")  # a held database: the next one signs
         try:
             with self.atomic() as conn:
-                for station in station_ids or self.chain_stations() or [self.station_id]:
+                for station in station_ids or self.chain_stations() or ([self.station_id] if self.station_id else []):
                     last, count = conn.execute("select coalesce(max(id), 0), count(*) from journal where "
                                                "station_id = ?", [station]).fetchone()
                     head = conn.execute("select entry_hash from journal where id = ?", [last]).fetchone()
@@ -887,7 +887,9 @@ class Record:
         latest: dict[str, dict] = {}  # attempt uid -> its latest entry
         units: dict[str, tuple[dict, dict]] = {}  # mac -> (unit row as last journaled, entry)
         counters: dict[str, tuple[int, dict]] = {}
-        by_id: dict[int, dict] = {}
+        checkpoints = self.checkpoints() + list(extra_checkpoints)
+        signed_at = {cp["last_id"] for cp in checkpoints}
+        by_id: dict[int, dict] = {}  # only the entries a checkpoint names: memory stays flat
         counts: dict[str, int] = {}
         for e in self.db().query("select * from journal order by id"):
             station = e["station_id"]
@@ -905,7 +907,8 @@ class Record:
                 continue
             heads[station] = e["entry_hash"]
             counts[station] = counts.get(station, 0) + 1
-            by_id[e["id"]] = {"station_id": station, "entry_hash": e["entry_hash"], "n": counts[station]}
+            if e["id"] in signed_at:
+                by_id[e["id"]] = {"station_id": station, "entry_hash": e["entry_hash"], "n": counts[station]}
             body = json.loads(e["body"])
             if e["kind"] == "counter":
                 counters[body["name"]] = (body["value"], e)
@@ -917,7 +920,7 @@ class Record:
         problems += self._check_attempts(latest, broken)
         problems += self._check_units(units, broken)
         problems += self._check_counters(counters, broken)
-        problems += self._check_checkpoints(by_id, counts, trusted, list(extra_checkpoints))
+        problems += self._check_checkpoints(checkpoints, by_id, trusted)
         return problems
 
     def _check_attempts(self, latest: dict[str, dict], broken: set[str]) -> list[str]:
@@ -977,12 +980,13 @@ class Record:
             problems.append(f"serial counter {name!r} was deleted (journal entry {e['id']} set it to {value})")
         return problems
 
-    def _check_checkpoints(self, by_id: dict[int, dict], counts: dict[str, int],
-                           trusted: dict[str, list[Ed25519PublicKey]] | None, extra: list[dict]) -> list[str]:
+    @staticmethod
+    def _check_checkpoints(checkpoints: list[dict], by_id: dict[int, dict],
+                           trusted: dict[str, list[Ed25519PublicKey]] | None) -> list[str]:
         problems = []
         seen: set[str] = set()
         failed: set[str] = set()  # one problem per station: the earliest checkpoint the chain lost
-        for cp in self.checkpoints() + extra:
+        for cp in checkpoints:
             station, where = cp["station_id"], f"checkpoint of {cp['at']} ({cp.get('reason') or 'no reason'})"
             if cp["signature"] in seen or station in failed:
                 continue  # the copy kept outside the database, or a station already reported
