@@ -11,7 +11,6 @@ import asyncio
 import csv
 import hashlib
 import hmac
-import io
 import json
 import os
 import shutil
