@@ -404,7 +404,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
             _err(f"{'now trusted' if new else 'already trusted'}: key {k.fingerprint} for station {k.station_id} "
                  f"({trust.path})")
             return Exit.OK
-        station_signing_key(station, trust)  # the station trusts its own key (made on first use)
+        try:
+            station_signing_key(station, trust)  # the station trusts its own key (made on first use)
+        except AuditError as exc:  # a protected key without its passphrase: the pinned keys still show
+            _err(f"station keys: this station's own key not checked: {exc}")
         for k in sorted(trust.keys(), key=lambda k: (not k.own, k.station_id, k.added_at)):
             print(f"{k.station_id:<20} {k.fingerprint}  {'this station' if k.own else 'pinned ' + k.added_at}")
         return Exit.OK
