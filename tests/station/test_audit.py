@@ -246,29 +246,40 @@ def test_encrypted_config_partition_round_trips_through_the_virtual_device(stati
         assert st["app_mode"] == "config-error"
 
 
-def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, capsys, monkeypatch):
-    """Failed units carry error and detail (esptool's and the console's words), and a locked
-    database sends every attempt to the spool: neither may hold the token or the Wi-Fi password."""
+def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, monkeypatch):
+    """Failed units carry error and detail (esptool's and the console's words), and a database
+    held by another program after the write-ahead commit sends each finish to the spool:
+    neither may hold the token or the Wi-Fi password."""
+    from station.pipeline import UnitJob, provision_unit
+    from station.runner import open_station
+
     monkeypatch.setenv("RELAY_WIFI_SSID", "factory-wifi")
     monkeypatch.setenv("RELAY_WIFI_PASSWORD", WIFI_PASSWORD)
     db = station_env / "station.db"
-    Record(db).close()
-    holder = sqlite3.connect(db)  # another program holding the database
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
-            bench[1].device.set_fault("panic_after", 0.05)  # crashes while it boots: detail is the boot log
-            bench[2].device.set_fault("unplug_after", 300_000)  # cable pulled mid-write
-            ports = sum((["--port", s.url, "--serial", f"SN-{i}"] for i, s in enumerate(bench.slots)), [])
-            rc, out, err = run_station(capsys, "flash", *ports, "--json")
-        done = {e["port"]: e for e in json_lines(out) if e["event"] == "unit_finished"}
-        assert rc == 1 and [done[s.url]["outcome"] for s in bench.slots] == ["passed", "failed", "failed"]
-        assert all("spool" in (e["note"] or "") for e in done.values())
-        spooled = [json.loads(line) for line in (station_env / "station.db.spool").read_text().splitlines()]
-        spool_bytes = (station_env / "station.db.spool").read_bytes()
-    finally:
-        holder.rollback()
-        holder.close()
+    ctx = open_station("relay", station_env / "station.toml")
+    ctx.record.busy_ms = 100
+    ctx.record.close()  # the next connection takes the short busy timeout
+    done = {}
+    with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
+        bench[1].device.set_fault("panic_after", 0.05)  # crashes while it boots: detail is the boot log
+        bench[2].device.set_fault("unplug_after", 300_000)  # cable pulled mid-write
+        for i, s in enumerate(bench.slots):
+            holders: list[sqlite3.Connection] = []
+
+            def hold_after_the_commit(e) -> None:  # another program takes the database mid-unit
+                if type(e).__name__ == "StepStarted" and e.step == "flash" and not holders:
+                    holders.append(sqlite3.connect(db))
+                    holders[0].execute("BEGIN EXCLUSIVE")
+
+            done[s.url] = provision_unit(UnitJob(s.url, f"SN-{i}"), ctx, hold_after_the_commit)
+            holders[0].rollback()
+            holders[0].close()
+    ctx.close()
+    assert [done[s.url].outcome for s in bench.slots] == ["passed", "failed", "failed"]
+    assert all(r.recorded == "spool" for r in done.values())
+    spooled = [json.loads(json.loads(line)["body"])["attempt"]
+               for line in (station_env / "station.db.spool").read_text().splitlines()]
+    spool_bytes = (station_env / "station.db.spool").read_bytes()
     # the spool holds what the record will: the token's fingerprint, the failures' words
     assert len(spooled) == 3 and all(a["token_fingerprint"].startswith("hmac-sha256:") for a in spooled)
     failed = {a["failed_step"]: a for a in spooled if a["outcome"] == "failed"}
@@ -331,5 +342,5 @@ def test_per_lot_nvs_keys_are_shared_within_a_lot_and_differ_between_lots(statio
         rc, _, err = run_station(capsys, "flash", "--port", b.url, "--lot", "LOT-A", "--rework", "--json")
         assert rc == 0, err
         assert read_keys_partition(b.device.flash.read(0x196000, 0x1000)) == keys[0]
-    stored = b"".join(p.read_bytes() for p in station_env.glob("station.db*"))
+    stored = b"".join(p.read_bytes() for p in station_env.glob("station.db*") if p.is_file())
     assert not any(k in stored or k.hex().encode() in stored for k in keys)
