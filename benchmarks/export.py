@@ -23,7 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from station.record import CHAIN_GENESIS, Attempt, Record, row_digest  # noqa: E402
+from station.record import CHAIN_GENESIS, Attempt, Record  # noqa: E402
+from station.record import _legacy_digest as row_digest  # noqa: E402  (m002's row hash: export reads no chain)
 
 
 def generate(db_path: Path, n: int) -> None:

@@ -55,7 +55,7 @@ def main() -> None:
     secrets, _ = resolve_secrets(profile)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        record = Record(tmp / "bench.db")
+        record = Record(tmp / "bench.db", b"k" * 32)  # the record is written only with the station's key
         ctx = StationContext(StationConfig(station_id="bench"), profile, secrets, record, b"k" * 32)
         # the station's config image for a fixed unit, for bare esptool to write too
         from flashing.nvs import NvsEntry, build_partition

@@ -259,6 +259,7 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
             for i, port in enumerate(ports)]
     emit = _JsonLines() if args.json else _HumanProgress()
     cancel = threading.Event()
+    results = []
     try:
         with _StopOnSignal(cancel) as stop:
             results = run_units(jobs, ctx, emit, cancel)
@@ -268,6 +269,8 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
     finally:
         if bench:
             bench.close()
+        if all(r.recorded == "database" for r in results):  # else the database is held: the next run signs
+            _checkpoint(ctx, "station flash")
         ctx.close()
     if not args.json:
         _summary(results)
@@ -276,6 +279,16 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
     if any(r.outcome == "error" or r.recorded == "lost" for r in results):
         return Exit.STATION_ERROR
     return Exit.OK if all(r.passed for r in results) else Exit.UNIT_FAILED
+
+
+def _checkpoint(ctx, reason: str) -> None:
+    """Sign where the record stands; a station that cannot only says so (the units are recorded)."""
+    from station.audit import write_checkpoint
+
+    try:
+        write_checkpoint(ctx.record, ctx.station, reason)
+    except Exception as exc:  # the run's result stands; the next run or export signs the chain
+        _err(f"{reason}: no checkpoint written ({getattr(exc, 'message', exc)})")
 
 
 def cmd_profile_check(args: argparse.Namespace) -> int:
@@ -308,32 +321,51 @@ def _open_record(args, replay: bool = True) -> tuple:
     return station, open_record(station, args.db, replay=replay)
 
 
+def _verify_exports(args, trust) -> int:
+    from station.audit import AuditError, check_series, verify
+
+    pem = args.pubkey.read_bytes() if args.pubkey else None
+    done, failed = [], False
+    for path in args.files:
+        try:
+            v = verify(path, trust, pem)
+        except AuditError as exc:
+            _err(f"NOT VERIFIED: {path}: {exc}")
+            failed = True
+            continue
+        m = v.manifest
+        how = ("pinned for this station" if v.pinned else
+               "ONE-OFF check with --pubkey: the key is not pinned, compare its fingerprint with the published one")
+        print(f"verified: {path} ({m['rows']} rows, station {m['station_id']}, sha256 {m['sha256'][:16]}…, "
+              f"signed by key {v.fingerprint} — {how})")
+        for note in v.notes:
+            print(f"  {note}")
+        done.append(v)
+    for gap in check_series(done):
+        _err(f"NOT VERIFIED: {gap}")
+        failed = True
+    return Exit.UNIT_FAILED if failed else Exit.OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from station.audit import AuditError, ExportFilter, export, merge, signing_key, verify
-    from station.config import ConfigError
+    from station.audit import AuditError, ExportFilter, TrustStore, export, merge, station_signing_key
+    from station.config import ConfigError, StationConfig
 
     action = getattr(args, "export_action", None)
     try:
         if action == "verify":
-            pem = args.pubkey.read_bytes() if args.pubkey else None
-            try:
-                m = verify(args.file, pem)
-            except AuditError as exc:
-                _err(f"NOT VERIFIED: {exc}")
-                return Exit.UNIT_FAILED
-            print(f"verified: {args.file} ({m['rows']} rows, station {m['station_id']}, "
-                  f"sha256 {m['sha256'][:16]}…, signed by key {m['public_key_sha256'][:16]}…)")
-            return Exit.OK
+            return _verify_exports(args, TrustStore.for_station(StationConfig.load(args.config)))
         station, record = _open_record(args)
-        key = signing_key(station.signing_key)
+        trust = TrustStore.for_station(station)
+        key = station_signing_key(station, trust)
         if action == "merge":
             if not args.out:
                 _err("station export merge: --out is needed")
                 return Exit.USAGE
             try:
-                manifest, conflicts = merge(args.files, args.out, station.station_id, key)
+                manifest, conflicts = merge(args.files, args.out, station.station_id, key, trust)
             except AuditError as exc:
-                _err(f"station export merge: {exc}")
+                _err(f"station export merge: refused, nothing was written: {exc}")
                 return Exit.UNIT_FAILED
             if conflicts:
                 _err(f"refused: {len(conflicts)} conflicting record(s); nothing was written")
@@ -347,25 +379,60 @@ def cmd_export(args: argparse.Namespace) -> int:
             return Exit.USAGE
         f = ExportFilter(args.since, args.until, args.profile, args.outcome, args.operator,
                          args.station, args.lot)
-        m = export(record, args.out, args.format, f, station.station_id, key)
-        _err(f"wrote {m['rows']} {m['kind']} to {args.out}, signed manifest {args.out}.manifest.json")
+        m = export(record, args.out, args.format, f, station.station_id, key, trust)
+        _err(f"wrote {m['rows']} {m['kind']} to {args.out}, signed manifest {args.out}.manifest.json "
+             f"(key {m['public_key_sha256']})")
         return Exit.OK
+    except AuditError as exc:
+        _err(f"station export: {exc}")
+        return Exit.USAGE
     except (ConfigError, OSError) as exc:
         _err(f"station export: {exc}")
         return Exit.USAGE
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """The trust store: which station keys this machine accepts exports from."""
+    from station.audit import AuditError, TrustStore, station_signing_key
+    from station.config import ConfigError, StationConfig
+
+    try:
+        station = StationConfig.load(args.config)
+        trust = TrustStore.for_station(station)
+        if args.keys_action == "trust":
+            k, new = trust.trust(args.station, args.pem.read_bytes())
+            _err(f"{'now trusted' if new else 'already trusted'}: key {k.fingerprint} for station {k.station_id} "
+                 f"({trust.path})")
+            return Exit.OK
+        try:
+            station_signing_key(station, trust)  # the station trusts its own key (made on first use)
+        except AuditError as exc:  # a protected key without its passphrase: the pinned keys still show
+            _err(f"station keys: this station's own key not checked: {exc}")
+        for k in sorted(trust.keys(), key=lambda k: (not k.own, k.station_id, k.added_at)):
+            print(f"{k.station_id:<20} {k.fingerprint}  {'this station' if k.own else 'pinned ' + k.added_at}")
+        return Exit.OK
+    except (AuditError, ConfigError, OSError) as exc:
+        _err(f"station keys: {exc}")
+        return Exit.USAGE
+
+
 def cmd_db_verify(args: argparse.Namespace) -> int:
+    from station.audit import AuditError, TrustStore
     from station.config import ConfigError
 
     try:
-        _, record = _open_record(args, replay=False)  # a spool is reported here, never applied
-    except ConfigError as exc:
+        station, record = _open_record(args, replay=False)  # a spool is reported here, never applied
+        trust = TrustStore.for_station(station)
+        trusted, anchored = trust.by_station(), trust.anchored()
+    except (ConfigError, AuditError) as exc:
         _err(f"station db verify: {exc}")
         return Exit.USAGE
+    except Exception as exc:  # a journal that does not verify is refused at open (RecordError)
+        _err(f"station db verify: {getattr(exc, 'message', exc)} -> {getattr(exc, 'remedy', '')}")
+        return Exit.UNIT_FAILED
     for a in record.settled:
         print(f"settled as interrupted: attempt {a['id']} ({a['mac']}, serial {a['serial']})")
-    problems = record.verify_chain()
+    problems = record.verify_chain(trusted, anchored)
     good, bad = record.spool_report()
     for p in problems:
         print(p)
@@ -378,7 +445,10 @@ def cmd_db_verify(args: argparse.Namespace) -> int:
         _err("the record has been tampered with or damaged (see above)")
         return Exit.UNIT_FAILED
     n = record.count_attempts()
-    print(f"the record is intact: {n} attempts, every station's chain verified")
+    cps = record.checkpoints()
+    last = (f"; it extends {len(cps)} signed checkpoint(s), the last of {cps[-1]['at']}" if cps else
+            "; no signed checkpoint yet (written at every export and at the end of every run)")
+    print(f"the record is intact: {n} attempts, every station's chain verified{last}")
     return Exit.OK
 
 
@@ -467,11 +537,13 @@ def _demo_batch(args, station, db: Path) -> int:
                             smoke=args.smoke)
     rc = cmd_flash(ns, station=station)
     if rc != Exit.USAGE:
-        from station.audit import ExportFilter, export, signing_key
+        from station.audit import ExportFilter, TrustStore, export, station_signing_key
         from station.runner import open_record
 
         out = db.with_name("demo-export.csv")
-        m = export(open_record(station, db), out, "csv", ExportFilter(), station.station_id, signing_key(station.signing_key))
+        trust = TrustStore.for_station(station)
+        m = export(open_record(station, db), out, "csv", ExportFilter(), station.station_id,
+                   station_signing_key(station, trust), trust)
         _err(f"the record is in {db}; {m['rows']} provisioned units exported to {out} (signed manifest "
              f"beside it: station export verify {out})")
     return rc
@@ -589,9 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", type=Path)
     e.set_defaults(func=cmd_export, export_action=None)
     es = e.add_subparsers(dest="export_action")
-    ev = es.add_parser("verify", help="check an export's signature and hash")
-    ev.add_argument("file", type=Path)
-    ev.add_argument("--pubkey", type=Path, help="the station's public key (default: the one beside the file)")
+    ev = es.add_parser("verify", help="check exports: signature under a pinned key, hashes, chain, gaps")
+    ev.add_argument("files", type=Path, nargs="+", help="one export, or a station's consecutive exports")
+    ev.add_argument("--pubkey", type=Path,
+                    help="a one-off, unpinned check with this public key (default: the keys pinned with "
+                         "`station keys trust`)")
+    ev.add_argument("--config", type=Path)
     ev.set_defaults(func=cmd_export)
     em = es.add_parser("merge", help="join exports of several stations into one audit set")
     em.add_argument("files", type=Path, nargs="+")
@@ -606,6 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
     dv.add_argument("--db", type=Path)
     dv.add_argument("--config", type=Path)
     dv.set_defaults(func=cmd_db_verify)
+
+    k = sub.add_parser("keys", help="the station keys this machine trusts exports from")
+    ks = k.add_subparsers(dest="keys_action", required=True)
+    kt = ks.add_parser("trust", help="pin a station's public key (compare its fingerprint first)")
+    kt.add_argument("pem", type=Path)
+    kt.add_argument("--station", required=True, help="the station id the key signs for")
+    ks.add_parser("list", help="the pinned keys with their fingerprints (this station's own first)")
+    k.add_argument("--config", type=Path)
+    k.set_defaults(func=cmd_keys)
 
     sc = sub.add_parser("secrets", help="the encrypted secrets file (tokens, Wi-Fi passwords)")
     scs = sc.add_subparsers(dest="secrets_action", required=True)

@@ -12,12 +12,21 @@ production — extends this design, it does not replace it):
   (`Record.finish`) when the unit ends. An attempt that ends before anything
   irreversible (wrong chip, no answer) is written once, start and finish together
   (`Record.add`).
-- **One journal, hash-chained.** Every state an attempt is recorded in is an entry of
-  `journal`, append-only and chained per station: entry_hash = SHA-256(prev_hash +
-  canonical JSON of the entry). Each entry carries the attempt's whole row; `attempts`
-  (and `units`) are the queryable projection written in the same transaction, and an
-  attempt row's `row_hash` is the hash of its latest entry. `verify` walks the chains
-  and checks that every attempt row is exactly its latest entry.
+- **One journal, keyed and chained.** Every state an attempt is recorded in is an entry
+  of `journal`, append-only and chained per station: entry_hash = HMAC-SHA256(chain key,
+  prev_hash + canonical JSON of the entry), the chain key derived (HKDF) from the
+  station's key for this use only, so an entry cannot be forged or the chain recomputed
+  without the station's key. Each entry carries the attempt's whole row and the unit's
+  row after it; a serial counter's change is a `counter` entry and an admin action
+  (profile or lot switch) an `admin` entry, each in the same transaction as the change.
+  `attempts`, `units` and `counters` are the queryable projection, and an attempt row's
+  `row_hash` is the hash of its latest entry. `verify` walks the chains and checks that
+  every attempt, unit and counter row is exactly what its latest entry says.
+- **Signed checkpoints.** At every export and at the end of every `station flash` run
+  and screen session the station signs (Ed25519, its signing key) the chain's last
+  entry id, entry count and head (`checkpoints`, and the latest beside the trust store,
+  outside the database). `verify` checks that the chain still extends every checkpoint:
+  a truncated tail or a chain rewritten with the right chain key shows.
 - **Interrupted, never lost.** Each process that starts attempts holds an flock on
   `<db>.sessions/<session>.lock` while it lives. The next process that opens the record
   settles every `started` attempt whose process is gone (kill -9, power loss, a full
@@ -26,7 +35,7 @@ production — extends this design, it does not replace it):
   another command. A later attempt on the board keeps its serial.
 - **The spool.** A finish that cannot be written (disk full, read-only filesystem, I/O
   error, a locked database) goes to the spool file as one fsynced line authenticated
-  with an HMAC of a key derived from the station's key. It is replayed on the next
+  with an HMAC of a key derived (HKDF) from the station's key. It is replayed on the next
   open, each line in its own transaction and idempotently by attempt uid; a damaged or
   forged line is set aside in `<spool>.rejected`, never applied. Spooled passes count
   for the duplicate guard while the process runs.
@@ -46,12 +55,17 @@ import secrets as pysecrets
 import sqlite3
 import threading
 import uuid
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
@@ -129,8 +143,8 @@ def m003_write_ahead_journal(db: Database) -> None:
     for row in list(db.query("select * from attempts order by id")):
         body = {c: row[c] for c in ("id", *ATTEMPT_COLUMNS)}
         prev = heads.get(row["station_id"], CHAIN_GENESIS)
-        entry = _entry(row["station_id"], "recorded", row["uid"], row["ended_at"] or row["started_at"], body)
-        digest = _entry_hash(prev, entry)
+        entry = _entry_v1(row["station_id"], "recorded", row["uid"], row["ended_at"] or row["started_at"], body)
+        digest = _entry_hash_v1(prev, entry)
         db.execute("insert into journal (station_id, kind, attempt_uid, at, body, prev_hash, entry_hash) "
                    "values (?, ?, ?, ?, ?, ?, ?)",
                    [entry["station_id"], entry["kind"], entry["attempt_uid"], entry["at"], entry["body"],
@@ -192,14 +206,137 @@ class Attempt:
 ATTEMPT_COLUMNS = tuple(f.name for f in fields(Attempt))
 
 
-def _entry(station_id: str, kind: str, uid: str, at: str, body: dict) -> dict:
-    return {"station_id": station_id, "kind": kind, "attempt_uid": uid, "at": at,
-            "body": json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)}
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def _entry_hash(prev_hash: str, entry: dict) -> str:
-    canonical = json.dumps(entry, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+def _entry_v1(station_id: str, kind: str, uid: str, at: str, body: dict) -> dict:
+    return {"station_id": station_id, "kind": kind, "attempt_uid": uid, "at": at, "body": _canonical(body)}
+
+
+def _entry_hash_v1(prev_hash: str, entry: dict) -> str:
+    """The unkeyed chain of m003 (anyone could recompute it): only m004 still reads it."""
+    return hashlib.sha256((prev_hash + _canonical(entry)).encode()).hexdigest()
+
+
+# what an entry is, as chained: the journal's columns less its id and the two hashes
+ENTRY_FIELDS = ("station_id", "kind", "attempt_uid", "at", "body", "unit")
+
+
+def _entry(station_id: str, kind: str, uid: str, at: str, body: dict, unit: dict | None = None) -> dict:
+    return {"station_id": station_id, "kind": kind, "attempt_uid": uid, "at": at, "body": _canonical(body),
+            "unit": _canonical(unit) if unit is not None else None}
+
+
+def _entry_hash(chain_key: bytes, prev_hash: str, entry: dict) -> str:
+    return hmac.new(chain_key, (prev_hash + _canonical({k: entry[k] for k in ENTRY_FIELDS})).encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def derive_key(station_key_bytes: bytes, purpose: str) -> bytes:
+    """A key for one purpose only, derived from the station's key (HKDF-SHA256, `purpose` as info)."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=f"2smart-station/{purpose}".encode()).derive(station_key_bytes)
+
+
+CHAIN_KEY_PURPOSE = "journal-chain/v1"
+SPOOL_KEY_PURPOSE = "spool/v2"
+
+# the key m004 needs to re-key an existing chain: Record sets it around migrations.apply
+_MIGRATION_KEY: ContextVar[bytes | None] = ContextVar("_MIGRATION_KEY", default=None)
+
+
+def _legacy_chain_problems(db: Database) -> list[str]:
+    """What is wrong with an m003 (unkeyed) journal and its attempts: the old `verify`."""
+    problems: list[str] = []
+    heads: dict[str, str] = {}
+    latest: dict[str, dict] = {}
+    for e in db.query("select * from journal order by id"):
+        entry = {k: e[k] for k in ("station_id", "kind", "attempt_uid", "at", "body")}
+        if e["prev_hash"] != heads.get(e["station_id"], CHAIN_GENESIS) or \
+                _entry_hash_v1(e["prev_hash"], entry) != e["entry_hash"]:
+            problems.append(f"journal entry {e['id']} (station {e['station_id']}) was edited, deleted around "
+                            "or inserted")
+            break
+        heads[e["station_id"]] = e["entry_hash"]
+        latest[e["attempt_uid"]] = e
+    for row in db.query("select * from attempts order by id"):
+        e = latest.pop(row["uid"], None)
+        if e is None or row["row_hash"] != e["entry_hash"] or \
+                any(row.get(k) != v for k, v in json.loads(e["body"]).items()):
+            problems.append(f"attempt {row['id']} is not what the journal recorded")
+    problems += [f"attempt {json.loads(e['body']).get('id')} was deleted" for e in latest.values()]
+    return problems
+
+
+@migrations()
+def m004_keyed_chain_and_checkpoints(db: Database) -> None:
+    """Re-key the journal (HMAC), cover units and counters, add signed checkpoints.
+
+    The unkeyed chain is checked first: a database whose chain does not verify is
+    refused, never re-keyed (that would launder the edits). The units and counters as
+    they stand are then anchored in the chain (the old chain did not cover them).
+    """
+    db["journal"].add_column("unit", str)
+    db["checkpoints"].create({"id": int, "station_id": str, "last_id": int, "entries": int, "head": str,
+                              "at": str, "reason": str, "public_key_sha256": str, "signature": str,
+                              "manifest_sha256": str}, pk="id")
+    db["checkpoints"].create_index(["station_id", "id"])
+    entries = list(db.query("select * from journal order by id"))
+    if not entries:
+        return
+    key = _MIGRATION_KEY.get()
+    if key is None:
+        raise RecordError("the station database's journal must be re-keyed once, and this command opened it "
+                          "without the station's key", "open it with the station (station db verify)")
+    problems = _legacy_chain_problems(db)
+    if problems:
+        raise RecordError(f"the station database's journal does not verify ({'; '.join(problems[:3])}): "
+                          "it was not re-keyed, so the edits stay evident",
+                          "call the quality engineer: keep this database as evidence and restore the last "
+                          "backup whose journal verifies")
+    chain_key = derive_key(key, CHAIN_KEY_PURPOSE)
+    heads: dict[str, str] = {}
+    for e in entries:
+        prev = heads.get(e["station_id"], CHAIN_GENESIS)
+        entry = {**{k: e[k] for k in ("station_id", "kind", "attempt_uid", "at", "body")}, "unit": None}
+        digest = _entry_hash(chain_key, prev, entry)
+        db.execute("update journal set prev_hash = ?, entry_hash = ? where id = ?", [prev, digest, e["id"]])
+        db.execute("update attempts set prev_hash = ?, row_hash = ? where row_hash = ?",
+                   [prev, digest, e["entry_hash"]])
+        heads[e["station_id"]] = digest
+    station = entries[-1]["station_id"]  # the station that uses this database now
+    at = now_iso()
+    for unit in list(db.query("select * from units order by id")):
+        _append(db.conn, chain_key, station, "unit", "", at, {"anchored": "m004"}, unit)
+    for counter in list(db.query("select * from counters order by name")):
+        _append(db.conn, chain_key, station, "counter", "", at, counter)
+
+
+def _append(conn: sqlite3.Connection, chain_key: bytes, station_id: str, kind: str, uid: str, at: str,
+            body: dict, unit: dict | None = None) -> tuple[str, str]:
+    """Append one entry to the station's chain inside the caller's transaction; (prev, hash)."""
+    head = conn.execute("select entry_hash from journal where station_id = ? order by id desc limit 1",
+                        [station_id]).fetchone()
+    prev = head[0] if head else CHAIN_GENESIS
+    entry = _entry(station_id, kind, uid, at, body, unit)
+    digest = _entry_hash(chain_key, prev, entry)
+    _insert(conn, "journal", {**entry, "prev_hash": prev, "entry_hash": digest})
+    return prev, digest
+
+
+def checkpoint_payload(cp: dict) -> bytes:
+    """What a checkpoint's signature covers."""
+    return ("2smart-station checkpoint v1\n" + _canonical(
+        {k: cp[k] for k in ("station_id", "last_id", "entries", "head", "at", "reason")})).encode()
+
+
+def key_fingerprint(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """SHA-256 of the public key's DER (SubjectPublicKeyInfo): what `openssl pkey -pubin -outform DER
+    | openssl dgst -sha256` prints."""
+    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    der = pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 class RecordError(UnitError):
@@ -261,15 +398,20 @@ class Record:
     """The station's SQLite record; one connection per thread, one writer at a time."""
 
     def __init__(self, path: Path | str, key: bytes | None = None, spool: Path | str | None = None,
-                 busy_timeout_s: float = 5.0, replay: bool = True):
+                 busy_timeout_s: float = 5.0, replay: bool = True, station_id: str = ""):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.spool = Path(spool) if spool else self.path.with_name(self.path.name + ".spool")
         self.rejected = self.spool.with_name(self.spool.name + ".rejected")
         self.sessions = self.path.with_name(self.path.name + ".sessions")
         self.busy_ms = int(busy_timeout_s * 1000)
-        # the spool's lines are authenticated with a key used for nothing else
-        self._spool_key = hmac.new(key, b"station spool v1", hashlib.sha256).digest() if key else None
+        self.station_id = station_id  # whose chain admin entries and checkpoints go to
+        # the chain and the spool each have a key used for nothing else; without the station's
+        # key the record can be read, not written (nor its chain checked)
+        self._chain_key = derive_key(key, CHAIN_KEY_PURPOSE) if key else None
+        self._spool_key = derive_key(key, SPOOL_KEY_PURPOSE) if key else None
+        # spool lines written before the keys came from HKDF still replay after an upgrade
+        self._spool_key_v1 = hmac.new(key, b"station spool v1", hashlib.sha256).digest() if key else None
         self._local = threading.local()
         self._lock = threading.Lock()
         self._session: str | None = None
@@ -280,7 +422,11 @@ class Record:
         self.settled: list[dict] = []
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
-        migrations.apply(db)
+        token = _MIGRATION_KEY.set(key)
+        try:
+            migrations.apply(db)
+        finally:
+            _MIGRATION_KEY.reset(token)
         if replay and self._spool_key is not None:
             self.replay_spool()
         self.settled = self.settle_interrupted()
@@ -376,6 +522,8 @@ class Record:
 
     def settle_interrupted(self) -> list[dict]:
         """Mark `started` attempts whose process is gone as `interrupted`; return them."""
+        if self._chain_key is None:
+            return []  # a reader without the key leaves them for the station
         try:
             rows = list(self.db().query("select uid, session from attempts where outcome = 'started'"))
         except sqlite3.Error:
@@ -460,7 +608,7 @@ class Record:
         elif unit and unit[1]:
             serial = unit[1]  # a retried or reworked board keeps its serial
         else:
-            serial = self._next_free_serial(conn, plan)
+            serial = self._next_free_serial(conn, plan, a)
         if unit is None:
             _insert(conn, "units", {"mac": a.mac, "serial": serial, "chip": a.chip, "profile": a.profile,
                                     "device_id": a.device_id, "state": "reserved",
@@ -469,7 +617,7 @@ class Record:
             _update(conn, "units", {"serial": serial, "updated_at": a.started_at}, "id = ?", [unit[0]])
         return serial
 
-    def _next_free_serial(self, conn: sqlite3.Connection, plan: SerialPlan) -> str:
+    def _next_free_serial(self, conn: sqlite3.Connection, plan: SerialPlan, a: Attempt) -> str:
         if plan.counter is None or plan.render is None:
             raise SerialTaken("this profile takes serials from labels and none was given",
                               "scan the board's label (or pass --serial)")
@@ -487,6 +635,9 @@ class Record:
                     not self.serial_taken(serial):
                 break
         conn.execute("UPDATE counters SET value = ? WHERE name = ?", [value, plan.counter])
+        # the counter is in the chain too: a counter set back behind the station's back shows
+        _append(conn, self._writing_key(), a.station_id, "counter", a.uid, a.started_at,
+                {"name": plan.counter, "value": value})
         return serial
 
     def finish(self, a: Attempt) -> Written:
@@ -519,6 +670,22 @@ class Record:
         row = cur.fetchone()
         return dict(zip([c[0] for c in cur.description], row)) if row else None
 
+    def _writing_key(self) -> bytes:
+        if self._chain_key is None:
+            raise RecordError("the record was opened without the station's key: it can be read, not written",
+                              "open it with the station's key (station_key(station.key_file))")
+        return self._chain_key
+
+    def log_admin(self, action: str, operator: str, detail: dict | str | None = None,
+                  station_id: str | None = None) -> None:
+        """Record an admin action (profile or lot switch, shift change) as a journal entry."""
+        body = {"action": action, "operator": operator, "detail": detail}
+        try:
+            with self.atomic() as conn:
+                _append(conn, self._writing_key(), station_id or self.station_id, "admin", "", now_iso(), body)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._fault(exc, f"recording the admin action {action!r}") from None
+
     def _project(self, conn: sqlite3.Connection, a: Attempt, kind: str, insert: bool = False) -> int:
         """Append the journal entry for `a`'s current state and write the projection."""
         unit_id = self._project_unit(conn, a, kind)
@@ -526,12 +693,12 @@ class Record:
         # the attempt's id is part of what is chained: renumbering a row is an edit
         found = None if insert else conn.execute("select id from attempts where uid = ?", [a.uid]).fetchone()
         row["id"] = found[0] if found else conn.execute("select coalesce(max(id), 0) + 1 from attempts").fetchone()[0]
-        head = conn.execute("select entry_hash from journal where station_id = ? order by id desc limit 1",
-                            [a.station_id]).fetchone()
-        prev = head[0] if head else CHAIN_GENESIS
-        entry = _entry(a.station_id, kind, a.uid, a.ended_at or a.started_at, row)
-        digest = _entry_hash(prev, entry)
-        _insert(conn, "journal", {**entry, "prev_hash": prev, "entry_hash": digest})
+        unit = None
+        if unit_id is not None:
+            cur = conn.execute("select * from units where id = ?", [unit_id])
+            unit = dict(zip([c[0] for c in cur.description], cur.fetchone()))
+        prev, digest = _append(conn, self._writing_key(), a.station_id, kind, a.uid, a.ended_at or a.started_at,
+                               row, unit)
         row.update(unit_id=unit_id, prev_hash=prev, row_hash=digest)
         if found:
             _update(conn, "attempts", row, "uid = ?", [a.uid])
@@ -561,8 +728,8 @@ class Record:
         return unit[0]
 
     # -- the spool ------------------------------------------------------------------------------
-    def _sign(self, body: bytes) -> str:
-        return hmac.new(self._spool_key, body, hashlib.sha256).hexdigest()
+    def _sign(self, body: bytes, key: bytes | None = None) -> str:
+        return hmac.new(key or self._spool_key, body, hashlib.sha256).hexdigest()
 
     def _spool_line(self, kind: str, a: Attempt) -> None:
         if self._spool_key is None:
@@ -603,7 +770,8 @@ class Record:
     def _parse_spool_line(self, line: str) -> tuple[str, Attempt]:
         outer = json.loads(line)
         body = outer["body"]
-        if not hmac.compare_digest(self._sign(body.encode()), str(outer["hmac"])):
+        if not any(hmac.compare_digest(self._sign(body.encode(), k), str(outer["hmac"]))
+                   for k in (self._spool_key, self._spool_key_v1)):
             raise ValueError("its authentication code does not match (damaged, or not written by this station)")
         inner = json.loads(body)
         if inner["kind"] not in ("finished", "recorded"):
@@ -654,12 +822,75 @@ class Record:
                                 [station_id]).fetchone()
         return row[0] if row else CHAIN_GENESIS
 
-    def verify_chain(self) -> list[str]:
-        """Walk every station's journal and check the attempts against it; name the first problem."""
+    def chain_stations(self) -> list[str]:
+        return [r[0] for r in self.db().execute("select distinct station_id from journal order by station_id")]
+
+    def checkpoint(self, signing_key: Ed25519PrivateKey, reason: str = "",
+                   station_ids: list[str] | None = None) -> list[dict]:
+        """Sign where each station's chain stands now (last entry id, entry count, head); return the rows.
+
+        `verify` then checks that the chain still extends it: a truncated tail, or a chain
+        rewritten by someone without the signing key, no longer does.
+        """
+        rows = []
+        conn = self.db().conn
+        conn.execute(f"PRAGMA busy_timeout={min(self.busy_ms, 1000)}")  # a held database: the next one signs
+        try:
+            with self.atomic() as conn:
+                for station in station_ids or self.chain_stations() or ([self.station_id] if self.station_id else []):
+                    last, count = conn.execute("select coalesce(max(id), 0), count(*) from journal where "
+                                               "station_id = ?", [station]).fetchone()
+                    head = conn.execute("select entry_hash from journal where id = ?", [last]).fetchone()
+                    cp = {"station_id": station, "last_id": last, "entries": count,
+                          "head": head[0] if head else CHAIN_GENESIS, "at": now_iso(), "reason": reason,
+                          "public_key_sha256": key_fingerprint(signing_key)}
+                    cp["signature"] = signing_key.sign(checkpoint_payload(cp)).hex()
+                    cp["id"] = _insert(conn, "checkpoints", cp)
+                    rows.append(cp)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._fault(exc, "writing a checkpoint") from None
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={self.busy_ms}")
+        return rows
+
+    def note_export(self, checkpoint_id: int, manifest_sha256: str) -> None:
+        """Tie an export's manifest to its checkpoint: the next export names it as its predecessor."""
+        with self.atomic() as conn:
+            _update(conn, "checkpoints", {"manifest_sha256": manifest_sha256}, "id = ?", [checkpoint_id])
+
+    def last_export(self, station_id: str, before_id: int) -> dict | None:
+        rows = list(self.db().query("select * from checkpoints where station_id = ? and id < ? and reason = "
+                                    "'export' and manifest_sha256 is not null order by id desc limit 1",
+                                    [station_id, before_id]))
+        return rows[0] if rows else None
+
+    def checkpoints(self) -> list[dict]:
+        return list(self.db().query("select * from checkpoints order by id"))
+
+    def journal_segment(self, station_id: str, after_id: int, upto_id: int) -> Iterator[dict]:
+        yield from self.db().query("select * from journal where station_id = ? and id > ? and id <= ? order by id",
+                                   [station_id, after_id, upto_id])
+
+    def verify_chain(self, trusted: dict[str, list[Ed25519PublicKey]] | None = None,
+                     extra_checkpoints: list[dict] = ()) -> list[str]:
+        """Walk every station's journal and check the tables and checkpoints against it.
+
+        `trusted`: the public keys each station's checkpoints must be signed by (from the
+        trust store, never from the database); `extra_checkpoints`: checkpoints kept
+        outside the database. Names the first problem of each kind.
+        """
+        if self._chain_key is None:
+            return ["the record was opened without the station's key: its keyed chain cannot be checked"]
         problems: list[str] = []
         heads: dict[str, str] = {}
         broken: set[str] = set()
-        latest: dict[str, dict] = {}
+        latest: dict[str, dict] = {}  # attempt uid -> its latest entry
+        units: dict[str, tuple[dict, dict]] = {}  # mac -> (unit row as last journaled, entry)
+        counters: dict[str, tuple[int, dict]] = {}
+        checkpoints = self.checkpoints() + list(extra_checkpoints)
+        signed_at = {cp["last_id"] for cp in checkpoints}
+        by_id: dict[int, dict] = {}  # only the entries a checkpoint names: memory stays flat
+        counts: dict[str, int] = {}
         for e in self.db().query("select * from journal order by id"):
             station = e["station_id"]
             if station in broken:
@@ -669,13 +900,31 @@ class Record:
                                 "it: an entry was deleted or inserted out of order just before it")
                 broken.add(station)
                 continue
-            entry = {k: e[k] for k in ("station_id", "kind", "attempt_uid", "at", "body")}
-            if _entry_hash(e["prev_hash"], entry) != e["entry_hash"]:
-                problems.append(f"station {station}: journal entry {e['id']} was edited after it was recorded")
+            if not hmac.compare_digest(_entry_hash(self._chain_key, e["prev_hash"], e), e["entry_hash"] or ""):
+                problems.append(f"station {station}: journal entry {e['id']} was edited after it was recorded, "
+                                "or written without the station's key")
                 broken.add(station)
                 continue
             heads[station] = e["entry_hash"]
-            latest[e["attempt_uid"]] = e
+            counts[station] = counts.get(station, 0) + 1
+            if e["id"] in signed_at:
+                by_id[e["id"]] = {"station_id": station, "entry_hash": e["entry_hash"], "n": counts[station]}
+            body = json.loads(e["body"])
+            if e["kind"] == "counter":
+                counters[body["name"]] = (body["value"], e)
+            elif e["kind"] not in ("admin", "unit"):
+                latest[e["attempt_uid"]] = e
+            if e["unit"]:
+                unit = json.loads(e["unit"])
+                units[unit["mac"]] = (unit, e)
+        problems += self._check_attempts(latest, broken)
+        problems += self._check_units(units, broken)
+        problems += self._check_counters(counters, broken)
+        problems += self._check_checkpoints(checkpoints, by_id, trusted)
+        return problems
+
+    def _check_attempts(self, latest: dict[str, dict], broken: set[str]) -> list[str]:
+        problems = []
         seen = set()
         for row in self.db().query("select * from attempts order by id"):
             seen.add(row["uid"])
@@ -695,6 +944,74 @@ class Record:
                                 f"deleted from the attempts table (journal entry {e['id']} records it)")
         return problems
 
+    def _check_units(self, units: dict[str, tuple[dict, dict]], broken: set[str]) -> list[str]:
+        if broken:
+            return []  # a broken chain cannot say what the units should be
+        problems = []
+        for row in self.db().query("select * from units order by id"):
+            journaled = units.pop(row["mac"], None)
+            if journaled is None:
+                problems.append(f"unit {row['id']} ({row['mac']}, serial {row['serial']}) is not in the journal: "
+                                "it was inserted behind the station's back")
+            elif journaled[0] != row:
+                changed = sorted(k for k in row if journaled[0].get(k) != row[k])
+                problems.append(f"unit {row['id']} ({journaled[0]['mac']}) was edited after it was recorded "
+                                f"({', '.join(changed)}; journal entry {journaled[1]['id']} has serial "
+                                f"{journaled[0]['serial']}, state {journaled[0]['state']})")
+        for mac, (unit, e) in units.items():
+            problems.append(f"unit {unit['id']} ({mac}, serial {unit['serial']}) was deleted from the units "
+                            f"table (journal entry {e['id']} records it)")
+        return problems
+
+    def _check_counters(self, counters: dict[str, tuple[int, dict]], broken: set[str]) -> list[str]:
+        if broken:
+            return []
+        problems = []
+        for row in self.db().query("select * from counters order by name"):
+            journaled = counters.pop(row["name"], None)
+            if journaled is None:
+                problems.append(f"serial counter {row['name']!r} is not in the journal: it was set behind the "
+                                "station's back")
+            elif journaled[0] != row["value"]:
+                problems.append(f"serial counter {row['name']!r} is {row['value']} but the journal's last value "
+                                f"is {journaled[0]} (entry {journaled[1]['id']}): it was reset or edited behind "
+                                "the station's back")
+        for name, (value, e) in counters.items():
+            problems.append(f"serial counter {name!r} was deleted (journal entry {e['id']} set it to {value})")
+        return problems
+
+    @staticmethod
+    def _check_checkpoints(checkpoints: list[dict], by_id: dict[int, dict],
+                           trusted: dict[str, list[Ed25519PublicKey]] | None) -> list[str]:
+        problems = []
+        seen: set[str] = set()
+        failed: set[str] = set()  # one problem per station: the earliest checkpoint the chain lost
+        for cp in checkpoints:
+            station, where = cp["station_id"], f"checkpoint of {cp['at']} ({cp.get('reason') or 'no reason'})"
+            if cp["signature"] in seen or station in failed:
+                continue  # the copy kept outside the database, or a station already reported
+            seen.add(cp["signature"])
+            if trusted is not None:
+                keys = trusted.get(station, [])
+                if not keys:
+                    problems.append(f"station {station}: {where} cannot be checked: no key is trusted for this "
+                                    "station (station keys trust PEM --station ID)")
+                    continue
+                if not any(_signed(k, cp) for k in keys):
+                    problems.append(f"station {station}: {where} is not signed by a key trusted for this station: "
+                                    "it was forged or altered")
+                    continue
+            if not cp["last_id"]:
+                continue  # signed an empty chain
+            e = by_id.get(cp["last_id"])
+            if e is None or e["station_id"] != station or e["entry_hash"] != cp["head"] or \
+                    e["n"] != cp["entries"]:
+                problems.append(f"station {station}: the journal no longer extends the {where}, signed at entry "
+                                f"{cp['last_id']} of {cp['entries']} with head {cp['head'][:16]}…: entries were "
+                                "deleted from its end, or the chain was rewritten")
+                failed.add(station)
+        return problems
+
     # -- reading for people -------------------------------------------------------------------
     def attempts(self, limit: int = 100) -> list[dict]:
         return list(self.db().query("select * from attempts order by id desc limit ?", [limit]))
@@ -708,6 +1025,14 @@ class Record:
         return list(self.db().query(
             "select id, serial, mac, outcome, failed_step, error, port, operator, lot, ended_at from attempts "
             "where (? = '%%' or serial like ? or mac like ?) order by id desc limit ?", [q, q, q, limit]))
+
+
+def _signed(key: Ed25519PublicKey, cp: dict) -> bool:
+    try:
+        key.verify(bytes.fromhex(cp["signature"]), checkpoint_payload(cp))
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
 
 
 def _attempt_from_row(row: dict) -> Attempt:

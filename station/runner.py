@@ -50,7 +50,8 @@ def open_record(station: StationConfig, db: Path | None = None, key: bytes | Non
     """
     path = db or station.database
     spool = station.spool_path if db is None else None
-    return Record(path, key if key is not None else station_key(station.key_file), spool, replay=replay)
+    return Record(path, key if key is not None else station_key(station.key_file), spool, replay=replay,
+                  station_id=station.station_id)
 
 
 def min_free_mb(station: StationConfig) -> float:

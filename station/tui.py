@@ -10,6 +10,7 @@ F10 admin (switch profile or lot), Ctrl+Q quit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 from typing import Callable
@@ -387,6 +388,8 @@ class StationApp(App):
             ctx = self.open_profile(name) if name and self.open_profile and name != self.line.ctx.profile.name \
                 else None
             self.line.switch(ctx, lot if lot is not None else None)
+            self.line.ctx.record.log_admin("switch", self.line.operator,  # in the chain: who switched what
+                                           {"profile": self.line.ctx.profile.name, "lot": self.line.lot})
         except Exception as exc:  # a bad profile must not close the screen
             self.notify(f"not switched: {exc}", severity="error", timeout=8)
             return
@@ -410,6 +413,11 @@ class StationApp(App):
 
     def on_unmount(self) -> None:
         self.line.close()  # runs still going end as aborted; no unit thread outlives the screen
+        with contextlib.suppress(Exception):  # the session's units are recorded; the next run signs the chain
+            from .audit import write_checkpoint
+
+            write_checkpoint(self.line.ctx.record, self.line.ctx.station, "screen session")
+            self.line.ctx.record.close()
 
     @work
     async def action_quit_station(self) -> None:

@@ -6,6 +6,7 @@ import base64
 import csv
 import io
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from flashing.virtual.bench import VirtualBench
 from station.audit import ExportFilter, export, signing_key
-from station.record import Attempt, Record, now_iso
+from station.record import Attempt, Record, now_iso, station_key
 from tests.station.conftest import TOKEN, json_lines, pin_firmware, run_station
 
 WIFI_PASSWORD = "wifi-Pa55-word"
@@ -38,13 +39,23 @@ def test_signed_export_verifies_with_station_and_openssl_and_edits_fail(station_
     manifest = json.loads((station_env / "units.csv.manifest.json").read_text())
     assert manifest["rows"] == 2 and manifest["filters"] == {"lot": "LOT-7"}
     assert len(manifest["chain_head"]) == 64 and manifest["station_id"] == "test-station"
-    # an auditor without the station: OpenSSL and the public key
+    # the flash run ended with a signed checkpoint; the export is one too, and names the chain's head
+    reasons = [r for (r,) in sqlite3.connect(station_env / "station.db").execute("select reason from checkpoints")]
+    assert reasons == ["station flash", "export"] and manifest["checkpoint"]["head"] == manifest["chain_head"]
+    # an auditor without the station: OpenSSL, the public key, and the fingerprint the station published
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-in", f"{out}.pub.pem", "-outform", "DER"],
+                         capture_output=True, check=True).stdout
+    fp = subprocess.run(["openssl", "dgst", "-sha256", "-r"], input=der, capture_output=True).stdout.split()[0]
+    _, listed, _ = run_station(capsys, "keys", "list")
+    assert fp.decode() == manifest["public_key_sha256"] and fp.decode() in listed and fp.decode() in text
     cmd = ["openssl", "pkeyutl", "-verify", "-pubin", "-inkey", f"{out}.pub.pem", "-rawin",
            "-in", f"{out}.manifest.json", "-sigfile", f"{out}.manifest.sig"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0 and "Signature Verified Successfully" in r.stdout
     dgst = subprocess.run(["openssl", "dgst", "-sha256", "-r", str(out)], capture_output=True, text=True)
     assert dgst.stdout.split()[0] == manifest["sha256"]
+    dgst = subprocess.run(["openssl", "dgst", "-sha256", "-r", f"{out}.journal.jsonl"], capture_output=True, text=True)
+    assert dgst.stdout.split()[0] == manifest["journal"]["sha256"]
 
     # an edited data file fails; an edited manifest fails, also for OpenSSL
     original = out.read_bytes()
@@ -55,7 +66,7 @@ def test_signed_export_verifies_with_station_and_openssl_and_edits_fail(station_
     mpath = station_env / "units.csv.manifest.json"
     mpath.write_text(mpath.read_text().replace('"rows": 2', '"rows": 3'))
     rc, _, err = run_station(capsys, "export", "verify", str(out))
-    assert rc == 1 and "signature does not match" in err
+    assert rc == 1 and "signature does not match any key trusted for station 'test-station'" in err
     assert subprocess.run(cmd, capture_output=True).returncode != 0
 
     # filters: no unit in another lot
@@ -77,7 +88,7 @@ def _rows(n: int, station: str = "test-station"):
     ("update journal set body = replace(body, 'S-3', 'S-9') where id = 4", "journal entry 4 was edited"),
 ])
 def test_db_verify_names_the_first_tampered_row(station_env, capsys, tamper, first):
-    record = Record(station_env / "station.db")
+    record = Record(station_env / "station.db", station_key(station_env / "station.key"))
     for a in _rows(6):
         record.add_attempt(a)
     rc, out, _ = run_station(capsys, "db", "verify")
@@ -90,8 +101,16 @@ def test_db_verify_names_the_first_tampered_row(station_env, capsys, tamper, fir
     assert rc == 1 and first in out.splitlines()[0]
 
 
+def pin(capsys, folder, *stations: str) -> None:
+    """Trust each station's key, as the auditor does after comparing its fingerprint."""
+    for name in stations:
+        rc, _, err = run_station(capsys, "keys", "trust", str(folder / f"{name}.csv.pub.pem"), "--station",
+                                 f"station-{name}")
+        assert rc == 0, err
+
+
 def test_merge_two_stations_and_report_conflicts(station_env, capsys, tmp_path):
-    a_db, b_db = Record(tmp_path / "a.db"), Record(tmp_path / "b.db")
+    a_db, b_db = Record(tmp_path / "a.db", os.urandom(32)), Record(tmp_path / "b.db", os.urandom(32))
     rows_a = _rows(3, "station-a")
     rows_b = _rows(5, "station-b")[3:]  # two other units
     for r in rows_a:
@@ -101,6 +120,7 @@ def test_merge_two_stations_and_report_conflicts(station_env, capsys, tmp_path):
     ka, kb = signing_key(tmp_path / "a.pem"), signing_key(tmp_path / "b.pem")
     export(a_db, tmp_path / "a.csv", "csv", ExportFilter(), "station-a", ka)
     export(b_db, tmp_path / "b.csv", "csv", ExportFilter(), "station-b", kb)
+    pin(capsys, tmp_path, "a", "b")
     merged = tmp_path / "all.csv"
     rc, _, err = run_station(capsys, "export", "merge", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
                              "--out", str(merged))
@@ -219,53 +239,46 @@ def test_encrypted_config_partition_round_trips_through_the_virtual_device(stati
 
 def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, monkeypatch):
     """Failed units carry error and detail (esptool's and the console's words), and a database
-    locked once every unit has started sends every finish to the spool: neither may hold the token
-    or the Wi-Fi password."""
-    from station.config import StationConfig
-    from station.events import UnitInfo
-    from station.pipeline import UnitJob
-    from station.runner import open_record, open_station, run_units
+    held by another program after the write-ahead commit sends each finish to the spool:
+    neither may hold the token or the Wi-Fi password."""
+    from station.pipeline import UnitJob, provision_unit
+    from station.runner import open_station
 
     monkeypatch.setenv("RELAY_WIFI_SSID", "factory-wifi")
     monkeypatch.setenv("RELAY_WIFI_PASSWORD", WIFI_PASSWORD)
     db = station_env / "station.db"
     ctx = open_station("relay", station_env / "station.toml")
-    holder: list[sqlite3.Connection] = []
-    started: list[str] = []
+    ctx.record.busy_ms = 100
+    ctx.record.close()  # the next connection takes the short busy timeout
+    done = {}
+    with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
+        bench[1].device.set_fault("panic_after", 0.05)  # crashes while it boots: detail is the boot log
+        bench[2].device.set_fault("unplug_after", 300_000)  # cable pulled mid-write
+        for i, s in enumerate(bench.slots):
+            holders: list[sqlite3.Connection] = []
 
-    def lock_once_all_started(e) -> None:
-        if isinstance(e, UnitInfo) and e.serial:  # emitted right after the unit's write-ahead commit
-            started.append(e.port)
-            if len(started) == 3:
-                holder.append(sqlite3.connect(db, check_same_thread=False))  # another program takes it
-                holder[0].execute("BEGIN EXCLUSIVE")
+            def hold_after_the_commit(e) -> None:  # another program takes the database mid-unit
+                if type(e).__name__ == "StepStarted" and e.step == "flash" and not holders:
+                    holders.append(sqlite3.connect(db))
+                    holders[0].execute("BEGIN EXCLUSIVE")
 
-    try:
-        # the timing model: the unplugged board is still writing when the database is taken
-        with VirtualBench(3, "esp32", run_dir=station_env / "run", realtime=True) as bench:
-            bench[1].device.set_fault("panic_after", 0.05)  # crashes while it boots: detail is the boot log
-            bench[2].device.set_fault("unplug_after", 300_000)  # cable pulled mid-write
-            jobs = [UnitJob(s.url, serial=f"SN-{i}") for i, s in enumerate(bench.slots)]
-            results = run_units(jobs, ctx, lock_once_all_started)
-        assert [r.outcome for r in results] == ["passed", "failed", "failed"]
-        assert all(r.recorded == "spool" and "spool" in r.note for r in results)
-        spooled = [json.loads(json.loads(line)["body"])["attempt"]
-                   for line in ctx.record.spool.read_text().splitlines()]
-        spool_bytes = ctx.record.spool.read_bytes()
-    finally:
-        for h in holder:
-            h.rollback()
-            h.close()
-        ctx.close()
+            done[s.url] = provision_unit(UnitJob(s.url, f"SN-{i}"), ctx, hold_after_the_commit)
+            holders[0].rollback()
+            holders[0].close()
+    ctx.close()
+    assert [done[s.url].outcome for s in bench.slots] == ["passed", "failed", "failed"]
+    assert all(r.recorded == "spool" for r in done.values())
+    spooled = [json.loads(json.loads(line)["body"])["attempt"]
+               for line in (station_env / "station.db.spool").read_text().splitlines()]
+    spool_bytes = (station_env / "station.db.spool").read_bytes()
     # the spool holds what the record will: the token's fingerprint, the failures' words
     assert len(spooled) == 3 and all(a["token_fingerprint"].startswith("hmac-sha256:") for a in spooled)
     failed = {a["failed_step"]: a for a in spooled if a["outcome"] == "failed"}
     assert set(failed) == {"boot", "flash"}
     assert "Guru Meditation" in failed["boot"]["error"] and "unplugged" in failed["flash"]["error"]
     assert "app_init: Project name:     relay" in failed["boot"]["detail"]  # the boot log itself
-    record = open_record(StationConfig.load(station_env / "station.toml"))  # replayed on open
-    rows = record.attempts()
-    assert len(rows) == 3 and not record.spool.exists() and record.replayed == 3
+    rows = Record(db, station_key(station_env / "station.key")).attempts()  # replayed on open
+    assert len(rows) == 3 and not (station_env / "station.db.spool").exists()
     columns = b"\n".join(str(r[k]).encode() for r in rows for k in ("error", "detail", "remedy"))
     assert b"app_init: App version:      1.4.2" in columns  # the console's words made it into the record
     for secret in (TOKEN, WIFI_PASSWORD):
@@ -281,7 +294,7 @@ def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, monkeypat
                                                        "24:0a:c4:00:00:77 (b.csv"),
 ], ids=["one-mac-two-serials", "one-serial-two-boards"])
 def test_merge_refuses_conflicting_records(station_env, capsys, tmp_path, clash, why):
-    a_db, b_db = Record(tmp_path / "a.db"), Record(tmp_path / "b.db")
+    a_db, b_db = Record(tmp_path / "a.db", os.urandom(32)), Record(tmp_path / "b.db", os.urandom(32))
     for r in _rows(2, "station-a"):
         a_db.add_attempt(r)
     other = _rows(1, "station-b")[0]  # station B's record of unit 0, made to conflict
@@ -289,6 +302,7 @@ def test_merge_refuses_conflicting_records(station_env, capsys, tmp_path, clash,
     b_db.add_attempt(other)
     export(a_db, tmp_path / "a.csv", "csv", ExportFilter(), "station-a", signing_key(tmp_path / "a.pem"))
     export(b_db, tmp_path / "b.csv", "csv", ExportFilter(), "station-b", signing_key(tmp_path / "b.pem"))
+    pin(capsys, tmp_path, "a", "b")
     rc, _, err = run_station(capsys, "export", "merge", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
                              "--out", str(tmp_path / "all.csv"))
     assert rc == 1 and "refused: 1 conflicting record(s); nothing was written" in err
