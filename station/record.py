@@ -127,7 +127,7 @@ def m003_write_ahead_journal(db: Database) -> None:
     # the attempts recorded so far become the journal's first entries, in order
     heads: dict[str, str] = {}
     for row in list(db.query("select * from attempts order by id")):
-        body = {c: row[c] for c in ("id", *ATTEMPT_COLUMNS)}
+        body = {c: row.get(c) for c in ("id", *ATTEMPT_COLUMNS)}  # columns added by later migrations: None
         prev = heads.get(row["station_id"], CHAIN_GENESIS)
         entry = _entry(row["station_id"], "recorded", row["uid"], row["ended_at"] or row["started_at"], body)
         digest = _entry_hash(prev, entry)
@@ -178,12 +178,14 @@ class Attempt:
     written_regions: list[str] = field(default_factory=list)
     uid: str = field(default_factory=_new_uid)  # unique per attempt: what the spool replays by
     session: str = ""  # the station process that ran it (see the module docstring)
+    quarantine: bool = False  # the factory's test credentials were left on the unit (smoke `pair`)
 
     def row(self) -> dict:
         d = asdict(self)
         for k in ("firmware_hashes", "durations", "written_regions"):
             d[k] = json.dumps(d[k], sort_keys=True)
         d["rework"] = int(self.rework)
+        d["quarantine"] = int(self.quarantine)
         d["outcome"] = str(self.outcome)
         return d
 
@@ -421,6 +423,15 @@ class Record:
         except sqlite3.Error as exc:
             raise self._fault(exc, "looking for an earlier pass") from None
         return None
+
+    def quarantined(self, mac: str) -> bool:
+        """Whether the board's latest finished attempt left the factory's test credentials on it."""
+        try:
+            row = self.db().execute("select quarantine from attempts where mac = ? and outcome != 'started' "
+                                    "order by id desc limit 1", [mac]).fetchone()
+        except sqlite3.Error as exc:
+            raise self._fault(exc, "looking for a quarantined board") from None
+        return bool(row and row[0])
 
     def unit_by_mac(self, mac: str) -> dict | None:
         rows = list(self.db().query("select * from units where mac = ?", [mac]))
@@ -705,6 +716,7 @@ def _attempt_from_row(row: dict) -> Attempt:
     for k in ("firmware_hashes", "durations", "written_regions"):
         d[k] = json.loads(d[k]) if d.get(k) else ({} if k != "written_regions" else [])
     d["rework"] = bool(d.get("rework"))
+    d["quarantine"] = bool(d.get("quarantine"))
     return Attempt(**d)
 
 
@@ -729,3 +741,9 @@ def station_key(path: Path) -> bytes:
 def fingerprint(key: bytes, secret: str) -> str:
     """Keyed fingerprint: proves which token a unit got, useless to recover it."""
     return "hmac-sha256:" + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+@migrations()
+def m004_quarantine(db: Database) -> None:
+    # an attempt after which the unit still holds the factory's test credentials (issue #13)
+    db["attempts"].add_column("quarantine", int)
