@@ -4,11 +4,15 @@ The client is what the virtual device's firmware logs in with (username
 sha256(email), password token) and what the station's smoke test subscribes with.
 The broker is the demo's embedded one, so the README's main command needs nothing
 installed; tests use a real Mosquitto. QoS 0 and 1 publish, retained messages,
-wildcard subscriptions, keep-alive, last will, username/password accounts.
+wildcard subscriptions, keep-alive, last will, username/password accounts, and the
+part of Mosquitto's dynamic-security API the station uses for per-unit test accounts
+(createRole, createClient, deleteClient, deleteRole; a client made so may publish and
+subscribe only within its role's topic filters).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import threading
@@ -224,12 +228,21 @@ class MqttClient:
                 t.join(5)
 
 
+DYNSEC = "$CONTROL/dynamic-security/v1"
+
+
 class EmbeddedBroker:
     """A broker for demos on loopback: accounts optional, retained messages, wildcards."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 accounts: dict[str, str] | None = None):
-        self.accounts = accounts  # None: anyone may log in
+                 accounts: dict[str, str] | None = None, admin: tuple[str, str] | None = None):
+        self.accounts = dict(accounts or {}) if accounts is not None or admin else None  # None: anyone may log in
+        self.admin = admin[0] if admin else None  # may send dynamic-security commands
+        if admin:
+            self.accounts[admin[0]] = admin[1]
+        self._roles: dict[str, list[str]] = {}  # role -> topic filters it allows
+        self._limited: dict[str, list[str]] = {}  # username -> roles, for clients made over $CONTROL
+        self._users: dict[socket.socket, str | None] = {}
         self._srv = socket.create_server((host, port))
         self.host, self.port = self._srv.getsockname()[:2]
         self._lock = threading.Lock()
@@ -286,8 +299,72 @@ class EmbeddedBroker:
                 except OSError:
                     pass
 
+    def _may(self, user: str | None, topic: str) -> bool:
+        """Whether `user` may publish to (or subscribe to) `topic`."""
+        with self._lock:
+            if self.accounts is not None and user not in self.accounts:
+                return False  # deleted while connected: not even its will goes out
+            if topic.startswith("$"):
+                return False
+            roles = self._limited.get(user)
+            if roles is None:
+                return True
+            return any(topic_matches(f, topic) for r in roles for f in self._roles.get(r, []))
+
+    def _control(self, conn: socket.socket, payload: bytes) -> None:
+        """The dynamic-security commands the station sends, answered on `.../response`."""
+        try:
+            commands = json.loads(payload)["commands"]
+        except (ValueError, KeyError, TypeError):
+            return
+        responses = []
+        for c in commands if isinstance(commands, list) else []:
+            if not isinstance(c, dict):
+                continue
+            try:
+                error, gone = self._command(c)
+            except (KeyError, TypeError, AttributeError) as exc:
+                error, gone = f"Invalid command: {exc}", []
+            for s in gone:  # as Mosquitto does: a deleted client is disconnected
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            answer = {"command": c.get("command"), **({"error": error} if error else {})}
+            if "correlationData" in c:
+                answer["correlationData"] = c["correlationData"]
+            responses.append(answer)
+        self._deliver(f"{DYNSEC}/response", json.dumps({"responses": responses}).encode(), False, only=conn)
+
+    def _command(self, c: dict) -> tuple[str | None, list[socket.socket]]:
+        """Apply one command: its error text (None: done) and the connections to drop."""
+        name, error, kick = c.get("command"), None, None
+        with self._lock:
+            if name == "createRole":
+                self._roles[str(c["rolename"])] = [str(a["topic"]) for a in c.get("acls", []) if a.get("allow")
+                                                   and a.get("acltype") in ("publishClientSend", "subscribePattern")]
+            elif name == "createClient":
+                if c["username"] in self.accounts:
+                    error = "Client already exists"
+                else:
+                    self.accounts[str(c["username"])] = str(c.get("password", ""))
+                    self._limited[str(c["username"])] = [str(r["rolename"]) for r in c.get("roles", [])]
+            elif name == "deleteClient":
+                kick = str(c["username"])
+                if self.accounts.pop(kick, None) is None:
+                    error = "Client not found"
+                self._limited.pop(kick, None)
+            elif name == "deleteRole":
+                if self._roles.pop(str(c["rolename"]), None) is None:
+                    error = "Role not found"
+            else:
+                error = "Unknown command"
+            gone = [s for s, u in self._users.items() if kick is not None and u == kick]
+        return error, gone
+
     def _serve(self, conn: socket.socket) -> None:
         will = None
+        user = None
         try:
             ptype, _, data = read_packet(conn)
             if ptype != CONNECT:
@@ -308,7 +385,11 @@ class EmbeddedBroker:
                 will = (field().decode(), field(), bool(flags & 0x20))
             user = field().decode() if flags & 0x80 else None
             pw = field().decode() if flags & 0x40 else None
-            if self.accounts is not None and (user not in self.accounts or self.accounts[user] != pw):
+            with self._lock:
+                refused = self.accounts is not None and (user not in self.accounts or self.accounts[user] != pw)
+                if not refused:
+                    self._users[conn] = user
+            if refused:
                 conn.sendall(packet(CONNACK, 0, b"\x00\x05"))
                 return
             conn.sendall(packet(CONNACK, 0, b"\x00\x00"))
@@ -322,6 +403,11 @@ class EmbeddedBroker:
                         conn.sendall(packet(PUBACK, 0, data[pos : pos + 2]))
                         pos += 2
                     payload = data[pos:]
+                    if topic == DYNSEC and user is not None and user == self.admin:
+                        self._control(conn, payload)
+                        continue
+                    if not self._may(user, topic):
+                        continue  # as Mosquitto does for QoS 0: dropped without a word
                     if flags & 1:
                         with self._lock:
                             if payload:
@@ -336,10 +422,12 @@ class EmbeddedBroker:
                         n = struct.unpack(">H", data[pos : pos + 2])[0]
                         filters.append(data[pos + 2 : pos + 2 + n].decode())
                         pos += 3 + n
+                    allowed = [f for f in filters if self._may(user, f) or
+                               (user is not None and user == self.admin and f == f"{DYNSEC}/response")]
                     with self._lock:
-                        self._subs += [(conn, f) for f in filters]
+                        self._subs += [(conn, f) for f in allowed]
                         retained = list(self._retained.items())
-                    conn.sendall(packet(SUBACK, 0, pid + b"\x00" * len(filters)))
+                    conn.sendall(packet(SUBACK, 0, pid + bytes(0 if f in allowed else 0x80 for f in filters)))
                     for topic, payload in retained:
                         if any(topic_matches(f, topic) for f in filters):
                             conn.sendall(packet(PUBLISH, 0x01, _str(topic) + payload))
@@ -354,6 +442,9 @@ class EmbeddedBroker:
             with self._lock:
                 self._subs = [(c, f) for c, f in self._subs if c is not conn]
                 self._clients.discard(conn)
+                self._users.pop(conn, None)
+            if will and not self._may(user, will[0]):
+                will = None
             if will:
                 topic, payload, retain = will
                 if retain:

@@ -488,26 +488,51 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    """`station admin set-password`: the scrypt line for the screen's F10, in admin_password_file."""
+    import getpass
+
+    from station.admin import AdminPasswordError, hash_password, write_stored
+    from station.config import ConfigError, StationConfig
+
+    try:
+        station = StationConfig.load(args.config)
+        if sys.stdin.isatty():
+            password = getpass.getpass("new admin password: ")
+            if getpass.getpass("again: ") != password:
+                _err("station admin set-password: the two entries differ; nothing changed")
+                return Exit.USAGE
+        else:
+            password = sys.stdin.readline().rstrip("\n")
+        write_stored(station.admin_password_file, hash_password(password))
+    except (ConfigError, AdminPasswordError) as exc:
+        _err(f"station admin set-password: {exc}; nothing changed")
+        return Exit.USAGE
+    _err(f"admin password set in {station.admin_password_file}")
+    if station.admin_password_sha256:
+        _err("now remove admin_password_sha256 from station.toml: it is no longer accepted")
+    return Exit.OK
+
+
 # -- station demo -------------------------------------------------------------------------
 
 def _demo_station(args):
     """station.toml with the demo's embedded broker as the factory test broker."""
     import dataclasses
-    import hashlib
     import os
 
     from flashing.mqtt import EmbeddedBroker
     from station.config import StationConfig
 
-    # the example profile's vendor token and the factory test accounts: demo values
+    # the example profile's vendor token and the factory broker's accounts: demo values
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "demo-tok42")
-    os.environ.setdefault("STATION_TEST_TOKEN", "demo-test1")
     os.environ.setdefault("STATION_MONITOR_PASSWORD", "demo-monitor")
+    os.environ.setdefault("STATION_BROKER_ADMIN_PASSWORD", "demo-admin")
     station = StationConfig.load(args.config)
     smoke = station.smoke
-    broker = EmbeddedBroker(accounts={
-        hashlib.sha256(smoke.test_email.encode()).hexdigest(): os.environ[smoke.test_token_env],
-        smoke.monitor_user: os.environ[smoke.monitor_password_env]})
+    # each unit's own test account is made on it, as on the factory's Mosquitto
+    broker = EmbeddedBroker(accounts={smoke.monitor_user: os.environ[smoke.monitor_password_env]},
+                            admin=(smoke.broker_admin_user, os.environ[smoke.broker_admin_password_env]))
     station = dataclasses.replace(station, smoke=dataclasses.replace(
         smoke, broker_host=broker.host, broker_port=broker.port, reach="direct", url=""))
     return station, broker
@@ -700,6 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("name")
     sc.add_argument("--config", type=Path)
     sc.set_defaults(func=cmd_secrets)
+
+    ad = sub.add_parser("admin", help="the admin password of the operator's screen (F10)")
+    ads = ad.add_subparsers(dest="admin_action", required=True)
+    ads.add_parser("set-password", help="read it from the terminal (twice) or one line of stdin; "
+                   "store its scrypt hash in admin_password_file")
+    ad.add_argument("--config", type=Path)
+    ad.set_defaults(func=cmd_admin)
 
     t = sub.add_parser("tui", help="the operator's screen on the fixture's ports (the default)")
     t.add_argument("--profile")

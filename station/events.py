@@ -27,6 +27,7 @@ class UnitResult:
     written_regions: tuple[str, ...] = ()
     note: str | None = None
     recorded: str = "database"  # where the attempt went: database | spool | lost
+    quarantine: bool = False  # the unit still holds the factory's test credentials: set it aside
 
     @property
     def passed(self) -> bool:

@@ -14,7 +14,6 @@ naming the step and what to do. Nothing here branches on virtual or real boards.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,15 +22,17 @@ from datetime import datetime
 from typing import Callable
 
 from flashing.errors import UnitError
+from flashing.images import ImageError, check_image_bytes, parse_partition_table
 from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, new_keys, read_partition
 from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, flash_size_bytes
 
+from . import keys as derived
 from .config import StationConfig
 from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult
-from .profile import Profile
-from .record import Attempt, Outcome, Record, SerialPlan, fingerprint, now_iso
+from .profile import Problem, Profile, ProfileError
+from .record import Attempt, Outcome, Record, RecordError, SerialPlan, fingerprint, now_iso
 from .serials import SerialPattern
-from .smoke import FactoryAccounts, healthcheck, make_reach, pair_and_wait, soak
+from .smoke import FactoryAccounts, UnitAccount, UnitAccounts, healthcheck, make_reach, pair_and_wait, soak
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,16 @@ class StationContext:
 
     def __post_init__(self) -> None:
         if not self.firmware:
-            self.firmware = [(r.name, r.offset, data) for r, data in self.profile.region_bytes()]
+            self.firmware = load_firmware(self.profile)
+        # what every attempt records: the hashes of the very bytes this context flashes
+        self.firmware_hashes = {f"0x{off:x}": hashlib.sha256(data).hexdigest() for _, off, data in self.firmware}
+        self.app_version = _app_version(self.firmware)
         self._pool: ThreadPoolExecutor | None = None
         self._outgrown: list[ThreadPoolExecutor] = []  # smaller pools, ending with their last units
+
+    def unit_accounts(self) -> UnitAccounts:
+        """Where each unit's own test-broker account is made (and deleted)."""
+        return UnitAccounts(self.station.smoke, self.accounts or FactoryAccounts.from_settings(self.station.smoke))
 
     def workers(self, n: int) -> ThreadPoolExecutor:
         """Threads for running units, kept across batches (one per port at the most)."""
@@ -81,8 +89,60 @@ class StationContext:
         self.record.close()
 
 
+def load_firmware(profile: Profile) -> list[tuple[str, int, bytes]]:
+    """Each region's file read once, checked against its pin: these bytes are what every unit gets.
+
+    `station profile check` read the files too, but a file swapped since then must not be
+    flashed under the pinned hash: ProfileError names it, and nothing is flashed.
+    """
+    out, problems = [], []
+    for r in profile.regions:
+        where = f"firmware region 0x{r.offset:x}"
+        try:
+            data = r.file.read_bytes()
+        except OSError as exc:
+            problems.append(Problem(str(r.file), where, f"unreadable ({exc.strerror or exc})"))
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != r.sha256.lower():
+            problems.append(Problem(str(r.file), where, f"SHA-256 {digest} does not match the pinned "
+                                    f"{r.sha256 or '(none)'}: the file changed after the profile was loaded; "
+                                    "nothing was flashed"))
+        out.append((r.name, r.offset, data))
+    table = next((data for _, off, data in out if off == 0x8000), None)
+    if not problems and table is not None and profile.partitions:
+        try:
+            same = tuple(parse_partition_table(table)) == tuple(profile.partitions)
+        except ImageError:
+            same = False
+        if not same:  # the layout the config offsets come from is the one being flashed
+            problems.append(Problem(str(profile.path), "firmware region 0x8000", "the partition table "
+                                    "changed after the profile was loaded; load the profile again"))
+    if problems:
+        raise ProfileError(problems)
+    return out
+
+
+def _app_version(firmware: list[tuple[str, int, bytes]]) -> str | None:
+    """The version in the app image this context flashes (not the file as it is now)."""
+    for name, _, data in firmware:
+        if name == "app":
+            try:
+                info = check_image_bytes(data)
+            except ImageError:
+                return None
+            return info.app.version if info.app else None
+    return None
+
+
 class StepFailure(UnitError):
     """The board failed a step (or is not the board this profile is for)."""
+
+
+class StationFault(UnitError):
+    """The station's set-up, not the board, stopped the unit."""
+
+    station_fault = True
 
 
 class Aborted(Exception):
@@ -158,6 +218,9 @@ class UnitRun:
     config_image: bytes | None = None
     keys_image: bytes | None = None
     boot_log: BootLog | None = None
+    broker_account: UnitAccount | None = None  # this unit's own test-broker account, while it exists
+    credentials_on_unit: bool = False  # from /pair until the unit's own config is back and checked
+    was_quarantined: bool = False  # an earlier attempt left test credentials on this board
 
     @property
     def port(self) -> str:
@@ -177,6 +240,14 @@ def connect(run: UnitRun) -> None:
     run.attempt.mac = ":".join(f"{b:02x}" for b in ident.mac)
     run.attempt.device_id = device_id_from_mac(ident.mac)
     run.emit(UnitInfo(run.port, run.attempt.mac, run.attempt.chip))
+    # known as soon as the MAC is: an attempt that ends early still carries the quarantine on
+    try:
+        run.was_quarantined = run.ctx.record.quarantined(run.attempt.mac)
+    except RecordError:  # a locked record: the serial step says so; the flash step rewrites the config anyway
+        run.was_quarantined = False
+    if run.was_quarantined:
+        run.emit(LogLine(run.port, "station", "an earlier attempt left test credentials on this board: "
+                         "its own configuration is written again"))
 
 
 def identify(run: UnitRun) -> None:
@@ -228,6 +299,8 @@ def flash(run: UnitRun) -> None:
         kslot = next(p for p in profile.partitions if p.name == profile.keys_partition)
         regions.append(("nvs_keys", kslot.offset, run.keys_image))
     run.attempt.written_regions = run.session.write_regions(regions, run.sink.on_region)
+    if run.config_image is not None:
+        run.was_quarantined = False  # the config region now is this unit's own (written or MD5-equal)
 
 
 def boot(run: UnitRun) -> None:
@@ -240,7 +313,7 @@ def boot(run: UnitRun) -> None:
     if problem:
         raise StepFailure(problem, "replace the board if a retry fails the same way", log.text[-2000:])
     run.attempt.firmware_version = log.version
-    want = profile.firmware_version()
+    want = run.ctx.app_version
     if want and log.version and log.version != want:
         raise StepFailure(f"the board runs firmware {log.version}, the profile ships {want}",
                           "retry; if it repeats, check the profile's app image")
@@ -248,7 +321,7 @@ def boot(run: UnitRun) -> None:
 
 def smoke(run: UnitRun) -> None:
     level = run.ctx.smoke_level or run.ctx.profile.checks.smoke
-    _smoke(level, run.ctx, run.session, run.boot_log, run.mac, run.attempt, run.config_image)
+    _smoke(level, run)
 
 
 def _boot_on(run: UnitRun) -> bool:
@@ -289,7 +362,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
     attempt = Attempt(port=job.port, station_id=ctx.station.station_id, profile=profile.name,
                       profile_hash=profile.content_hash, started_at=now_iso(),
                       operator=job.operator, lot=job.lot or ctx.station.lot or profile.lot,
-                      rework=job.rework, firmware_hashes=profile.firmware_hashes(), baud=profile.baud)
+                      rework=job.rework, firmware_hashes=dict(ctx.firmware_hashes), baud=profile.baud)
     sink = _UnitSink(job.port, emit)
     session = UnitSession(job.port, sink, cancelled=cancel.is_set)
     run = UnitRun(job, ctx, emit, cancel, attempt, session, sink)
@@ -329,10 +402,13 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
             raise  # KeyboardInterrupt/SystemExit in a worker: recorded below by the finally
     finally:
         watcher_stop.set()
-        session.close()
-        watcher.join()
+        watcher.join()  # before a restore reopens the port, so no late abort closes it again
         if attempt.outcome == Outcome.STARTED:  # a BaseException escaped the branch above
             attempt.outcome, attempt.error, attempt.remedy = Outcome.ABORTED, *ABORTED_TEXT
+        if run.broker_account is not None or run.credentials_on_unit:
+            _take_back_after_failure(run)
+        session.close()
+        _mark_quarantine(run)
         attempt.ended_at = now_iso()
         t = time.monotonic()
         written = ctx.record.finish(attempt) if run.started else ctx.record.add(attempt)
@@ -349,7 +425,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         remedy=attempt.remedy, mac=attempt.mac, serial=attempt.serial, device_id=attempt.device_id,
         chip=attempt.chip, firmware_version=attempt.firmware_version, durations=dict(attempt.durations),
         attempt_id=written.attempt_id, written_regions=tuple(attempt.written_regions), note=written.note,
-        recorded=recorded)
+        recorded=recorded, quarantine=attempt.quarantine)
     emit(UnitFinished(job.port, result))
     return result
 
@@ -397,8 +473,11 @@ def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, 
     if profile.encryption == "per-unit":
         keys = new_keys()
     elif profile.encryption == "per-lot":
-        # derived from the station's random key and the lot: one set per lot, never stored
-        keys = hmac.new(ctx.key, f"nvs-lot:{profile.name}:{attempt.lot}".encode(), "sha512").digest()
+        if not attempt.lot:  # an empty lot would be one set of keys for every lot-less unit, forever
+            raise StationFault("per-lot NVS keys need a lot, and this unit has none",
+                               "give the lot (--lot, F10, station.toml or the profile's lot) and retry")
+        # derived from the station's key for this purpose and the lot: one set per lot, never stored
+        keys = derived.derive(ctx.key, f"{derived.NVS_LOT_KEYS}/{profile.name}/{attempt.lot}", 64)
     try:
         image = build_partition(profile.namespace, entries, slot.size, keys)
         back = read_partition(image, keys).get(profile.namespace, {})
@@ -411,12 +490,12 @@ def _build_config(ctx: StationContext, attempt: Attempt) -> tuple[bytes | None, 
     attempt.config_sha256 = hashlib.sha256(image).hexdigest()
     token = next((ctx.secrets.get(k.secret) for k in profile.keys if k.key == "token" and k.secret), None)
     if token:
-        attempt.token_fingerprint = fingerprint(ctx.key, token)
+        attempt.token_fingerprint = fingerprint(derived.derive(ctx.key, derived.TOKEN_FINGERPRINT), token)
     return image, keys_partition(keys) if keys else None, want
 
 
-def _smoke(level: str, ctx: StationContext, session: UnitSession, log, mac: bytes, attempt: Attempt,
-           image: bytes | None) -> None:
+def _smoke(level: str, run: UnitRun) -> None:
+    ctx, session = run.ctx, run.session
     profile, settings = ctx.profile, ctx.station.smoke
     reach = ctx.make_reach(settings)
     seen: list[str] = []
@@ -427,24 +506,99 @@ def _smoke(level: str, ctx: StationContext, session: UnitSession, log, mac: byte
         return text
 
     try:
-        base = reach.open(log, mac, f"{profile.title} AP" if profile.title else None)
+        base = reach.open(run.boot_log, run.mac, f"{profile.title} AP" if profile.title else None)
         healthcheck(base, settings.timeout_s)
         if level == "pair":
-            pair_and_wait(base, profile.device_class, attempt.device_id, settings, ctx.accounts, console)
+            run.broker_account = ctx.unit_accounts().create(run.attempt.device_id)
+            run.credentials_on_unit = True  # from the request on, the unit may hold them
+            pair_and_wait(base, profile.device_class, run.attempt.device_id, settings, ctx.accounts,
+                          run.broker_account, console, run.cancel.is_set)
         soak(console, profile.checks.smoke_soak_s, "".join(seen))
     finally:
         reach.close()
-    if level == "pair" and image is not None:
-        # put the unit's own configuration back, and check that it boots clean with it
-        slot = profile.config_slot()
-        session.connect(profile.chip)
-        session.prepare_flash(profile.baud)
-        session.write(slot.offset, image)
+    if level == "pair":
+        problems = _take_back(run)
+        if problems:
+            raise problems[0]
         again = session.boot(profile.checks.boot_timeout_s, profile.checks.boot_settle_s)
         problem = again.problem()
         if problem:
             raise StepFailure(f"after restoring its configuration: {problem}",
                               "retry; replace the board if it repeats", again.text[-2000:])
+
+
+QUARANTINE = "test credentials left on unit: quarantine"
+
+
+def _own_config(run: UnitRun) -> tuple[int, bytes] | None:
+    """Where the unit's own configuration goes and what it is (erased flash when it has none)."""
+    slot = run.ctx.profile.config_slot()
+    if slot is None:
+        return None
+    return slot.offset, run.config_image if run.config_image is not None else b"\xff" * slot.size
+
+
+def _take_back(run: UnitRun) -> list[UnitError]:
+    """Delete the unit's test account, then write its own configuration back and check it by MD5.
+
+    Returns what went wrong (nothing: the unit holds no test credentials any more). A port
+    closed by an abort is opened again; a board that is gone cannot be restored.
+    """
+    problems: list[UnitError] = []
+    if run.broker_account is not None:
+        account, run.broker_account = run.broker_account, None
+        try:
+            run.ctx.unit_accounts().delete(account)
+        except UnitError as exc:
+            problems.append(exc)
+    if run.credentials_on_unit:
+        own = _own_config(run)
+        if own is None:
+            problems.append(StepFailure("the profile names no config partition to restore",
+                                        "fix the profile (station profile check)"))
+            return problems
+        offset, image = own
+        session, profile = run.session, run.ctx.profile
+        try:
+            if session.serial is None:  # closed by an abort: the board may still be there
+                session.open()
+            session.connect(profile.chip)
+            session.prepare_flash(run.attempt.baud or profile.baud)
+            session.write(offset, image)
+            if session.region_md5(offset, len(image)) != hashlib.md5(image).hexdigest():
+                raise StepFailure("the restored configuration does not read back as written",
+                                  "retry; replace the board if it repeats")
+        except UnitError as exc:
+            problems.append(exc)
+        else:
+            run.credentials_on_unit = False
+            run.emit(LogLine(run.port, "station", "the unit's own configuration is back (checked by MD5)"))
+    return problems
+
+
+def _take_back_after_failure(run: UnitRun) -> None:
+    """The same, on a unit that already failed or was aborted: what still went wrong joins its error."""
+    try:
+        problems = _take_back(run)
+    except Exception as exc:  # a bug here must not lose the unit's record
+        problems = [StationFault(f"station error while restoring: {exc!r}", "call the station's engineer")]
+    if problems:
+        a = run.attempt
+        words = "; ".join(p.message for p in problems)
+        a.error = f"{a.error}; {words}" if a.error else words
+        a.detail = "\n".join(filter(None, [a.detail, *(p.detail for p in problems)])) or None
+
+
+def _mark_quarantine(run: UnitRun) -> None:
+    a = run.attempt
+    a.quarantine = run.credentials_on_unit or run.was_quarantined
+    if not a.quarantine:
+        return
+    why = "an earlier attempt left them and this one did not rewrite the configuration" \
+        if not run.credentials_on_unit else "the unit's own configuration could not be written back"
+    a.error = f"{a.error}; {QUARANTINE} ({why})" if a.error else f"{QUARANTINE} ({why})"
+    a.remedy = ("set this board aside in quarantine: it can reach the factory's test broker; run it again "
+                "(its configuration is rewritten first) or erase its flash")
 
 
 BAUD_LADDER = (2000000, 1500000, 921600, 460800, 230400, 115200)

@@ -625,6 +625,13 @@ def _check_config(profile: Profile, parts: list[Partition]) -> list[Problem]:
     elif slot is not None and (slot.type, slot.subtype) != (1, 2):
         problems.append(Problem(f, "config.partition", f"{slot.name!r} is {slot.type_name}/{slot.subtype_name}, "
                                 "not data/nvs"))
+    if profile.encryption != "none":
+        # the keys would sit in plaintext next to what they protect: not encryption, only its look
+        problems.append(Problem(f, "config.encryption", f"{profile.encryption!r} is refused: the station writes "
+                                "the nvs_keys partition in plaintext and neither enables nor checks flash "
+                                "encryption, so the keys sit beside the config they protect; use \"none\" "
+                                "until secure production (issue #18) declares how the keys partition is "
+                                "protected"))
     if profile.encryption != "none" and parts:
         kslot = next((p for p in parts if p.name == profile.keys_partition), None)
         if kslot is None or (kslot.type, kslot.subtype) != (1, 4):

@@ -63,13 +63,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from flashing.errors import UnitError
+
+from .keys import derive
 
 migrations = Migrations("station")
 
@@ -141,7 +142,7 @@ def m003_write_ahead_journal(db: Database) -> None:
     # the attempts recorded so far become the journal's first entries, in order
     heads: dict[str, str] = {}
     for row in list(db.query("select * from attempts order by id")):
-        body = {c: row[c] for c in ("id", *ATTEMPT_COLUMNS)}
+        body = {c: row.get(c) for c in ("id", *ATTEMPT_COLUMNS)}  # columns added by later migrations: None
         prev = heads.get(row["station_id"], CHAIN_GENESIS)
         entry = _entry_v1(row["station_id"], "recorded", row["uid"], row["ended_at"] or row["started_at"], body)
         digest = _entry_hash_v1(prev, entry)
@@ -192,12 +193,14 @@ class Attempt:
     written_regions: list[str] = field(default_factory=list)
     uid: str = field(default_factory=_new_uid)  # unique per attempt: what the spool replays by
     session: str = ""  # the station process that ran it (see the module docstring)
+    quarantine: bool = False  # the factory's test credentials were left on the unit (smoke `pair`)
 
     def row(self) -> dict:
         d = asdict(self)
         for k in ("firmware_hashes", "durations", "written_regions"):
             d[k] = json.dumps(d[k], sort_keys=True)
         d["rework"] = int(self.rework)
+        d["quarantine"] = int(self.quarantine)
         d["outcome"] = str(self.outcome)
         return d
 
@@ -234,9 +237,8 @@ def _entry_hash(chain_key: bytes, prev_hash: str, entry: dict) -> str:
 
 
 def derive_key(station_key_bytes: bytes, purpose: str) -> bytes:
-    """A key for one purpose only, derived from the station's key (HKDF-SHA256, `purpose` as info)."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-                info=f"2smart-station/{purpose}".encode()).derive(station_key_bytes)
+    """A key for one purpose only, derived from the station's key (station.keys: HKDF-SHA256)."""
+    return derive(station_key_bytes, purpose)
 
 
 CHAIN_KEY_PURPOSE = "journal-chain/v1"
@@ -569,6 +571,15 @@ class Record:
         except sqlite3.Error as exc:
             raise self._fault(exc, "looking for an earlier pass") from None
         return None
+
+    def quarantined(self, mac: str) -> bool:
+        """Whether the board's latest finished attempt left the factory's test credentials on it."""
+        try:
+            row = self.db().execute("select quarantine from attempts where mac = ? and outcome != 'started' "
+                                    "order by id desc limit 1", [mac]).fetchone()
+        except sqlite3.Error as exc:
+            raise self._fault(exc, "looking for a quarantined board") from None
+        return bool(row and row[0])
 
     def unit_by_mac(self, mac: str) -> dict | None:
         rows = list(self.db().query("select * from units where mac = ?", [mac]))
@@ -1040,6 +1051,7 @@ def _attempt_from_row(row: dict) -> Attempt:
     for k in ("firmware_hashes", "durations", "written_regions"):
         d[k] = json.loads(d[k]) if d.get(k) else ({} if k != "written_regions" else [])
     d["rework"] = bool(d.get("rework"))
+    d["quarantine"] = bool(d.get("quarantine"))
     return Attempt(**d)
 
 
@@ -1064,3 +1076,9 @@ def station_key(path: Path) -> bytes:
 def fingerprint(key: bytes, secret: str) -> str:
     """Keyed fingerprint: proves which token a unit got, useless to recover it."""
     return "hmac-sha256:" + hmac.new(key, secret.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+@migrations()
+def m005_quarantine(db: Database) -> None:
+    # an attempt after which the unit still holds the factory's test credentials (issue #13)
+    db["attempts"].add_column("quarantine", int)

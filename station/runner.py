@@ -8,7 +8,7 @@ from typing import Mapping
 
 from .config import ConfigError, StationConfig
 from .events import Emit, UnitResult
-from .pipeline import StationContext, UnitJob, provision_unit
+from .pipeline import StationContext, UnitJob, load_firmware, provision_unit
 from .profile import ProfileError, check_profile, load_profile, resolve_secrets
 from .record import Record, station_key
 from .smoke import FactoryAccounts
@@ -33,12 +33,14 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
         missing = accounts.missing(station.smoke)
         if missing:
             raise ConfigError(f"smoke level 'pair' needs {' and '.join(missing)} in the environment")
+    firmware = load_firmware(prof)  # read once: the bytes checked against the pins are the bytes flashed
     key = station_key(station.key_file)
     try:
         record = open_record(station, db, key)
     except Exception as exc:
         raise ConfigError(f"cannot open the station database {db or station.database}: {exc}") from None
-    return StationContext(station, prof, secrets, record, key, smoke_level=smoke, accounts=accounts)
+    return StationContext(station, prof, secrets, record, key, firmware=firmware, smoke_level=smoke,
+                          accounts=accounts)
 
 
 def open_record(station: StationConfig, db: Path | None = None, key: bytes | None = None,

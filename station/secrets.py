@@ -17,7 +17,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 PASSPHRASE_ENV = "STATION_SECRETS_PASSPHRASE"
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1  # new files (OWASP's scrypt minimum: 128 MiB)
+MIN_PASSPHRASE = 12  # characters, for a new file
+# what a file may ask for: a forged or damaged file must not make the station spend GiBs or hours
+N_RANGE = (2**14, 2**22)  # 2**15 was the old default: files written with it still open
+MAX_R, MAX_P = 16, 4
+MAX_SCRYPT_MEMORY = 1 << 30  # 128 * N * r bytes
+SALT_RANGE = (16, 64)
 
 
 class SecretStoreError(Exception):
@@ -32,6 +38,34 @@ def _derive(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(passphrase.encode())
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def kdf_problem(kdf: object) -> str | None:
+    """What is wrong with a file's scrypt parameters (None: within bounds), before any work is done."""
+    if not isinstance(kdf, dict) or kdf.get("name") != "scrypt":
+        return "its key derivation is not scrypt"
+    n, r, p, salt = kdf.get("n"), kdf.get("r"), kdf.get("p"), kdf.get("salt")
+    if not (_whole(n) and _whole(r) and _whole(p)):
+        return "scrypt n, r and p must be whole numbers"
+    if not (N_RANGE[0] <= n <= N_RANGE[1]) or n & (n - 1):
+        return f"scrypt n = {n} is not a power of two from 2**14 to 2**22"
+    if not (1 <= r <= MAX_R) or not (1 <= p <= MAX_P):
+        return f"scrypt r = {r}, p = {p}: r must be 1..{MAX_R} and p 1..{MAX_P}"
+    if 128 * n * r > MAX_SCRYPT_MEMORY:
+        return f"scrypt n = {n} with r = {r} needs {128 * n * r >> 20} MiB; at most {MAX_SCRYPT_MEMORY >> 20} MiB"
+    if not isinstance(salt, str):
+        return "no scrypt salt"
+    try:
+        raw = base64.b64decode(salt, validate=True)
+    except ValueError:
+        return "the scrypt salt is not base64"
+    if not (SALT_RANGE[0] <= len(raw) <= SALT_RANGE[1]):
+        return f"a {len(raw)}-byte scrypt salt; {SALT_RANGE[0]} to {SALT_RANGE[1]} bytes expected"
+    return None
+
+
 class SecretStore:
     def __init__(self, path: Path, passphrase: str):
         if not passphrase:
@@ -43,18 +77,28 @@ class SecretStore:
         if not self.path.exists():
             return {}
         try:
+            if self.path.stat().st_size > 1 << 20:
+                raise ValueError("larger than 1 MiB")
             doc = json.loads(self.path.read_text())
             kdf = doc["kdf"]
+            problem = kdf_problem(kdf)
+            if problem:
+                raise SecretStoreError(f"{self.path}: refused: {problem} (a damaged or forged file; "
+                                       "restore it from the backup)")
             key = _derive(self.passphrase, base64.b64decode(kdf["salt"]), kdf["n"], kdf["r"], kdf["p"])
             plain = AESGCM(key).decrypt(base64.b64decode(doc["nonce"]), base64.b64decode(doc["ciphertext"]),
                                         b"station-secrets-v1")
         except InvalidTag:
             raise SecretStoreError(f"{self.path}: wrong passphrase, or the file was altered") from None
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise SecretStoreError(f"{self.path}: not a station secrets file ({exc})") from None
         return json.loads(plain)
 
     def save(self, values: dict[str, str]) -> None:
+        """Encrypt `values` to the file, at today's scrypt parameters (an old file is upgraded)."""
+        if not self.path.exists() and len(self.passphrase) < MIN_PASSPHRASE:
+            raise SecretStoreError(f"a new secrets file needs a passphrase of at least {MIN_PASSPHRASE} "
+                                   f"characters (this one has {len(self.passphrase)})")
         salt, nonce = os.urandom(16), os.urandom(12)
         key = _derive(self.passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
         ct = AESGCM(key).encrypt(nonce, json.dumps(values).encode(), b"station-secrets-v1")

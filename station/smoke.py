@@ -2,23 +2,34 @@
 
 Levels: `none`; `healthcheck` (GET /healthcheck answers 200 within the timeout);
 `pair` (a pairing as the 2Smart mobile app does it, with the factory's test Wi-Fi
-and test-broker account, waiting until the device's `$state` is `ready` on that
-broker; then the pipeline restores the unit's own configuration and checks that it
-boots clean). The device is reached `direct` (a URL, or the IP its boot log
+and a test-broker account of the unit's own, waiting until the device's `$state` is
+`ready` on that broker; then the pipeline restores the unit's own configuration, on
+every path, and checks it).
+
+Each unit pairs with its own short-lived broker account (`UnitAccounts`: Mosquitto's
+dynamic-security plugin, driven over MQTT by the station's admin account): a random
+email `<local>+<12 hex>@<domain>` and a random 10-character token (the SDK's limit), so
+its MQTT username, sha256(email), is its own; its role allows only its own device
+topic, `<username>/sweet-home/<device-id>/#`. One unit's credentials cannot publish
+`$state` for another, and they are deleted when the unit ends. The device is reached `direct` (a URL, or the IP its boot log
 printed) or over `wifi` (joining its access point by SSID and BSSID with
 NetworkManager's nmcli, one join at a time per interface).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import secrets
+import string
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 from urllib.parse import urlencode
 
@@ -38,25 +49,145 @@ class FactoryAccounts:
     """The factory's test Wi-Fi and broker accounts, with their secrets resolved."""
 
     test_ssid: str
-    test_psk: str
-    test_email: str
-    test_token: str
+    test_psk: str = field(repr=False)
+    test_email: str  # the template of each unit's own test email
     monitor_user: str
-    monitor_password: str
+    monitor_password: str = field(repr=False)
+    admin_user: str = ""  # the broker's dynamic-security admin: creates and deletes unit accounts
+    admin_password: str = field(default="", repr=False)
 
     @classmethod
     def from_settings(cls, s: SmokeDefaults, env: Mapping[str, str] | None = None) -> "FactoryAccounts":
         env = os.environ if env is None else env
-        return cls(s.test_ssid, env.get(s.test_psk_env, ""), s.test_email, env.get(s.test_token_env, ""),
-                   s.monitor_user, env.get(s.monitor_password_env, ""))
+        return cls(s.test_ssid, env.get(s.test_psk_env, ""), s.test_email, s.monitor_user,
+                   env.get(s.monitor_password_env, ""), s.broker_admin_user, env.get(s.broker_admin_password_env, ""))
 
     def missing(self, s: SmokeDefaults) -> list[str]:
         out = []
-        if not self.test_token:
-            out.append(f"the factory test token ({s.test_token_env})")
         if not self.monitor_password:
             out.append(f"the broker monitor password ({s.monitor_password_env})")
+        if not self.admin_password:
+            out.append(f"the broker admin password ({s.broker_admin_password_env}), for per-unit test accounts")
         return out
+
+
+@dataclass(frozen=True)
+class UnitAccount:
+    """One unit's own test-broker account: what its /pair request carries."""
+
+    email: str
+    token: str = field(repr=False)
+    device_id: str
+
+    @property
+    def username(self) -> str:
+        return hashlib.sha256(self.email.encode()).hexdigest()  # as the 2Smart SDK logs in
+
+    @property
+    def topic(self) -> str:
+        """The only topic tree this account may publish or subscribe to."""
+        return f"{self.username}/sweet-home/{self.device_id}"
+
+    @property
+    def role(self) -> str:
+        return f"station-unit-{self.username}"
+
+
+DYNSEC = "$CONTROL/dynamic-security/v1"
+TOKEN_CHARS = string.ascii_letters + string.digits
+TOKEN_LENGTH = 10  # the 2Smart SDK stores at most 10 characters of token
+EMAIL_LIMIT = 64  # and 64 of email
+
+
+class UnitAccountError(SmokeFailure):
+    """The station could not create or delete a unit's test account: the station's fault."""
+
+    station_fault = True
+
+
+class UnitAccounts:
+    """Per-unit test accounts on the factory broker, through Mosquitto's dynamic-security plugin.
+
+    Each call logs in as the admin, sends its commands on `$CONTROL/dynamic-security/v1`
+    and waits for their answers on `.../response`; no connection is kept between calls.
+    """
+
+    def __init__(self, settings: SmokeDefaults, accounts: FactoryAccounts):
+        self.settings, self.accounts = settings, accounts
+
+    def create(self, device_id: str) -> UnitAccount:
+        if not device_id or any(c in device_id for c in "+#/\0"):
+            raise UnitAccountError(f"device id {device_id!r} cannot name an MQTT topic", "report this board's MAC")
+        local, _, domain = self.accounts.test_email.partition("@")
+        email = f"{local}+{secrets.token_hex(6)}@{domain}"
+        if len(email) > EMAIL_LIMIT:
+            raise UnitAccountError(f"the per-unit test email is {len(email)} characters, over the SDK's "
+                                   f"{EMAIL_LIMIT}", "shorten [smoke] test_email in station.toml")
+        unit = UnitAccount(email, "".join(secrets.choice(TOKEN_CHARS) for _ in range(TOKEN_LENGTH)), device_id)
+        acls = [{"acltype": t, "topic": f"{unit.topic}/#", "allow": True}
+                for t in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")]
+        try:
+            self._run([{"command": "createRole", "rolename": unit.role, "acls": acls},
+                       {"command": "createClient", "username": unit.username, "password": unit.token,
+                        "roles": [{"rolename": unit.role}]}], "creating this unit's test broker account")
+        except UnitAccountError:
+            with contextlib.suppress(UnitAccountError):  # half made (the role alone): leave nothing behind
+                self.delete(unit)
+            raise
+        return unit
+
+    def delete(self, unit: UnitAccount) -> None:
+        """Delete the account (the broker also drops its connection); a missing one is not an error."""
+        self._run([{"command": "deleteClient", "username": unit.username},
+                   {"command": "deleteRole", "rolename": unit.role}], "deleting this unit's test broker account",
+                  missing_ok=True)
+
+    def _run(self, commands: list[dict], doing: str, missing_ok: bool = False) -> None:
+        s, tag = self.settings, secrets.token_hex(8)
+        for i, c in enumerate(commands):
+            c["correlationData"] = f"{tag}-{i}"
+        answers: dict[str, dict] = {}
+        done = threading.Event()
+
+        def on_response(msg: Message) -> None:
+            try:
+                responses = json.loads(msg.payload).get("responses", [])
+            except (ValueError, AttributeError):
+                return
+            for r in responses:
+                if isinstance(r, dict) and str(r.get("correlationData", "")).startswith(tag):
+                    answers[r["correlationData"]] = r
+            if len(answers) == len(commands):
+                done.set()
+
+        admin = MqttClient(s.broker_host, s.broker_port, f"station-accounts-{tag}", self.accounts.admin_user,
+                           self.accounts.admin_password, timeout=s.timeout_s)
+        try:
+            rc = admin.connect()
+        except (OSError, MqttError) as exc:
+            raise UnitAccountError(f"the test broker {s.broker_host}:{s.broker_port} is unreachable while {doing} "
+                                   f"({exc})", "start the factory test broker, or check station.toml [smoke]") from None
+        try:
+            if rc != 0:
+                raise UnitAccountError(f"the test broker refused the station's admin login while {doing} "
+                                       f"({CONNACK_CODES.get(rc, rc)})",
+                                       "check [smoke] broker_admin_user and its password on the broker")
+            admin.subscribe(f"{DYNSEC}/response", on_response)
+            admin.publish(DYNSEC, json.dumps({"commands": commands}))
+            if not done.wait(s.timeout_s):
+                raise UnitAccountError(f"the test broker did not answer while {doing} within {s.timeout_s:g} s",
+                                       "check that the broker loads mosquitto_dynamic_security and that the "
+                                       "admin account may use it")
+        except MqttError as exc:
+            raise UnitAccountError(f"the test broker connection failed while {doing} ({exc})",
+                                   "check the factory test broker; retry") from None
+        finally:
+            admin.close()
+        errors = [f"{a.get('command')}: {a['error']}" for a in answers.values() if a.get("error")
+                  and not (missing_ok and "not found" in str(a["error"]).lower())]
+        if errors:
+            raise UnitAccountError(f"the test broker refused {doing} ({'; '.join(errors)})",
+                                   "check the broker's dynamic-security configuration and the admin's role")
 
 
 # -- reaching the device ---------------------------------------------------------------------
@@ -169,14 +300,15 @@ def healthcheck(base: str, timeout: float) -> None:
 
 
 def pair_and_wait(base: str, device_class: str, device_id: str, settings: SmokeDefaults,
-                  accounts: FactoryAccounts, console: Callable[[], str]) -> float:
-    """Pair as the mobile app does; wait for `$state` = ready on the test broker.
+                  accounts: FactoryAccounts, unit: UnitAccount, console: Callable[[], str],
+                  cancelled: Callable[[], bool] = lambda: False) -> float:
+    """Pair as the mobile app does, with the unit's own account; wait for `$state` = ready.
 
     Returns the seconds from the pairing request to `ready`. `console` returns what
-    the board printed since the last call (to tell a refused login from silence).
+    the board printed since the last call (to tell a refused login from silence);
+    `cancelled` ends the wait at once (an abort).
     """
-    user = hashlib.sha256(accounts.test_email.encode()).hexdigest()
-    topic = f"{user}/sweet-home/{device_id}/$state"
+    topic = f"{unit.topic}/$state"
     ready = threading.Event()
 
     def on_state(msg: Message) -> None:
@@ -195,12 +327,16 @@ def pair_and_wait(base: str, device_class: str, device_id: str, settings: SmokeD
                            "check the monitor account in station.toml [smoke]")
     try:
         monitor.subscribe(topic, on_state)
-        params = {"wsp": accounts.test_email, "token": accounts.test_token,
+        params = {"wsp": unit.email, "token": unit.token,
                   "host": settings.broker_host, "brport": str(settings.broker_port)}
         if device_class == "wifi":
             params = {"ssid": accounts.test_ssid, "psk": accounts.test_psk, **params}
         t0 = time.monotonic()
-        status, body = http_get(f"{base}/pair?{urlencode(params)}", settings.timeout_s)
+        url = f"{base}/pair?{urlencode(params)}"
+        try:
+            status, body = http_get(url, settings.timeout_s)
+        except SmokeFailure as exc:  # its words name the URL: not with the token and the Wi-Fi password
+            raise SmokeFailure(exc.message.replace(url, f"{base}/pair"), exc.remedy, exc.detail) from None
         if status != 200:
             raise SmokeFailure(f"/pair answered {status} {body.strip()[:80]!r}, not 200 OK",
                                "the device refused the pairing data: check the firmware; retry")
@@ -209,12 +345,15 @@ def pair_and_wait(base: str, device_class: str, device_id: str, settings: SmokeD
         while time.monotonic() < deadline:
             if ready.wait(0.1):
                 return time.monotonic() - t0
+            if cancelled():
+                raise SmokeFailure("stopped while waiting for the device on the test broker",
+                                   "put the board back and start it again")
             seen += console()
             refused = MQTT_REFUSED.search(seen)
             if refused:
                 raise SmokeFailure(f"the broker refused this device's login ({refused.group(1).strip()})",
-                                   "check the factory test account on the broker; replace the board if "
-                                   "others pass", seen[-1500:])
+                                   "check the factory test broker; replace the board if others pass",
+                                   seen[-1500:])
         raise SmokeFailure(f"timeout: the device did not report $state = ready on the test broker within "
                            f"{settings.timeout_s:g} s", "check the test Wi-Fi and broker; retry", seen[-1500:])
     finally:

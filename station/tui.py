@@ -24,6 +24,7 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLog, Static
 
+from .admin import AdminGate
 from .line import Line, Slot
 from .pipeline import StationContext
 
@@ -86,7 +87,10 @@ class SlotCard(Vertical):
             self.query_one(".step", Static).update(
                 f"step: {step}" if step else ("scan the label" if waiting else ""))
             self.query_one(".rate", Static).update(rate)
-        self.query_one(".outcome", Static).update(STATUS_WORD[slot.status])
+        word = STATUS_WORD[slot.status]
+        if slot.result is not None and slot.result.quarantine:  # test credentials left on the unit
+            word += " · QUARANTINE"
+        self.query_one(".outcome", Static).update(word)
         action = ""
         if slot.status in ("failed", "aborted", "error") and compact:  # one line: what to do; the reason is in the log
             action = f"→ {slot.action}"
@@ -366,18 +370,27 @@ class StationApp(App):
     def action_history(self) -> None:
         self.push_screen(HistoryScreen(self.line))
 
+    def _admin_gate(self) -> AdminGate:
+        """One gate per screen, so the delay after wrong tries holds across F10 presses."""
+        if getattr(self, "_admin", None) is None:
+            self._admin = AdminGate.for_station(self.line.ctx.station)
+        return self._admin
+
     @work
     async def action_admin(self) -> None:
-        want = self.line.ctx.station.admin_password_sha256
-        if not want:
-            self.notify("admin is locked: no admin password is set in station.toml", severity="error")
+        gate = self._admin_gate()
+        why = gate.locked()
+        if why:
+            self.notify(why, severity="error")
             return
         pw = await self.push_screen_wait(TextPrompt("Admin password", password=True))
         if pw is None:
             return
-        if hashlib.sha256(pw.encode()).hexdigest() != want:
+        # scrypt takes up to a second: in a thread worker, so the cards keep moving
+        check = await self.run_worker(lambda: gate.check(pw), thread=True, exit_on_error=False).wait()
+        if not check.ok:
             self.bell()
-            self.notify("wrong admin password", severity="error")
+            self.notify(check.message, severity="error")
             return
         if self.line.running():
             self.notify("wait until no slot is running", severity="error")

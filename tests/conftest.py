@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -71,14 +72,17 @@ def shared_dir() -> Path:
 
 # -- a real MQTT broker ----------------------------------------------------------------------
 
-import hashlib  # noqa: E402
+import base64  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 TEST_EMAIL = "factory-test@example.com"
-TEST_TOKEN = "factory-t1"
 MONITOR_USER, MONITOR_PASSWORD = "station-monitor", "monitor-pw-7"
+ADMIN_USER, ADMIN_PASSWORD = "station-admin", "admin-pw-9"
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
 
 
 @dataclass
@@ -86,9 +90,10 @@ class Broker:
     host: str
     port: int
     test_email: str = TEST_EMAIL
-    test_token: str = TEST_TOKEN
     monitor_user: str = MONITOR_USER
     monitor_password: str = MONITOR_PASSWORD
+    admin_user: str = ADMIN_USER
+    admin_password: str = ADMIN_PASSWORD
 
 
 def _free_port() -> int:
@@ -97,25 +102,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _dynsec_client(username: str, password: str, role: str) -> dict:
+    """A client as Mosquitto's dynamic-security file keeps it (PBKDF2-SHA512, as `mosquitto_ctrl` writes)."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, 64)
+    return {"username": username, "password": base64.b64encode(digest).decode(),
+            "salt": base64.b64encode(salt).decode(), "iterations": 101, "roles": [{"rolename": role}]}
+
+
+def _acl(acltype: str, topic: str) -> dict:
+    return {"acltype": acltype, "topic": topic, "allow": True}
+
+
+def _dynsec_plugin() -> str | None:
+    for pattern in ("/usr/lib/*/" + DYNSEC_PLUGIN, "/usr/lib/" + DYNSEC_PLUGIN, "/usr/lib/mosquitto/" + DYNSEC_PLUGIN,
+                    "/usr/local/lib/" + DYNSEC_PLUGIN, "/usr/local/lib/*/" + DYNSEC_PLUGIN):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory):
-    """A real Mosquitto on a free loopback port, with password authentication and an ACL."""
+    """A real Mosquitto on a free loopback port, its accounts in the dynamic-security plugin.
+
+    Only the station's admin (which makes each unit's own test account) and the monitor
+    (which reads every device topic) exist at start; nothing may publish by default.
+    """
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-    passwd = shutil.which("mosquitto_passwd")
-    if not exe or not passwd:
+    plugin = _dynsec_plugin()
+    if not exe or not plugin:
+        what = "Mosquitto is not installed" if not exe else f"Mosquitto's {DYNSEC_PLUGIN} was not found"
         if os.environ.get("CI"):
-            pytest.fail("Mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
-        pytest.skip("Mosquitto is not installed (apt-get install mosquitto)")
+            pytest.fail(f"{what}; .ci/run installs it (apt-get install mosquitto)")
+        pytest.skip(f"{what} (apt-get install mosquitto)")
     d = tmp_path_factory.mktemp("mosquitto")
-    device_user = hashlib.sha256(TEST_EMAIL.encode()).hexdigest()
-    pw_file = d / "passwd"
-    subprocess.run([passwd, "-c", "-b", str(pw_file), device_user, TEST_TOKEN], check=True, capture_output=True)
-    subprocess.run([passwd, "-b", str(pw_file), MONITOR_USER, MONITOR_PASSWORD], check=True, capture_output=True)
-    (d / "acl").write_text(f"user {MONITOR_USER}\ntopic read #\n\npattern readwrite %u/#\n")
+    admin_acls = [_acl(t, "$CONTROL/dynamic-security/#") for t in
+                  ("publishClientSend", "publishClientReceive", "subscribePattern")]
+    monitor_acls = [_acl("subscribePattern", "#"), _acl("publishClientReceive", "#")]
+    (d / "dynsec.json").write_text(json.dumps({
+        "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True, "subscribe": False,
+                             "unsubscribe": True},
+        "clients": [_dynsec_client(ADMIN_USER, ADMIN_PASSWORD, "admin"),
+                    _dynsec_client(MONITOR_USER, MONITOR_PASSWORD, "monitor")],
+        "groups": [],
+        "roles": [{"rolename": "admin", "acls": admin_acls}, {"rolename": "monitor", "acls": monitor_acls}],
+    }, indent=1))
     port = _free_port()
     (d / "mosquitto.conf").write_text(
-        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pw_file}\n"
-        f"acl_file {d / 'acl'}\npersistence false\nlog_dest file {d / 'log'}\n")
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\nplugin {plugin}\n"
+        f"plugin_opt_config_file {d / 'dynsec.json'}\npersistence false\nlog_dest file {d / 'log'}\n")
     proc = subprocess.Popen([exe, "-c", str(d / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 10

@@ -207,36 +207,6 @@ def encrypted_profile(env, encryption: str = "per-unit") -> str:
     return "relay"
 
 
-def test_encrypted_config_partition_round_trips_through_the_virtual_device(station_env, capsys):
-    from flashing.nvs import new_keys, keys_partition, read_keys_partition, read_partition
-    from station.profile import load_profile
-
-    encrypted_profile(station_env)
-    profile = load_profile(station_env / "profiles/relay")
-    slot = profile.config_slot()
-    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
-        ports = sum((["--port", s.url] for s in bench.slots), [])
-        rc, out, err = run_station(capsys, "flash", *ports, "--json")
-        assert rc == 0, err
-        keys = []
-        for s in bench.slots:
-            dev = s.device
-            image = dev.flash.read(slot.offset, slot.size)
-            assert TOKEN.encode() not in image  # encrypted on the flash
-            k = read_keys_partition(dev.flash.read(0x196000, 0x1000))
-            keys.append(k)
-            assert read_partition(image, k)["2smart"]["token"] == TOKEN
-            assert dev.state()["app_mode"] == "ap"  # the board decrypted its config and came up
-        assert keys[0] != keys[1]  # one set per unit
-        # a board whose keys do not match its config fails its boot check
-        dev = bench[0].device
-        dev.flash.erase(0x196000, 0x1000)
-        dev.flash.program(0x196000, keys_partition(new_keys()))
-        st = dev.reset("app")
-        assert "the NVS keys do not match" in dev.console_text()
-        assert st["app_mode"] == "config-error"
-
-
 def test_secrets_reach_neither_the_spool_nor_failed_units(station_env, monkeypatch):
     """Failed units carry error and detail (esptool's and the console's words), and a database
     held by another program after the write-ahead commit sends each finish to the spool:
@@ -308,30 +278,3 @@ def test_merge_refuses_conflicting_records(station_env, capsys, tmp_path, clash,
     assert rc == 1 and "refused: 1 conflicting record(s); nothing was written" in err
     assert why in err
     assert not (tmp_path / "all.csv").exists() and not (tmp_path / "all.csv.manifest.json").exists()
-
-
-def test_per_lot_nvs_keys_are_shared_within_a_lot_and_differ_between_lots(station_env, capsys):
-    from flashing.nvs import read_keys_partition, read_partition
-    from station.profile import load_profile
-
-    encrypted_profile(station_env, "per-lot")
-    slot = load_profile(station_env / "profiles/relay").config_slot()
-    with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
-        a0, a1, b = bench.slots
-        for s, lot in ((a0, "LOT-A"), (a1, "LOT-A"), (b, "LOT-B")):
-            rc, out, err = run_station(capsys, "flash", "--port", s.url, "--lot", lot, "--json")
-            assert rc == 0, err
-        keys = [read_keys_partition(s.device.flash.read(0x196000, 0x1000)) for s in bench.slots]
-        assert keys[0] == keys[1] != keys[2]
-        assert len(keys[0]) == 64 and keys[0] != bytes(64)
-        for s, k in zip(bench.slots, keys):
-            image = s.device.flash.read(slot.offset, slot.size)
-            assert TOKEN.encode() not in image  # encrypted on the flash ...
-            assert read_partition(image, k)["2smart"]["token"] == TOKEN  # ... with the lot's keys
-            assert s.device.state()["app_mode"] == "ap"  # the board decrypted its config and came up
-        # the lot's keys are derived again, not stored: LOT-A next shift gives the same keys
-        rc, _, err = run_station(capsys, "flash", "--port", b.url, "--lot", "LOT-A", "--rework", "--json")
-        assert rc == 0, err
-        assert read_keys_partition(b.device.flash.read(0x196000, 0x1000)) == keys[0]
-    stored = b"".join(p.read_bytes() for p in station_env.glob("station.db*") if p.is_file())
-    assert not any(k in stored or k.hex().encode() in stored for k in keys)

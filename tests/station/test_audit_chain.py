@@ -249,8 +249,10 @@ def test_the_screen_journals_an_admin_switch_and_signs_a_checkpoint_when_it_clos
     from station.runner import open_station
     from station.tui import StationApp, TextPrompt
 
+    from station.admin import hash_password, write_stored
+
     cfg = station_env / "station.toml"
-    cfg.write_text(cfg.read_text() + f'admin_password_sha256 = "{hashlib.sha256(b"s3cret").hexdigest()}"\n')
+    write_stored(station_env / "var/admin-password", hash_password("s3cret-admin-pw", log2_n=14))
     app = StationApp(open_station("relay", cfg), [], operator="Anna", poll_interval=0.1)
 
     async def answer(pilot, question: str, text: str) -> None:
@@ -264,7 +266,7 @@ def test_the_screen_journals_an_admin_switch_and_signs_a_checkpoint_when_it_clos
     async def go():
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.press("f10")
-            await answer(pilot, "Admin password", "s3cret")
+            await answer(pilot, "Admin password", "s3cret-admin-pw")
             await answer(pilot, "Profile", "relay")
             await answer(pilot, "Lot", "LOT-9")
             for _ in range(200):

@@ -10,6 +10,7 @@ from flashing.nvs import read_partition
 from flashing.virtual.bench import VirtualBench
 from station.line import Line
 from station.pipeline import UnitJob, provision_unit
+from station.keys import TOKEN_FINGERPRINT, derive
 from station.record import fingerprint
 from station.runner import open_station
 from tests.station.conftest import TOKEN, json_lines, run_station_process
@@ -81,7 +82,8 @@ def test_rework_rewrites_only_what_changed(station_env, monkeypatch):
         assert values["token"] == "tok-000002" and values["serial"] == first.serial
     rows = ctx.record.attempts()
     assert rows[0]["written_regions"] == '["config"]' and rows[0]["rework"] == 1
-    assert rows[0]["token_fingerprint"] == fingerprint(ctx.key, "tok-000002") != rows[1]["token_fingerprint"]
+    assert rows[0]["token_fingerprint"] == fingerprint(derive(ctx.key, TOKEN_FINGERPRINT), "tok-000002") \
+        != rows[1]["token_fingerprint"]
     assert not any("tok-000002" in str(v) for row in rows for v in row.values())
 
 

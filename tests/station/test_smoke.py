@@ -15,9 +15,9 @@ import pytest
 from flashing.firmware import build_firmware, twosmart_manifest
 from flashing.virtual.bench import VirtualBench
 from station.config import SmokeDefaults
-from station.smoke import WifiReach, soft_ap_bssid
+from station.smoke import FactoryAccounts, UnitAccounts, WifiReach, soft_ap_bssid
 from flashing.console import parse_boot_log
-from tests.conftest import MONITOR_PASSWORD, TEST_EMAIL, TEST_TOKEN
+from tests.conftest import ADMIN_PASSWORD, MONITOR_PASSWORD, TEST_EMAIL
 from tests.station.conftest import json_lines, run_station
 
 
@@ -30,8 +30,8 @@ def smoke_config(env: Path, broker, timeout: float = 5, extra: str = "") -> None
 
 @pytest.fixture
 def pair_env(station_env, mosquitto, monkeypatch):
-    monkeypatch.setenv("STATION_TEST_TOKEN", TEST_TOKEN)
     monkeypatch.setenv("STATION_MONITOR_PASSWORD", MONITOR_PASSWORD)
+    monkeypatch.setenv("STATION_BROKER_ADMIN_PASSWORD", ADMIN_PASSWORD)
     smoke_config(station_env, mosquitto)
     return station_env
 
@@ -75,18 +75,29 @@ def wait_for_line(lines: list[str], want, what: str, timeout: float = 10.0, poke
         time.sleep(0.1)
 
 
+def broker_accounts(broker, timeout: float = 5) -> UnitAccounts:
+    """The station's per-unit account maker, pointed at the test broker."""
+    settings = SmokeDefaults(broker_host=broker.host, broker_port=broker.port, test_email=TEST_EMAIL,
+                             timeout_s=timeout)
+    return UnitAccounts(settings, FactoryAccounts("factory-test", "", TEST_EMAIL, broker.monitor_user,
+                                                  broker.monitor_password, broker.admin_user, broker.admin_password))
+
+
 def test_pair_level_with_mosquitto_and_an_independent_subscriber(pair_env, mosquitto, capsys):
-    user = hashlib.sha256(TEST_EMAIL.encode()).hexdigest()
+    shared = hashlib.sha256(TEST_EMAIL.encode()).hexdigest()
     sub = subprocess.Popen(["mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-u",
-                            mosquitto.monitor_user, "-P", MONITOR_PASSWORD, "-v", "-t", f"{user}/sweet-home/+/$state"],
+                            mosquitto.monitor_user, "-P", MONITOR_PASSWORD, "-v", "-t", "+/sweet-home/+/$state"],
                            stdout=subprocess.PIPE, text=True)
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in sub.stdout), daemon=True).start()
-    probe = ["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-u", user, "-P", TEST_TOKEN,
-             "-t", f"{user}/sweet-home/probe/$state", "-m", "probe"]
+    reader = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in sub.stdout), daemon=True)
+    reader.start()
+    accounts = broker_accounts(mosquitto)
+    probe_account = accounts.create("probe")
+    probe = ["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-u", probe_account.username,
+             "-P", probe_account.token, "-t", f"{probe_account.topic}/$state", "-m", "probe"]
     try:
         # the subscriber is listening once it hears a probe on the same topic pattern
-        wait_for_line(lines, lambda ls: f"{user}/sweet-home/probe/$state probe" in ls, "probe",
+        wait_for_line(lines, lambda ls: f"{probe_account.topic}/$state probe" in ls, "probe",
                       poke=lambda: subprocess.run(probe, check=True, timeout=10))
         with VirtualBench(3, "esp32", run_dir=pair_env / "run") as bench:
             for s in bench.slots:
@@ -97,11 +108,18 @@ def test_pair_level_with_mosquitto_and_an_independent_subscriber(pair_env, mosqu
                 # restored afterwards: the unit's own config, no Wi-Fi, so its AP is up again
                 assert s.device.state()["app_mode"] == "ap"
             ids = [s.device.mac_text.replace(":", "-") for s in bench.slots]
+        users = set()
         for device_id in ids:
-            wait_for_line(lines, lambda ls: f"{user}/sweet-home/{device_id}/$state ready" in ls, device_id)
+            wait_for_line(lines, lambda ls: any(l.endswith(f"/sweet-home/{device_id}/$state ready") for l in ls),
+                          device_id)
+            users |= {l.split("/")[0] for l in lines if l.endswith(f"/sweet-home/{device_id}/$state ready")}
+        # each unit logged in with its own account: three usernames, none the shared test account
+        assert len(users) == 3 and shared not in users
     finally:
+        accounts.delete(probe_account)
         sub.terminate()
         sub.wait(5)
+        reader.join(5)
 
 
 @pytest.mark.parametrize("fault,value,level,expect", [

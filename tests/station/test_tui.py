@@ -12,6 +12,7 @@ import pytest
 import station.line
 from flashing.virtual.bench import VirtualBench
 from station.events import Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
+from station.admin import hash_password, write_stored
 from station.runner import open_station
 from station.tui import Confirm, HistoryScreen, SlotCard, StationApp, TextPrompt
 
@@ -230,7 +231,20 @@ def test_admin_lock_on_profile_and_lot_change(station_env):
                 assert not isinstance(app.screen, TextPrompt)  # nothing to type a password into
         run(go())
 
+        # the old unsalted hash alone is refused, with the way to migrate
         cfg.write_text(cfg.read_text() + f'admin_password_sha256 = "{hashlib.sha256(b"s3cret").hexdigest()}"\n')
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1)
+        notes.clear()
+        app.notify = lambda msg, **kw: notes.append(msg)
+
+        async def go_legacy():
+            async with app.run_test(size=(100, 30)) as pilot:
+                await pilot.press("f10")
+                await until(pilot, lambda: any("station admin set-password" in n for n in notes))
+                assert not isinstance(app.screen, TextPrompt)
+        run(go_legacy())
+
+        write_stored(station_env / "var/admin-password", hash_password("s3cret-admin-pw", log2_n=14))
         app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1,
                          open_profile=lambda name: ctx_for(station_env, name))
         notes.clear()
@@ -250,16 +264,17 @@ def test_admin_lock_on_profile_and_lot_change(station_env):
                 await prompt(pilot, "Admin password", "guess")
                 await until(pilot, lambda: any("wrong admin password" in n for n in notes))
                 assert line.ctx.profile.name == "relay" and line.lot == ""
+                await until(pilot, lambda: app._admin.wait_s() == 0)  # the delay after a wrong try
                 # a profile that does not exist: refused, the screen stays on the old one
                 await pilot.press("f10")
-                await prompt(pilot, "Admin password", "s3cret")
+                await prompt(pilot, "Admin password", "s3cret-admin-pw")
                 await prompt(pilot, "Profile", "no-such-profile")
                 await prompt(pilot, "Lot", "LOT-41")
                 await until(pilot, lambda: any(n.startswith("not switched:") for n in notes))
                 assert line.ctx.profile.name == "relay" and line.lot == ""
                 # the other profile and a lot
                 await pilot.press("f10")
-                await prompt(pilot, "Admin password", "s3cret")
+                await prompt(pilot, "Admin password", "s3cret-admin-pw")
                 await prompt(pilot, "Profile", "relay2")
                 await prompt(pilot, "Lot", "LOT-42")
                 await until(pilot, lambda: "profile relay2, lot LOT-42" in notes)
