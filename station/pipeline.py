@@ -27,9 +27,10 @@ from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, ne
 from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, flash_size_bytes
 
 from .config import StationConfig
-from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult
+from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult, redacting
 from .profile import Profile
 from .record import Attempt, Outcome, Record, SerialPlan, fingerprint, now_iso
+from .secrets import NO_SECRETS, Redactor
 from .serials import SerialPattern
 from .smoke import FactoryAccounts, healthcheck, make_reach, pair_and_wait, soak
 
@@ -55,6 +56,7 @@ class StationContext:
     port_baud: dict[str, int] = field(default_factory=dict)  # the rate that worked, per port, this shift
     accounts: FactoryAccounts | None = None
     make_reach: object = make_reach  # the seam for reaching a device (direct, or Wi-Fi via nmcli)
+    redactor: Redactor = NO_SECRETS  # every text leaving provision_unit passes it (station/secrets.py)
 
     def __post_init__(self) -> None:
         if not self.firmware:
@@ -284,6 +286,7 @@ STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS) + ("record",)
 def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                    cancel: threading.Event | None = None) -> UnitResult:
     """Provision the board on `job.port` once; never raises for a unit's failure."""
+    emit = redacting(emit, ctx.redactor)  # the one way out for this unit's events: no secret passes
     cancel = cancel or threading.Event()
     profile = ctx.profile
     attempt = Attempt(port=job.port, station_id=ctx.station.station_id, profile=profile.name,
@@ -334,6 +337,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         if attempt.outcome == Outcome.STARTED:  # a BaseException escaped the branch above
             attempt.outcome, attempt.error, attempt.remedy = Outcome.ABORTED, *ABORTED_TEXT
         attempt.ended_at = now_iso()
+        ctx.redactor.fields(attempt)  # the record's texts (error, remedy, detail) hold no secret either
         t = time.monotonic()
         written = ctx.record.finish(attempt) if run.started else ctx.record.add(attempt)
         attempt.durations["record"] = round(time.monotonic() - t, 3)
