@@ -25,6 +25,8 @@ from .record import RecordError
 from .runner import min_free_mb
 from .pipeline import StationContext, UnitJob, provision_unit
 
+LOG_LINE_CHARS = 1000  # of one console or esptool line kept for the screen (the record keeps its own detail)
+
 NEXT_ACTION = {
     "connect": "check the board is seated, then retry",
     "identify": "replace board",
@@ -284,7 +286,7 @@ class Line:
                 slot._progress_t = (now, e.done)
             slot.done, slot.total = e.done, e.total
         elif isinstance(e, LogLine):
-            slot.log.append(e.text)
+            slot.log.append(e.text[:LOG_LINE_CHARS])  # a board's endless line must not grow the screen's log
         elif isinstance(e, UnitFinished):
             r = e.result
             slot.result = r
