@@ -103,7 +103,7 @@ EDGE_TEXT_CHARS = 200  # only long texts are cut to an excerpt (console tails of
 # the texts of a record's attempt that carry words from exceptions, boards and HTTP replies
 ATTEMPT_TEXTS = ("error", "remedy", "detail", "firmware_version")
 # a URL's query (or a bare "/pair?a=b"): everything from "?" while it looks like key=value pairs
-_QUERY = re.compile(r"\?(?=[^\s?#'\"<>]*=)[^\s#'\"<>]*")
+_QUERY = re.compile(r"\?(?=[^\s?#'\")]*=)[^\s#'\")]*")
 
 
 def _encodings(secret: str) -> set[str]:
@@ -160,9 +160,9 @@ class Redactor:
     def __call__(self, text: str) -> str:
         if not text:
             return text
-        text = _QUERY.sub("?" + REDACTED, text)
-        if self._pattern is not None:
+        if self._pattern is not None:  # first: a raw secret in a query may hold "#" or a space, where a query ends
             text = self._pattern.sub(REDACTED, text)
+        text = _QUERY.sub("?" + REDACTED, text)
         return self._cut_edges(text)
 
     def _cut_edges(self, text: str) -> str:

@@ -18,11 +18,13 @@ from urllib.parse import quote, quote_plus
 import pytest
 
 from flashing.virtual.bench import VirtualBench
+from station.events import StepStarted
+from station.pipeline import UnitJob, provision_unit
 from station.runner import open_station
 from station.secrets import Redactor
 from station.tui import HistoryScreen, SlotCard, StationApp
 from tests.conftest import MONITOR_PASSWORD, TEST_EMAIL
-from tests.station.conftest import json_lines, run_station, run_station_process
+from tests.station.conftest import json_lines, run_station_process
 
 SECRETS = {
     "vendor token": "Vt7Kq2Xw9Z",  # the relay's token key holds 10 bytes
@@ -151,23 +153,30 @@ def test_no_secret_reaches_the_record_exports_json_or_stderr_on_any_failure(secr
         assert leaks(text, where) == []
 
 
-def test_no_secret_reaches_the_spool(secret_env, capsys):
-    """A database held by another program: the finish goes to the spool, which holds no secret either."""
+def test_no_secret_reaches_the_spool(secret_env):
+    """The database taken by another program once the unit is flashing: its finish goes to the spool."""
     db = secret_env / "station.db"
-    open_station(config=secret_env / "station.toml").close()  # the database exists, migrated
+    ctx = open_station(config=secret_env / "station.toml")
     holder = sqlite3.connect(db)
-    with VirtualBench(1, "esp32", run_dir=secret_env / "run") as bench:
-        bench[0].device.set_fault("pairing", "echo")
-        holder.execute("BEGIN EXCLUSIVE")
-        try:
-            rc, out, err = run_station(capsys, "flash", "--port", bench[0].url, "--serial", "SN-LEAK-1",
-                                       "--smoke", "healthcheck", "--json")
-            spool = (secret_env / "station.db.spool").read_bytes()
-        finally:
-            holder.rollback()
-            holder.close()
+    events = []
+
+    def emit(event) -> None:
+        events.append(event)
+        if isinstance(event, StepStarted) and event.step == "smoke":
+            holder.execute("BEGIN EXCLUSIVE")  # after the write-ahead start, before the finish
+
+    try:
+        with VirtualBench(1, "esp32", run_dir=secret_env / "run") as bench:
+            bench[0].device.set_fault("pairing", "echo")
+            result = provision_unit(UnitJob(bench[0].url), ctx, emit)
+        spool = (secret_env / "station.db.spool").read_bytes()
+    finally:
+        holder.rollback()
+        holder.close()
+        ctx.close()
+    assert result.outcome == "failed" and result.failed_step == "smoke" and result.recorded == "spool", result
     assert b"cannot handle GET /healthcheck" in spool and b"token=<redacted>" in spool, spool[:2000]
-    assert leaks(spool, "the spool") == [] and leaks(out + err, "stdout/stderr") == []
+    assert leaks(spool, "the spool") == [] and leaks(repr(events), "the events") == []
 
 
 def test_no_secret_on_the_screen(secret_env):
