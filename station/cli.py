@@ -175,7 +175,7 @@ class _HumanProgress:
             elif isinstance(event, UnitFinished):
                 r = event.result
                 if r.passed:
-                    _err(f"{port_label(event.port)}: PASS {r.serial} {r.mac}")
+                    _err(f"{port_label(event.port)}: PASS {r.serial} {r.mac} firmware {r.firmware_version or '?'}")
                 else:
                     _err(f"{port_label(event.port)}: {r.outcome.upper()} at {r.failed_step}: {r.error} -> {r.remedy}")
 

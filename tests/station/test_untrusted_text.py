@@ -109,6 +109,7 @@ def test_no_escape_sequence_from_a_board_reaches_the_terminal(station_env):
     done = [e for e in json_lines(data.stdout) if e["event"] == "unit_finished"]
     assert done[0]["firmware_version"] == "1.0[/b]" and done[0]["mac"] == "24:0a:ab:5e:ab:01"
     assert "1 of 1 units passed" in human.stdout
+    assert "firmware 1.0[/b]" in human.stderr  # the board's words, shown as data
 
 
 # -- HTTP replies: a size cap and an overall deadline ------------------------------------------------
@@ -245,5 +246,7 @@ def test_a_crash_of_the_screen_exits_3_records_the_running_unit_and_prints_no_se
     assert rc == 3, err
     assert "the card broke while flashing (token <redacted>)" in err and "call the station's engineer" in err
     assert TOKEN not in out + err
-    rows = Record(station_env / "station.db").attempts()
+    record = Record(station_env / "station.db")
+    rows = record.attempts()
+    record.close()
     assert [(r["outcome"], r["failed_step"]) for r in rows] == [("aborted", "flash")]
