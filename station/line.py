@@ -23,7 +23,7 @@ from flashing.ports import present
 from .events import Event, LogLine, Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
 from .record import RecordError
 from .runner import min_free_mb
-from .pipeline import StationContext, UnitJob, provision_unit
+from .pipeline import StationContext, UnitJob, clean_serial, provision_unit, serial_max_length
 
 LOG_LINE_CHARS = 1000  # of one console or esptool line kept for the screen (the record keeps its own detail)
 
@@ -231,9 +231,12 @@ class Line:
 
     def scan(self, serial: str, index: int | None = None) -> tuple[bool, str]:
         """A label scanned: give it to the chosen slot or the next board waiting for one."""
-        serial = serial.strip()
-        if not serial:
+        if not serial.strip():
             return False, "empty scan"
+        try:  # a scanner's control codes (GS, ESC) or a label too long for the config: refused like --serial
+            serial = clean_serial(serial, serial_max_length(self.ctx.profile))
+        except ValueError as exc:
+            return False, f"label refused: {exc}"
         if self.ctx.record.passed_unit(serial=serial) or any(
                 s.scanned == serial or (s.status == "running" and s.serial == serial) for s in self.slots):
             return False, f"serial {serial} is already used"

@@ -22,6 +22,7 @@ from textual.app import App
 
 from flashing.firmware import build_firmware
 from flashing.virtual.bench import VirtualBench
+from station.line import Line
 from station.record import Record
 from station.runner import open_station
 from station.smoke import MAX_REPLY_BYTES, SmokeFailure, healthcheck, http_get
@@ -52,6 +53,18 @@ def test_safe_text_keeps_printable_unicode_and_drops_control_sequences():
     assert safe_text("a\x1b]0;PWNED\x07b\x1b[2Jc\x1b[31md\x1b]8;;http://x\x1b\\e") == "abcde"
     assert safe_text("tab\tnew\nline\r\x00\x7f\x85\x9b2J\u202eevil") == "tab\tnew\nline2Jevil"
     assert safe_text("[/] [b] :ab: Ünïcødé ✓ 🆗") == "[/] [b] :ab: Ünïcødé ✓ 🆗"
+
+
+def test_a_scanned_label_with_control_codes_is_refused(station_env):
+    line = Line(open_station(config=station_env / "station.toml"), ["/dev/no-such-port-0"], lambda i: None)
+    try:
+        assert line.scan("SN-1\x1b]0;PWNED\x07") == (False, "label refused: a serial has no spaces or control "
+                                                          "characters")
+        assert line.scan("\x1dSN-2") == (False, "label refused: a serial has no spaces or control characters")
+        assert line.scan("  SN-3 ") == (True, "SN-3 -> slot 1")
+        assert line.slots[0].scanned == "SN-3"
+    finally:
+        line.close()
 
 
 def test_board_and_people_text_is_shown_literally_on_the_screen(station_env):
