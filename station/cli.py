@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from enum import IntEnum
 from pathlib import Path
+from typing import Callable
+
+from station.secrets import NO_SECRETS
+from station.text import one_line, safe_text
 
 
 class Exit(IntEnum):
@@ -62,8 +67,22 @@ class _StopOnSignal:
             _err("station flash: recording, please wait")
 
 
+class _Words:
+    """The filter every text this process writes passes: the open station's redaction, then no control characters."""
+
+    redact: Callable[[str], str] = NO_SECRETS  # the station's Redactor once one is open (URL queries go even before)
+
+    @classmethod
+    def line(cls, text: str) -> str:
+        return one_line(cls.redact(text))
+
+
 def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(_Words.line(msg), file=sys.stderr, flush=True)
+
+
+def _out(msg: str) -> None:
+    print(_Words.line(msg), flush=True)
 
 
 # -- station virtual ----------------------------------------------------------------------
@@ -125,7 +144,7 @@ def cmd_virtual_ctl(args: argparse.Namespace) -> int:
         _err(f"station virtual-ctl: {exc}")
         return Exit.USAGE
     if args.op == "console":
-        sys.stdout.write(reply["console"])
+        sys.stdout.write(safe_text(reply["console"]))  # a board's text: never the terminal's control codes
     else:
         print(json.dumps(reply))
     return Exit.OK
@@ -156,7 +175,7 @@ class _HumanProgress:
             elif isinstance(event, UnitFinished):
                 r = event.result
                 if r.passed:
-                    _err(f"{port_label(event.port)}: PASS {r.serial} {r.mac}")
+                    _err(f"{port_label(event.port)}: PASS {r.serial} {r.mac} firmware {r.firmware_version or '?'}")
                 else:
                     _err(f"{port_label(event.port)}: {r.outcome.upper()} at {r.failed_step}: {r.error} -> {r.remedy}")
 
@@ -166,11 +185,12 @@ class _JsonLines:
         self.lock = threading.Lock()
 
     def __call__(self, event) -> None:
-        from station.events import LogLine, to_json_dict
+        from station.events import LogLine, map_text, to_json_dict
 
         if isinstance(event, LogLine):
             return  # console and esptool chatter stay out of the data stream
-        line = json.dumps(to_json_dict(event))
+        # a consumer printing a value (jq -r) must not get a board's escape sequences either
+        line = json.dumps(to_json_dict(map_text(event, lambda t: safe_text(_Words.redact(t)))))
         with self.lock:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
@@ -184,16 +204,17 @@ WORDS = {"passed": "PASS", "failed": "FAIL", "aborted": "ABORT", "error": "ERROR
 
 
 def _summary(results) -> None:
-    print(f"{'port':<16} {'result':<7} {'serial':<18} {'mac':<18} {'time':>6}  failed step: message")
+    _out(f"{'port':<16} {'result':<7} {'serial':<18} {'mac':<18} {'time':>6}  failed step: message")
     for r in results:
         msg = "" if r.passed else f"{r.failed_step}: {r.error} -> {r.remedy}"
         if r.note:
             msg += f" [{r.note}]"
         total = sum(r.durations.values())
-        print(f"{port_label(r.port)[:16]:<16} {WORDS.get(r.outcome, r.outcome):<7} {r.serial or '-':<18} "
-              f"{r.mac or '-':<18} {total:5.1f}s  {msg}")
+        # one row per unit: a board's text cannot add a line of its own (a fake "4 of 4 units passed")
+        _out(f"{port_label(r.port)[:16]:<16} {WORDS.get(r.outcome, r.outcome):<7} {one_line(r.serial or '-'):<18} "
+             f"{one_line(r.mac or '-'):<18} {total:5.1f}s  {msg}")
     passed = sum(r.passed for r in results)
-    print(f"{passed} of {len(results)} units passed")
+    _out(f"{passed} of {len(results)} units passed")
 
 
 def _given_serials(args, ctx, ports) -> list[str] | str:
@@ -235,6 +256,7 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
         for p in problems or [exc]:
             _err(f"  {p}")
         return Exit.USAGE
+    _Words.redact = ctx.redactor
     for a in ctx.record.settled:
         _err(f"station flash: interrupted earlier: {a['port']} {a['mac']} serial {a['serial']} "
              "(the station stopped mid-attempt; it is in the record as interrupted)")
@@ -596,12 +618,9 @@ def _demo_screen(args, station, db: Path) -> int:
         app = StationApp(ctx, [s.url for s in bench.slots], operator=args.operator, open_profile=opener)
         demo = DemoLine(bench, app.line, faulty_share=args.faulty).start()
         try:
-            app.run()
+            return _run_screen(app)
         finally:
             demo.stop()
-            app.line.shutdown()
-            app.line.ctx.record.release_session()
-    return SIGNAL_EXIT[app.signalled] if app.signalled else Exit.OK
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -624,11 +643,25 @@ def cmd_tui(args: argparse.Namespace) -> int:
         return Exit.USAGE
     app = StationApp(ctx, ports, operator=args.operator,
                      open_profile=lambda name: open_station(name, args.config, args.db))
+    return _run_screen(app)
+
+
+def _run_screen(app) -> int:
+    """Run the operator's screen until it quits; a crash of the screen is a station error (exit 3)."""
+    _Words.redact = app.line.ctx.redactor
     try:
         app.run()
     finally:
         app.line.shutdown()
+        if app.crashed:
+            app.line.close()  # every running unit aborted and recorded before the process says so
         app.line.ctx.record.release_session()
+    if app.crashed:
+        for text in app.crashed.splitlines():
+            _err(f"station: {text}")
+        _err("station: the operator's screen stopped on an error; the units that were running are recorded "
+             "as aborted -> call the station's engineer with the lines above")
+        return Exit.STATION_ERROR
     return SIGNAL_EXIT[app.signalled] if app.signalled else Exit.OK
 
 
@@ -764,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # the database, its WAL, spool, exports, keys, secrets: 0600 in 0700 folders
+    _Words.redact = NO_SECRETS  # until this command opens a station (main may run more than once in a process)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv or ["tui"])
     return int(args.func(args))

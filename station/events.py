@@ -1,12 +1,13 @@
 """What the pipeline tells its front ends: small frozen events through one callback.
 
 The CLI writes them as JSON lines, the operator's screen turns them into messages,
-the tests collect them in a list.
+the tests collect them in a list. Every event leaves the pipeline through
+`redacting` (station/secrets.py's filter over each of its texts).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable, Union
 
 
@@ -92,3 +93,23 @@ def to_json_dict(event: Event) -> dict:
     if isinstance(event, UnitFinished):
         d = {"port": event.port, **asdict(event.result)}
     return {"event": _NAMES[type(event)], **d}
+
+
+KEEP_AS_GIVEN = ("port",)  # a port is the unit's address as the caller gave it: the key they match results by
+
+
+def map_text(event: Event, fn: Callable[[str], str]) -> Event:
+    """The same event with `fn` applied to each of its texts (and its result's), the port kept as given."""
+    changes = {}
+    for f in fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, UnitResult):
+            changes[f.name] = map_text(value, fn)
+        elif isinstance(value, str) and f.name not in KEEP_AS_GIVEN:
+            changes[f.name] = fn(value)
+    return replace(event, **changes) if changes else event
+
+
+def redacting(emit: Emit, redact: Callable[[str], str]) -> Emit:
+    """`emit`, behind the station's redaction filter: no event carries a secret out."""
+    return lambda event: emit(map_text(event, redact))

@@ -25,6 +25,9 @@ from .record import RecordError
 from .runner import min_free_mb
 from .pipeline import StationContext, UnitJob, clean_serial, provision_unit, serial_max_length
 
+LOG_LINE_CHARS = 1000  # of one console or esptool line kept for the screen (the record keeps its own detail)
+
+
 class RunCancel(threading.Event):
     """A run's cancel: set by an abort, and reads as set once the slot's board is gone.
 
@@ -215,10 +218,10 @@ class Line:
 
     def scan(self, serial: str, index: int | None = None) -> tuple[bool, str]:
         """A label scanned: give it to the chosen slot or the next board waiting for one."""
-        try:
+        try:  # a scanner's control codes (GS, ESC) or a label too long for the config: refused like --serial
             serial = clean_serial(serial, serial_max_length(self.ctx.profile))
         except ValueError as exc:
-            return False, f"not a serial: {exc}"
+            return False, f"label refused: {exc}"
         if self.ctx.record.serial_taken(serial) or any(
                 s.scanned == serial or (s.status == "running" and s.serial == serial) for s in self.slots):
             return False, f"serial {serial} is already used"
@@ -268,7 +271,7 @@ class Line:
                 slot._progress_t = (now, e.done)
             slot.done, slot.total = e.done, e.total
         elif isinstance(e, LogLine):
-            slot.log.append(e.text)
+            slot.log.append(e.text[:LOG_LINE_CHARS])  # a board's endless line must not grow the screen's log
         elif isinstance(e, UnitFinished):
             r = e.result
             slot.result = r

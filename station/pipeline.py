@@ -28,9 +28,10 @@ from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, f
 
 from . import keys as derived
 from .config import StationConfig
-from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult
+from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult, redacting
 from .profile import Problem, Profile, ProfileError
 from .record import Attempt, Outcome, Record, RecordError, SerialPlan, fingerprint, now_iso
+from .secrets import NO_SECRETS, Redactor
 from .serials import SerialPattern
 from .smoke import FactoryAccounts, UnitAccount, UnitAccounts, healthcheck, make_reach, pair_and_wait, soak
 
@@ -56,6 +57,7 @@ class StationContext:
     port_baud: dict[str, int] = field(default_factory=dict)  # the rate that worked, per port, this shift
     accounts: FactoryAccounts | None = None
     make_reach: object = make_reach  # the seam for reaching a device (direct, or Wi-Fi via nmcli)
+    redactor: Redactor = NO_SECRETS  # every text leaving provision_unit passes it (station/secrets.py)
 
     def __post_init__(self) -> None:
         if not self.firmware:
@@ -201,6 +203,19 @@ class _UnitSink:
         self.emit(LogLine(self.port, "esptool", text))
 
 
+class _UnitRedactor:
+    """The station's redaction filter for one unit, which also learns the secrets made for it."""
+
+    def __init__(self, base: Redactor):
+        self.current = base
+
+    def learn(self, values) -> None:
+        self.current = self.current.with_values(values)
+
+    def __call__(self, text: str) -> str:
+        return self.current(text)
+
+
 @dataclass
 class UnitRun:
     """Everything one unit's run knows so far; the steps read and fill it in."""
@@ -219,6 +234,7 @@ class UnitRun:
     keys_image: bytes | None = None
     boot_log: BootLog | None = None
     broker_account: UnitAccount | None = None  # this unit's own test-broker account, while it exists
+    redact: _UnitRedactor | None = None  # the unit's redaction filter (learns its test account)
     credentials_on_unit: bool = False  # from /pair until the unit's own config is back and checked
     was_quarantined: bool = False  # an earlier attempt left test credentials on this board
 
@@ -357,6 +373,8 @@ STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS) + ("record",)
 def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                    cancel: threading.Event | None = None) -> UnitResult:
     """Provision the board on `job.port` once; never raises for a unit's failure."""
+    redact = _UnitRedactor(ctx.redactor)
+    emit = redacting(emit, redact)  # the one way out for this unit's events: no secret passes
     cancel = cancel or threading.Event()
     profile = ctx.profile
     attempt = Attempt(port=job.port, station_id=ctx.station.station_id, profile=profile.name,
@@ -365,7 +383,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                       rework=job.rework, firmware_hashes=dict(ctx.firmware_hashes), baud=profile.baud)
     sink = _UnitSink(job.port, emit)
     session = UnitSession(job.port, sink, cancelled=cancel.is_set)
-    run = UnitRun(job, ctx, emit, cancel, attempt, session, sink)
+    run = UnitRun(job, ctx, emit, cancel, attempt, session, sink, redact=redact)
     current = STEPS[0].name
     watcher_stop = threading.Event()
 
@@ -410,6 +428,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         session.close()
         _mark_quarantine(run)
         attempt.ended_at = now_iso()
+        redact.current.fields(attempt)  # the record's texts (error, remedy, detail) hold no secret either
         t = time.monotonic()
         written = ctx.record.finish(attempt) if run.started else ctx.record.add(attempt)
         attempt.durations["record"] = round(time.monotonic() - t, 3)
@@ -510,6 +529,7 @@ def _smoke(level: str, run: UnitRun) -> None:
         healthcheck(base, settings.timeout_s)
         if level == "pair":
             run.broker_account = ctx.unit_accounts().create(run.attempt.device_id)
+            run.redact.learn([run.broker_account.token, run.broker_account.email])
             run.credentials_on_unit = True  # from the request on, the unit may hold them
             pair_and_wait(base, profile.device_class, run.attempt.device_id, settings, ctx.accounts,
                           run.broker_account, console, run.cancel.is_set)

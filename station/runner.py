@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 from pathlib import Path
 from typing import Mapping
@@ -11,7 +13,15 @@ from .events import Emit, UnitResult
 from .pipeline import StationContext, UnitJob, load_firmware, provision_unit
 from .profile import ProfileError, check_profile, load_profile, resolve_secrets
 from .record import Record, station_key
-from .smoke import FactoryAccounts
+from .secrets import Redactor
+from .smoke import FactoryAccounts, SmokeFailure, make_reach, resolve_nmcli
+
+PRIVATE_UMASK = 0o077  # the database, its WAL, the spool, exports and keys: the station's user alone
+
+
+def private_files() -> None:
+    """Every file the station creates from now on is 0600, every folder 0700 (SQLite's WAL follows its database)."""
+    os.umask(PRIVATE_UMASK)
 
 
 def open_station(profile: str | None = None, config: Path | None = None, db: Path | None = None,
@@ -21,6 +31,7 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
 
     Raises ConfigError (ProfileError listing every problem) when nothing may be flashed.
     """
+    private_files()
     station = station or StationConfig.load(config)
     prof = load_profile(profile or station.default_profile, station.profiles_dir)
     problems = check_profile(prof, env, station.secrets_file)
@@ -34,13 +45,20 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
         if missing:
             raise ConfigError(f"smoke level 'pair' needs {' and '.join(missing)} in the environment")
     firmware = load_firmware(prof)  # read once: the bytes checked against the pins are the bytes flashed
+    reach = make_reach
+    if station.smoke.reach == "wifi" and level != "none" and prof.device_class != "other":
+        try:
+            reach = functools.partial(make_reach, nmcli=resolve_nmcli())  # found once, at start
+        except SmokeFailure as exc:
+            raise ConfigError(f"reach = wifi: {exc.message}; {exc.remedy}") from None
+    redactor = Redactor.for_station(secrets, accounts, env)
     key = station_key(station.key_file)
     try:
         record = open_record(station, db, key)
     except Exception as exc:
-        raise ConfigError(f"cannot open the station database {db or station.database}: {exc}") from None
+        raise ConfigError(redactor(f"cannot open the station database {db or station.database}: {exc}")) from None
     return StationContext(station, prof, secrets, record, key, firmware=firmware, smoke_level=smoke,
-                          accounts=accounts)
+                          accounts=accounts, make_reach=reach, redactor=redactor)
 
 
 def open_record(station: StationConfig, db: Path | None = None, key: bytes | None = None,
@@ -50,6 +68,7 @@ def open_record(station: StationConfig, db: Path | None = None, key: bytes | Non
     Opening it replays the spool (unless `replay` is off) and settles the attempts of
     stations that were killed.
     """
+    private_files()
     path = db or station.database
     spool = station.spool_path if db is None else None
     return Record(path, key if key is not None else station_key(station.key_file), spool, replay=replay,

@@ -1,8 +1,13 @@
-"""The station's encrypted secrets file: vendor tokens and Wi-Fi passwords at rest.
+"""The station's secrets: the encrypted secrets file, and the one filter text leaves through.
 
-AES-256-GCM with a key derived from a passphrase by scrypt (both through
-`cryptography`). The station never writes a secret to disk in plaintext; the
+The secrets file: AES-256-GCM with a key derived from a passphrase by scrypt (both
+through `cryptography`). The station never writes a secret to disk in plaintext; the
 passphrase comes from $STATION_SECRETS_PASSPHRASE or is asked for.
+
+The filter (`Redactor`): every text the station lets out (events, the record's error,
+remedy and detail, JSON lines, the screen, the CLI's messages) passes one object that
+knows every secret value the station holds and removes each, in every encoding a
+message can carry it in, and never lets a URL's query string through.
 """
 
 from __future__ import annotations
@@ -10,7 +15,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Mapping
+from urllib.parse import quote, quote_plus
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -127,3 +136,105 @@ class SecretStore:
 
     def names(self) -> list[str]:
         return sorted(self.load())
+
+
+# -- the redaction point ---------------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+MIN_SECRET_CHARS = 4  # shorter values cannot be told from ordinary words: profile check should refuse them
+MIN_FRAGMENT_CHARS = 4  # a secret cut at a text's edge (a console tail) still leaks from this length on
+EDGE_TEXT_CHARS = 200  # only long texts are cut to an excerpt (console tails of 1500-2000 characters)
+# the texts of a record's attempt that carry words from exceptions, boards and HTTP replies
+ATTEMPT_TEXTS = ("error", "remedy", "detail", "firmware_version")
+# a URL's query (or a bare "/pair?a=b"): everything from "?" while it looks like key=value pairs
+_QUERY = re.compile(r"\?(?=[^\s?#'\")]*=)[^\s#'\")]*")
+
+
+def _encodings(secret: str) -> set[str]:
+    """The forms a secret takes in text: raw, URL-encoded, hex, base64(url), escaped for repr and JSON."""
+    raw = secret.encode()
+    forms = {secret, quote(secret, safe=""), quote(secret), quote_plus(secret), raw.hex(),
+             repr(secret)[1:-1], json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]}
+    for enc in (base64.b64encode, base64.urlsafe_b64encode):
+        forms.add(enc(raw).decode())
+        forms.add(enc(raw).decode().rstrip("="))
+        # inside a longer base64 text (Basic auth "user:secret") the secret starts at any of 3 alignments:
+        # the characters made of its own bytes alone are the same whatever surrounds it
+        for skip in (0, 1, 2):
+            core = raw[skip:]
+            core = core[: len(core) - len(core) % 3]
+            if len(core) >= 3:
+                forms.add(enc(core).decode())
+    return {f for f in forms if len(f) >= MIN_SECRET_CHARS}
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """Removes every secret value the station holds from a text, and every URL's query string.
+
+    Built once per station (`from_values`); `__call__` is the filter. A secret of fewer
+    than MIN_SECRET_CHARS characters is not searched for (it would eat ordinary words).
+    """
+
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+    _pattern: re.Pattern | None = field(default=None, repr=False, compare=False)
+    _edges: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    @classmethod
+    def from_values(cls, values: Iterable[str | None]) -> "Redactor":
+        secrets = tuple(sorted({v for v in values if v and len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True))
+        forms = sorted({f for s in secrets for f in _encodings(s)}, key=len, reverse=True)
+        hexes = {s.encode().hex() for s in secrets}
+        # hex and percent-escapes are case-insensitive in the wild; the rest is matched as written
+        alts = [f"(?i:{re.escape(f)})" if f in hexes or "%" in f else re.escape(f) for f in forms]
+        pattern = re.compile("|".join(alts)) if alts else None
+        return cls(secrets, pattern, tuple(s for s in secrets if len(s) > MIN_FRAGMENT_CHARS))
+
+    @classmethod
+    def for_station(cls, secrets: Mapping[str, str], accounts=None, env: Mapping[str, str] | None = None
+                    ) -> "Redactor":
+        """The profile's secrets, the factory accounts' (test token, test PSK, monitor password), passphrases."""
+        env = os.environ if env is None else env
+        values = list(secrets.values())
+        if accounts is not None:
+            values += [getattr(accounts, name, None)
+                       for name in ("test_token", "test_psk", "monitor_password", "admin_password")]
+        values.append(env.get(PASSPHRASE_ENV))
+        return cls.from_values(values)
+
+    def with_values(self, values: Iterable[str | None]) -> "Redactor":
+        """This filter, also removing `values` (secrets made during one unit's run: its test account)."""
+        return Redactor.from_values([*self.secrets, *values])
+
+    def __call__(self, text: str) -> str:
+        if not text:
+            return text
+        if self._pattern is not None:  # first: a raw secret in a query may hold "#" or a space, where a query ends
+            text = self._pattern.sub(REDACTED, text)
+        text = _QUERY.sub("?" + REDACTED, text)
+        return self._cut_edges(text)
+
+    def _cut_edges(self, text: str) -> str:
+        # a text cut to its last (or first) N characters may hold only part of a secret at its edge
+        if len(text) < EDGE_TEXT_CHARS:
+            return text
+        for s in self._edges:
+            for n in range(len(s) - 1, MIN_FRAGMENT_CHARS - 1, -1):
+                if text.startswith(s[-n:]):
+                    text = REDACTED + text[n:]
+                    break
+            for n in range(len(s) - 1, MIN_FRAGMENT_CHARS - 1, -1):
+                if text.endswith(s[:n]):
+                    text = text[:-n] + REDACTED
+                    break
+        return text
+
+    def fields(self, obj: object, names: Iterable[str] = ATTEMPT_TEXTS) -> None:
+        """Redact the named text attributes of a mutable record (by default an Attempt's) in place."""
+        for name in names:
+            value = getattr(obj, name)
+            if isinstance(value, str):
+                setattr(obj, name, self(value))
+
+
+NO_SECRETS = Redactor()  # still hides query strings: for code paths that hold no secret

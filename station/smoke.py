@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
+import io
 import json
 import os
 import secrets
+import shutil
+import socket
+import stat
 import string
 import subprocess
 import threading
@@ -31,7 +36,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flashing.console import MQTT_REFUSED, BootLog, parse_boot_log
 from flashing.errors import UnitError
@@ -229,9 +234,11 @@ class WifiReach:
 
     SDK_AP_URL = "http://192.168.4.1"  # the SDK's soft-AP address; station.toml [smoke] url overrides
 
-    def __init__(self, settings: SmokeDefaults, run: Callable[..., subprocess.CompletedProcess] = subprocess.run):
+    def __init__(self, settings: SmokeDefaults, run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+                 nmcli: str | None = None):
         self.settings = settings
         self.run = run
+        self.nmcli = nmcli or resolve_nmcli()
         self.iface = settings.wifi_interface
         with _iface_guard:
             self.lock = _iface_locks.setdefault(self.iface, threading.Lock())
@@ -246,10 +253,11 @@ class WifiReach:
         if not self.lock.acquire(timeout=self.settings.timeout_s * 4):
             raise SmokeFailure(f"interface {self.iface} stayed busy with another board",
                                "retry when the other slots are done")
-        cmd = ["nmcli", "--wait", str(int(self.settings.timeout_s)), "device", "wifi", "connect", ssid,
+        cmd = [self.nmcli, "--wait", str(int(self.settings.timeout_s)), "device", "wifi", "connect", ssid,
                "bssid", bssid, "ifname", self.iface]
         try:
-            r = self.run(cmd, capture_output=True, text=True, timeout=self.settings.timeout_s + 5)
+            r = self.run(cmd, capture_output=True, text=True, timeout=self.settings.timeout_s + 5,
+                         env=dict(NMCLI_ENV))
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.lock.release()
             raise SmokeFailure(f"nmcli could not run: {exc}", "install NetworkManager or use reach = direct")
@@ -263,40 +271,133 @@ class WifiReach:
     def close(self) -> None:
         if self.joined is not None:
             try:
-                self.run(["nmcli", "connection", "down", "id", self.joined], capture_output=True,
-                         text=True, timeout=self.settings.timeout_s + 5)
+                self.run([self.nmcli, "connection", "down", "id", self.joined], capture_output=True,
+                         text=True, timeout=self.settings.timeout_s + 5, env=dict(NMCLI_ENV))
             except (OSError, subprocess.TimeoutExpired):
                 pass
             self.joined = None
             self.lock.release()
 
 
-def make_reach(settings: SmokeDefaults) -> DirectReach | WifiReach:
-    return WifiReach(settings) if settings.reach == "wifi" else DirectReach(settings)
+def make_reach(settings: SmokeDefaults, nmcli: str | None = None) -> DirectReach | WifiReach:
+    return WifiReach(settings, nmcli=nmcli) if settings.reach == "wifi" else DirectReach(settings)
+
+
+# nmcli gets nothing of the station's environment (its secrets, the passphrase): a fixed PATH and C locale
+NMCLI_ENV = (("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), ("LANG", "C"))
+
+
+def resolve_nmcli(path: str | None = None) -> str:
+    """nmcli's absolute path, refused when someone other than root (or the station's user) could replace it."""
+    found = shutil.which("nmcli", path=path)
+    remedy = "install NetworkManager from the distribution, or use reach = direct"
+    if not found:
+        raise SmokeFailure("nmcli is not installed", remedy)
+    found = os.path.realpath(found)
+    if not os.path.isabs(found):
+        raise SmokeFailure(f"nmcli was found at a relative path ({found})", remedy)
+    for where in (found, os.path.dirname(found)):
+        st = os.stat(where)
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise SmokeFailure(f"{where} can be changed by other users: the station will not run nmcli from it",
+                               remedy)
+    return found
 
 
 # -- the checks -------------------------------------------------------------------------------
 
-def http_get(url: str, timeout: float) -> tuple[int, str]:
+MAX_REPLY_BYTES = 64 * 1024  # a pairing server's reply is a word or two; more is a broken or hostile device
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side that gives up at an overall deadline, however slowly bytes arrive."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the reply did not end in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buf)
+
+
+class _DeadlineSocket:
+    """What http.client needs of a socket, with every read bounded by one deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def makefile(self, mode: str, *args, **kw):
+        return io.BufferedReader(_DeadlineReader(self.sock, self.deadline))
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(max(0.001, self.deadline - time.monotonic()))
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        pass  # http.client closes its end before the body is read ("Connection: close"); http_get closes the socket
+
+
+def _where(url: str) -> str:
+    """The URL as a message may name it: scheme, host, port and path, never the query."""
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.netloc.rpartition('@')[2]}{u.path}"  # no user:password@ either
+
+
+def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES) -> tuple[int, str]:
+    """GET `url`: status and body, within `timeout` overall and at most `max_bytes` of body.
+
+    A server that trickles bytes, or streams without end, fails the unit at the deadline
+    or the cap instead of holding (or filling) the station.
+    """
+    u = urlsplit(url)
+    if u.scheme != "http" or not u.hostname:
+        raise SmokeFailure(f"the pairing server's address {_where(url)} is not an http:// URL",
+                           "fix station.toml [smoke] url")
+    deadline = time.monotonic() + timeout
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    raw: socket.socket | None = None
+    body = bytearray()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-            raise SmokeFailure(f"the pairing server did not answer within {timeout:g} s ({url})",
-                               "the firmware may be hung: power-cycle and retry, else replace the board") from None
-        raise SmokeFailure(f"no answer from the pairing server at {url} ({reason})",
-                           "check that the firmware starts its pairing server; retry") from None
+        conn.connect()
+        raw = conn.sock
+        conn.sock = _DeadlineSocket(raw, deadline)
+        conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""),
+                     headers={"Connection": "close"})
+        r = conn.getresponse()
+        while len(body) <= max_bytes:  # never more than the cap (plus one read) in memory
+            chunk = r.read(min(16384, max_bytes + 1 - len(body)))
+            if not chunk:
+                break
+            body += chunk
+        r.close()
+    except (TimeoutError, socket.timeout):
+        raise SmokeFailure(f"the pairing server did not answer within {timeout:g} s ({_where(url)})",
+                           "the firmware may be hung: power-cycle and retry, else replace the board") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise SmokeFailure(f"no answer from the pairing server at {_where(url)} ({type(exc).__name__}: "
+                           f"{exc})", "check that the firmware starts its pairing server; retry") from None
+    finally:
+        conn.close()
+        if raw is not None:
+            raw.close()
+    if len(body) > max_bytes:
+        raise SmokeFailure(f"the pairing server's reply from {_where(url)} is larger than {max_bytes // 1024} KiB",
+                           "the firmware's pairing server misbehaves: replace the board if a retry does the same")
+    return r.status, bytes(body).decode("utf-8", "replace")
 
 
 def healthcheck(base: str, timeout: float) -> None:
     status, body = http_get(base + "/healthcheck", timeout)
     if status != 200:
-        raise SmokeFailure(f"/healthcheck answered {status} {body.strip()[:80]!r}, not 200",
-                           "the firmware's pairing server is unhealthy: retry, else replace the board")
+        # the reply goes whole to the detail: an excerpt cut inside a secret would hide it from the redaction
+        raise SmokeFailure(f"/healthcheck answered {status}, not 200",
+                           "the firmware's pairing server is unhealthy: retry, else replace the board", body)
 
 
 def pair_and_wait(base: str, device_class: str, device_id: str, settings: SmokeDefaults,

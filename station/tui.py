@@ -5,6 +5,12 @@ the operator's keys and scans on; the line does the work in thread workers, so a
 hung port never freezes the screen. Keys are function keys (a barcode scanner types
 into the scan field): F2 history, F3/F4 choose a slot, F5 retry, F8 abort, F9 pause,
 F10 admin (switch profile or lot), Ctrl+Q quit.
+
+Every text that is not the screen's own (a board's console, an HTTP reply, an
+operator's name, a scan, a lot) is shown as `rich.text.Text` — never parsed as
+markup or emoji codes — after the station's redaction and with control characters
+removed (`SlotCard.words`, `StationApp.words`). A crash of the screen aborts and
+records the running units, and leaves its reason (redacted) in `StationApp.crashed`.
 """
 
 from __future__ import annotations
@@ -13,12 +19,14 @@ import asyncio
 import contextlib
 import hashlib
 import threading
+import traceback
 from typing import Callable
 
-from rich.markup import escape
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.content import Content
 from textual.containers import Grid, Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
@@ -27,6 +35,8 @@ from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLo
 from .admin import AdminGate
 from .line import Line, Slot
 from .pipeline import StationContext
+from .secrets import NO_SECRETS
+from .text import one_line, safe_text
 
 STATUS_WORD = {"empty": "NO BOARD", "waiting": "READY", "running": "WORKING", "passed": "PASS",
                "failed": "FAIL", "aborted": "ABORTED", "error": "STATION ERROR"}
@@ -45,10 +55,19 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
+def plain(text: str | None, redact: Callable[[str], str] = NO_SECRETS, style: str = "") -> Text:
+    """Text that is shown as it is: redacted, without control characters, never markup nor emoji codes."""
+    return Text(safe_text(redact(text or "")), style=style)
+
+
 class SlotCard(Vertical):
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, redact: Callable[[str], str] = NO_SECRETS) -> None:
         super().__init__(id=f"slot-{index}", classes="card")
         self.index = index
+        self.redact = redact
+
+    def words(self, text: str) -> Text:
+        return plain(text, self.redact)
 
     def compose(self) -> ComposeResult:
         yield Label("", classes="title")
@@ -64,9 +83,10 @@ class SlotCard(Vertical):
         for status in STATUS_WORD:
             self.set_class(slot.status == status, status)
         port = slot.port.rsplit("/", 1)[-1] if "://" in slot.port else slot.port
-        self.query_one(".title", Label).update(f"{slot.index + 1}  {port}")
-        ident = f"{slot.chip or '-'}  {slot.mac or '--:--:--:--:--:--'}\nSN {slot.serial or slot.scanned or '-'}"
-        self.query_one(".ident", Static).update(ident)
+        self.query_one(".title", Label).update(self.words(f"{slot.index + 1}  {port}"))
+        ident = (f"{one_line(slot.chip) or '-'}  {one_line(slot.mac) or '--:--:--:--:--:--'}\n"
+                 f"SN {one_line(slot.serial or slot.scanned) or '-'}")
+        self.query_one(".ident", Static).update(self.words(ident))
         step = slot.step if slot.status == "running" else ""
         waiting = slot.status == "waiting" and labels_needed and not slot.scanned
         bar = self.query_one(ProgressBar)
@@ -81,16 +101,16 @@ class SlotCard(Vertical):
                 eta = f"  {slot.eta:.0f} s left" if slot.eta is not None else ""
                 rate = f"{_mb(slot.done)}/{_mb(slot.total)} MB  {slot.rate / 1e3:.0f} kB/s{eta}"
         if compact:
-            self.query_one(".step", Static).update(
-                f"{step} {rate}".strip() if step else ("scan the label" if waiting else ""))
+            self.query_one(".step", Static).update(self.words(
+                f"{step} {rate}".strip() if step else ("scan the label" if waiting else "")))
         else:
-            self.query_one(".step", Static).update(
-                f"step: {step}" if step else ("scan the label" if waiting else ""))
-            self.query_one(".rate", Static).update(rate)
+            self.query_one(".step", Static).update(self.words(
+                f"step: {step}" if step else ("scan the label" if waiting else "")))
+            self.query_one(".rate", Static).update(self.words(rate))
         word = STATUS_WORD[slot.status]
         if slot.result is not None and slot.result.quarantine:  # test credentials left on the unit
             word += " · QUARANTINE"
-        self.query_one(".outcome", Static).update(word)
+        self.query_one(".outcome", Static).update(self.words(word))
         action = ""
         if slot.status in ("failed", "aborted", "error") and compact:  # one line: what to do; the reason is in the log
             action = f"→ {slot.action}"
@@ -100,7 +120,7 @@ class SlotCard(Vertical):
             action = f"→ {slot.action}"
         if slot.started is not None:
             action = f"{slot.elapsed:5.1f} s  {action}"
-        self.query_one(".action", Static).update(action)
+        self.query_one(".action", Static).update(self.words(action))
 
 
 class TextPrompt(ModalScreen[str | None]):
@@ -147,9 +167,10 @@ class Confirm(ModalScreen[bool]):
 class HistoryScreen(Screen):
     BINDINGS = [Binding("escape,f2", "app.pop_screen", "Back")]
 
-    def __init__(self, line: Line) -> None:
+    def __init__(self, line: Line, words: Callable[[str], Text]) -> None:
         super().__init__()
         self.line = line
+        self.words = words
 
     def compose(self) -> ComposeResult:
         yield Label("History — type a serial or MAC to search; Esc goes back", id="history-title")
@@ -170,10 +191,12 @@ class HistoryScreen(Screen):
     def fill(self, query: str) -> None:
         table = self.query_one(DataTable)
         table.clear()
+        w = self.words
         for r in self.line.history(query):
-            table.add_row(str(r["id"]), r["serial"] or "-", r["mac"] or "-", r["outcome"].upper(),
-                          r["failed_step"] or "", (r["error"] or "")[:50], r["lot"] or "", r["operator"] or "",
-                          (r["ended_at"] or "")[11:19])
+            # cells as Text: a DataTable parses plain strings as markup (and ":ab:" in a MAC as an emoji)
+            table.add_row(str(r["id"]), w(r["serial"] or "-"), w(r["mac"] or "-"), r["outcome"].upper(),
+                          w(r["failed_step"] or ""), w(one_line(r["error"])[:50]), w(one_line(r["lot"])),
+                          w(one_line(r["operator"])), (r["ended_at"] or "")[11:19])
 
 
 class StationApp(App):
@@ -226,13 +249,14 @@ class StationApp(App):
         self.selected = 0
         self.chosen: int | None = None  # a slot the operator picked for the next scan
         self.compact = False  # many slots: cards of one line per item
+        self.crashed: str | None = None  # why the screen stopped on an error (redacted): the CLI exits 3
 
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Static("", id="header")
         with Grid(id="slots"):
             for slot in self.line.slots:
-                yield SlotCard(slot.index)
+                yield SlotCard(slot.index, self.redact)
         with Horizontal(id="bottom"):
             yield RichLog(id="log", max_lines=400, wrap=False)
             with Vertical(id="scan-box"):
@@ -260,13 +284,34 @@ class StationApp(App):
         if interrupted:  # boards that may hold a serial from a run the station did not finish
             who = ", ".join(f"{a['serial']} ({a['mac']})" for a in interrupted[:5])
             more = f" and {len(interrupted) - 5} more" if len(interrupted) > 5 else ""
-            self.notify(f"{len(interrupted)} unit(s) were interrupted: {who}{more}. Put each back on the "
-                        "line: a new attempt keeps its serial.", severity="warning", timeout=30, markup=False)
+            self.tell(f"{len(interrupted)} unit(s) were interrupted: {who}{more}. Put each back on the "
+                      "line: a new attempt keeps its serial.", severity="warning", timeout=30)
         if self.ask_operator:
             self.push_screen(TextPrompt("Operator: type your name or scan your badge"), self._set_operator)
 
     def on_resize(self) -> None:
         self._columns()
+
+    # -- text that is not ours ---------------------------------------------------------------------
+    def redact(self, text: str) -> str:
+        return self.line.ctx.redactor(text)  # the current station's (a profile switch brings its own)
+
+    def words(self, text: str | None, style: str = "") -> Text:
+        return plain(text, self.redact, style)
+
+    def tell(self, text: str, **kw) -> None:
+        """A notification with words from outside (a scan, an exception): plain text, no markup."""
+        self.notify(safe_text(self.redact(text)), markup=False, **kw)
+
+    def _handle_exception(self, error: Exception) -> None:
+        # Textual would print a traceback with each frame's locals: the station's secrets are among them
+        self.crashed = safe_text(self.redact("".join(traceback.format_exception(error)).rstrip()))
+        self.line.shutdown()  # the running units end as aborted; on_unmount waits for their records
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        self.bell()
+        self._close_messages_no_wait()  # the reason is in self.crashed, printed by the CLI without locals
 
     def _columns(self) -> None:
         n = len(self.line.slots)
@@ -307,20 +352,25 @@ class StationApp(App):
         log.border_title = f"slot {self.selected + 1}: events and boot log"
         log.clear()
         for text in list(self.line.slots[self.selected].log)[-60:]:
-            log.write(text)
+            log.write(self.words(text))
 
     def _header(self) -> None:
         line, prof = self.line, self.line.ctx.profile
         y = f"{line.yield_pct:.0f}%" if line.yield_pct is not None else "-"
         cyc = f"{line.mean_cycle:.1f} s" if line.mean_cycle is not None else "-"
-        paused = "  [reverse] PAUSED [/reverse]" if line.paused else ""
-        self.header_view.update(
-            f"profile [b]{prof.name}[/b] ({prof.title}) · fw {prof.firmware_version() or '?'} · config "
-            f"{prof.content_hash[:8]}   station [b]{line.ctx.station.station_id}[/b] · operator "
-            f"[b]{line.operator or '-'}[/b] · lot [b]{line.lot or '-'}[/b]{paused}\n"
-            f"[green]PASS {line.passed}[/green]  [red]FAIL {line.failed}[/red]  yield {y}  "
-            f"{line.units_per_hour:.0f} units/h  cycle {cyc}"
-            + (f"  [reverse red] NOT STARTING UNITS: {escape(line.refusal)} [/]" if line.refusal else ""))
+
+        def say(text: str | None) -> str:
+            return safe_text(self.redact(one_line(text)))
+        # our styles around names we did not write (operator, lot, profile): assembled, never parsed as markup
+        header = Content.assemble(
+            "profile ", (say(prof.name), "bold"), f" ({say(prof.title)}) · fw {say(prof.firmware_version()) or '?'}"
+            f" · config {prof.content_hash[:8]}   station ", (say(line.ctx.station.station_id), "bold"),
+            " · operator ", (say(line.operator) or "-", "bold"), " · lot ", (say(line.lot) or "-", "bold"),
+            *(("  ", (" PAUSED ", "reverse")) if line.paused else ()), "\n",
+            (f"PASS {line.passed}", "green"), "  ", (f"FAIL {line.failed}", "red"),
+            f"  yield {y}  {line.units_per_hour:.0f} units/h  cycle {cyc}",
+            *(("  ", (f" NOT STARTING UNITS: {say(line.refusal)} ", "reverse red")) if line.refusal else ()))
+        self.header_view.update(header)
 
     def _poll(self) -> None:
         self.line.poll()
@@ -339,12 +389,12 @@ class StationApp(App):
         field.value = ""
         self.chosen = None
         if ok:
-            self.notify(msg, timeout=3)
+            self.tell(msg, timeout=3)
         else:
             self.bell()
             field.add_class("refused")
             self.set_timer(1.0, lambda: field.remove_class("refused"))
-            self.notify(msg, severity="error", timeout=5)
+            self.tell(msg, severity="error", timeout=5)
 
     # -- keys ------------------------------------------------------------------------------------------
     def action_select(self, step: int) -> None:
@@ -368,7 +418,7 @@ class StationApp(App):
         self._header()
 
     def action_history(self) -> None:
-        self.push_screen(HistoryScreen(self.line))
+        self.push_screen(HistoryScreen(self.line, self.words))
 
     def _admin_gate(self) -> AdminGate:
         """One gate per screen, so the delay after wrong tries holds across F10 presses."""
@@ -404,9 +454,9 @@ class StationApp(App):
             self.line.ctx.record.log_admin("switch", self.line.operator,  # in the chain: who switched what
                                            {"profile": self.line.ctx.profile.name, "lot": self.line.lot})
         except Exception as exc:  # a bad profile must not close the screen
-            self.notify(f"not switched: {exc}", severity="error", timeout=8)
+            self.tell(f"not switched: {exc}", severity="error", timeout=8)
             return
-        self.notify(f"profile {self.line.ctx.profile.name}, lot {self.line.lot}")
+        self.tell(f"profile {self.line.ctx.profile.name}, lot {self.line.lot}")
         self._header()
 
     def install_signal_handlers(self) -> None:

@@ -204,14 +204,20 @@ class TwoSmartApp:
 
             def do_GET(self) -> None:
                 fault = app.dev.faults.pairing
-                if fault == "hang":
+                url = urlparse(self.path)
+                q = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+                if fault == "hang" or (fault == "pair_hang" and url.path == "/pair"):
                     app.stopped.wait(300)  # accepts, never answers
                     return
                 if fault == "error":
                     self.reply(500, "Internal error")
                     return
-                url = urlparse(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+                if fault == "pair_drop" and url.path == "/pair":
+                    self.close_connection = True  # hangs up without a status line
+                    return
+                if fault == "echo" or (fault == "pair_echo" and url.path == "/pair"):
+                    self.reply(500, app.echo(self.requestline, {**app.config, **q}))
+                    return
                 app.handle(self, url.path, q)
 
             def do_POST(self) -> None:
@@ -226,6 +232,16 @@ class TwoSmartApp:
         self._spawn(threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
                                      daemon=True, name=f"vdev-{self.dev.index}-http"))
         self.log("I", "web_server", f"pairing server listening on port {self.dev.http_port}")
+
+    @staticmethod
+    def echo(request_line: str, values: dict) -> str:
+        """A buggy firmware's error page: the request, then every value it holds, as text, base64 and hex."""
+        lines = [f"cannot handle {request_line}"]
+        for k, v in values.items():
+            raw = str(v).encode()
+            lines.append(f"{k}={v} b64={base64.b64encode(raw).decode()} "
+                         f"b64url={base64.urlsafe_b64encode(raw).decode()} hex={raw.hex()}")
+        return "\n".join(lines)
 
     def _admin_ok(self, handler: BaseHTTPRequestHandler) -> bool:
         want = base64.b64encode(f"admin:{self.config.get('admin_pass', 'admin')}".encode()).decode()

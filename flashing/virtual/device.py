@@ -46,6 +46,9 @@ BAUD_TOLERANCE = 0.03  # a UART still decodes within about 3 %
 GARBLE_RATE = 0.01  # byte error rate on a link driven above what it can carry
 
 
+PAIRING_FAULTS = ("down", "error", "hang", "pair_hang", "pair_drop", "pair_echo", "echo")
+
+
 @dataclass
 class Faults:
     """Injectable faults; each mirrors a way real boards fail at the line."""
@@ -58,7 +61,9 @@ class Faults:
     unplug_after: int | None = None  # host bytes until the cable is pulled
     hang_after: int | None = None  # host bytes until the chip hangs: powered, silent
     garble_above: int | None = None  # baud above which the link corrupts bytes
-    pairing: str | None = None  # pairing server "down", answering 500 ("error"), or "hang"
+    # pairing server "down", answering 500 ("error"), or "hang"; a buggy firmware's /pair only: "pair_hang",
+    # "pair_drop" (closes without a reply), "pair_echo"; "echo": every request answered 500 with what it knows
+    pairing: str | None = None
     mqtt_refused: bool = False  # the broker refuses this device's login
     panic_after: float | None = None  # firmware panics this many seconds after boot
 
@@ -286,8 +291,8 @@ class VirtualDevice:
     def set_fault(self, name: str, value: Any = True) -> dict:
         if name not in Faults.names():
             raise ValueError(f"unknown fault {name!r}; faults: {', '.join(Faults.names())}")
-        if name == "pairing" and value not in ("down", "error", "hang", None):
-            raise ValueError("pairing fault is 'down', 'error' or 'hang'")
+        if name == "pairing" and value not in PAIRING_FAULTS + (None,):
+            raise ValueError(f"pairing fault is one of {', '.join(PAIRING_FAULTS)}")
         def do():
             setattr(self.faults, name, value)
             return self.describe()

@@ -70,13 +70,13 @@ def test_auto_start_pass_fail_retry_and_history(station_env):
                 await until(pilot, lambda: isinstance(app.screen, HistoryScreen))
                 table = app.screen.query_one("DataTable")
                 await until(pilot, lambda: table.row_count == 3)
-                rows = [table.get_row_at(i) for i in range(table.row_count)]
+                rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
                 assert sorted(r[3] for r in rows) == ["FAILED", "PASSED", "PASSED"]
                 assert [r[4] for r in rows if r[3] == "FAILED"] == ["connect"]  # no MAC known then
                 mac = bench[1].device.mac_text
                 await pilot.press(*mac[-5:])
                 await until(pilot, lambda: table.row_count == 1)
-                rows = [table.get_row_at(i) for i in range(table.row_count)]
+                rows = [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
                 assert len(rows) == 1 and rows[0][2] == mac and rows[0][3] == "PASSED"
                 await pilot.press("escape")
                 await until(pilot, lambda: not isinstance(app.screen, HistoryScreen))
