@@ -29,7 +29,7 @@ from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, f
 from . import keys as derived
 from .config import StationConfig
 from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult, redacting
-from .profile import Problem, Profile, ProfileError
+from .profile import Problem, Profile, ProfileError, read_region
 from .record import Attempt, Outcome, Record, RecordError, SerialPlan, fingerprint, now_iso
 from .secrets import NO_SECRETS, Redactor
 from .serials import SerialPattern
@@ -99,18 +99,11 @@ def load_firmware(profile: Profile) -> list[tuple[str, int, bytes]]:
     """
     out, problems = [], []
     for r in profile.regions:
-        where = f"firmware region 0x{r.offset:x}"
-        try:
-            data = r.file.read_bytes()
-        except OSError as exc:
-            problems.append(Problem(str(r.file), where, f"unreadable ({exc.strerror or exc})"))
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != r.sha256.lower():
-            problems.append(Problem(str(r.file), where, f"SHA-256 {digest} does not match the pinned "
-                                    f"{r.sha256 or '(none)'}: the file changed after the profile was loaded; "
-                                    "nothing was flashed"))
-        out.append((r.name, r.offset, data))
+        data, problem = read_region(r, ": the file changed after the profile was loaded; nothing was flashed")
+        if problem is not None:
+            problems.append(problem)
+        if data is not None:
+            out.append((r.name, r.offset, data))
     table = next((data for _, off, data in out if off == 0x8000), None)
     if not problems and table is not None and profile.partitions:
         try:

@@ -451,6 +451,24 @@ def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None,
     return values, problems
 
 
+def read_region(r: Region, pin_note: str = "") -> tuple[bytes | None, Problem | None]:
+    """A firmware region's file, read once, and what is wrong with it (missing, too large, not its pin)."""
+    where = f"firmware region 0x{r.offset:x}"
+    try:
+        if not r.file.is_file():
+            raise FileNotFoundError(2, "no such file" if not r.file.exists() else "not a file")
+        if r.file.stat().st_size > MAX_REGION_BYTES:
+            return None, Problem(str(r.file), where, "larger than any ESP flash")
+        data = r.file.read_bytes()
+    except OSError as exc:
+        return None, Problem(str(r.file), where, f"missing or unreadable ({exc.strerror or exc})")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != r.sha256.lower():
+        return data, Problem(str(r.file), where, f"SHA-256 {digest} does not match the pinned "
+                                                 f"{r.sha256 or '(none)'}{pin_note}")
+    return data, None
+
+
 def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
                   store_path: Path | None = None) -> list[Problem]:
     """Everything that can be checked without a device. An empty list means ready."""
@@ -460,21 +478,11 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
     images: dict[int, bytes] = {}
     sizes: list[tuple[Region, int]] = []  # every region read (two at one offset are two regions)
     for r in profile.regions:
-        where = f"firmware region 0x{r.offset:x}"
-        try:
-            if not r.file.is_file():
-                raise FileNotFoundError(2, "no such file" if not r.file.exists() else "not a file")
-            if r.file.stat().st_size > MAX_REGION_BYTES:
-                problems.append(Problem(str(r.file), where, "larger than any ESP flash"))
-                continue
-            data = r.file.read_bytes()
-        except OSError as exc:
-            problems.append(Problem(str(r.file), where, f"missing or unreadable ({exc.strerror})"))
+        data, problem = read_region(r)
+        if problem is not None:
+            problems.append(problem)
+        if data is None:
             continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != r.sha256.lower():
-            problems.append(Problem(str(r.file), where, f"SHA-256 {digest} does not match the pinned "
-                                    f"{r.sha256 or '(none)'}"))
         images[r.offset] = data
         sizes.append((r, len(data)))
     table = images.get(0x8000)
