@@ -14,12 +14,13 @@ import base64
 import hashlib
 import hmac
 import math
-import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from .files import write_private
 
 LOG2_N, R, P = 17, 8, 1  # 128 MiB, 0.3 to 1 s here: once per admin try
 MIN_LENGTH = 12  # characters
@@ -89,14 +90,7 @@ def read_stored(path: Path) -> str | None:
 
 def write_stored(path: Path, line: str) -> None:
     """Replace the file at once, readable by the station's user only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_private(path, (line + "\n").encode())
 
 
 @dataclass(frozen=True)

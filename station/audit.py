@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .files import write_private
 from .record import ATTEMPT_COLUMNS, CHAIN_GENESIS, EXPORT_FIELDS, Record, key_fingerprint, now_iso
 
 # an attempt export carries every column the chain hashes, and the row's place in the chain
@@ -120,19 +121,6 @@ def load_public_key(pem: bytes, where: str) -> Ed25519PublicKey:
     return pub
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace `path` atomically with a file only the station's user can read, in a 0700 folder."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class TrustedKey:
     station_id: str
@@ -189,7 +177,7 @@ class TrustStore:
                 return k, False
         new = TrustedKey(station_id, fp, public_pem(pub).decode(), now_iso(), own)
         doc = {"version": 1, "keys": [asdict(k) for k in keys + [new]]}
-        _write_private(self.path, json.dumps(doc, indent=2).encode() + b"\n")
+        write_private(self.path, json.dumps(doc, indent=2).encode() + b"\n")
         return new, True
 
     def anchored(self) -> list[dict]:
@@ -203,7 +191,7 @@ class TrustStore:
     def anchor_checkpoints(self, rows: list[dict]) -> None:
         doc = {cp["station_id"]: cp for cp in self.anchored()}
         doc.update({cp["station_id"]: cp for cp in rows})
-        _write_private(self.anchor, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+        write_private(self.anchor, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
 
 
 def station_signing_key(station, trust: TrustStore | None = None) -> Ed25519PrivateKey:

@@ -32,8 +32,6 @@ import string
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 from urllib.parse import urlencode, urlsplit
