@@ -16,7 +16,7 @@ import pytest
 from flashing.virtual.bench import VirtualBench
 from station.audit import ExportFilter, export, signing_key
 from station.record import Attempt, Record, now_iso, station_key
-from tests.station.conftest import TOKEN, json_lines, pin_firmware, run_station
+from tests.station.conftest import TOKEN, pin_firmware, run_station
 
 WIFI_PASSWORD = "wifi-Pa55-word"
 

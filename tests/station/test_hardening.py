@@ -30,7 +30,7 @@ from station.admin import AdminGate, AdminPasswordError, check_password, hash_pa
 from station.config import StationConfig
 from station.pipeline import StationContext, UnitJob, load_firmware, provision_unit
 from station.profile import ProfileError, check_profile, load_profile, resolve_secrets
-from station.record import Record, fingerprint, station_key
+from station.record import fingerprint, station_key
 from station.runner import open_record, open_station
 from station.secrets import SecretStore, SecretStoreError
 from tests.station.conftest import TOKEN, run_station

@@ -25,7 +25,7 @@ import pytest
 from flashing.nvs import NvsError, read_partition
 from flashing.virtual.bench import VirtualBench
 from station.config import StationConfig
-from station.pipeline import StationContext, UnitJob, provision_unit
+from station.pipeline import UnitJob, provision_unit
 from station.profile import load_profile
 from station.record import Attempt, Record, RecordError, SerialPlan, now_iso
 from station.runner import open_record, open_station
