@@ -908,14 +908,15 @@ def _voice(default) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     g = parent.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
-                   help="only data on stdout and errors on stderr")
+                   help="only data on stdout and errors on stderr (before or after any command)")
     g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
                    help="more on stderr: every step's time, esptool's and the board's lines")
     return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="station", description=__doc__.splitlines()[0], parents=[_voice(0)])
+    p = argparse.ArgumentParser(prog="station", parents=[_voice(0)],
+                                description="the provisioning station; no command opens the operator's screen (tui)")
     p.add_argument("--version", action=_Version, help="the station's version, esptool's and Python's")
     p.set_defaults(usage_parser=p)
     voice = _voice(argparse.SUPPRESS)
@@ -927,18 +928,18 @@ def build_parser() -> argparse.ArgumentParser:
         return c
 
     v = command(sub, "virtual", "start virtual ESP boards and serve them until interrupted")
-    v.add_argument("--chip", default="esp32", help="esp32, esp32c3 or esp32s3 (default esp32)")
+    v.add_argument("--chip", default="esp32", metavar="CHIP", help="esp32, esp32c3 or esp32s3 (default esp32)")
     v.add_argument("--count", type=_boards, default=1, metavar="N", help=f"how many boards, 1 to {MAX_BOARDS}")
-    v.add_argument("--flash-size", default="4MB", help="2MB, 4MB, 8MB or 16MB")
-    v.add_argument("--state-dir", type=Path, help="keep each board's flash and MAC here")
-    v.add_argument("--run-dir", type=Path, help="where the boards' sockets go")
+    v.add_argument("--flash-size", default="4MB", metavar="SIZE", help="2MB, 4MB, 8MB or 16MB")
+    v.add_argument("--state-dir", type=Path, metavar="DIR", help="keep each board's flash and MAC here")
+    v.add_argument("--run-dir", type=Path, metavar="DIR", help="where the boards' sockets go")
     v.add_argument("--realtime", action="store_true",
                    help="timing model: wire at baud/10 bytes/s, flash erase/program latency")
     v.add_argument("--json", action="store_true", help="one JSON object per board per line")
     v.set_defaults(func=cmd_virtual)
 
     f = command(sub, "flash", "provision units on fixture ports (or virtual boards)")
-    f.add_argument("--profile", help="profile name under profiles/ or a path (default: station.toml's)")
+    f.add_argument("--profile", metavar="NAME", help="profile name under profiles/ or a path (default: station.toml's)")
     f.add_argument("-p", "--port", action="append", metavar="PORT",
                    help="serial port or pyserial URL; repeat for more (default: $ESPPORT, else the fixture's "
                         "USB ports as station.toml [ports] names them)").completer = _serial_ports
@@ -949,12 +950,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--realtime", action="store_true",
                    help="the virtual boards run the timing model (real wire and flash times)")
     f.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
-    f.add_argument("--db", type=Path, help="station database (default: station.toml's)")
-    f.add_argument("--serial", action="append", help="serial for each port, in order (from labels)")
+    f.add_argument("--db", type=Path, metavar="FILE", help="station database (default: station.toml's)")
+    f.add_argument("--serial", action="append", metavar="SERIAL", help="serial for each port, in order (from labels)")
     f.add_argument("--rework", action="store_true", help="re-provision units that already passed")
-    f.add_argument("--operator", default="", help="who is provisioning (default: station.toml's)")
-    f.add_argument("--lot", default="", help="production lot (default: station.toml's)")
-    f.add_argument("--config", type=Path, help="station.toml (default $STATION_CONFIG or ./station.toml)")
+    f.add_argument("--operator", default="", metavar="NAME", help="who is provisioning (default: station.toml's)")
+    f.add_argument("--lot", default="", metavar="LOT", help="production lot (default: station.toml's)")
+    f.add_argument("--config", type=Path, metavar="FILE",
+                   help="station.toml (default $STATION_CONFIG or ./station.toml)")
     f.add_argument("--smoke", choices=["none", "healthcheck", "pair"],
                    help="smoke-test level for this run (default: the profile's)")
     f.set_defaults(func=cmd_flash)
@@ -963,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
     prs = pr.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
     pc = command(prs, "check", "validate a profile without a device")
     pc.add_argument("profile", help="profile name under profiles/ or a path")
-    pc.add_argument("--config", type=Path, help="station.toml")
+    pc.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     pc.set_defaults(func=cmd_profile_check)
 
     e = command(sub, "export", "signed exports of the record for audit (and verify, merge)")
@@ -971,44 +973,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: from --out's extension (.csv, .jsonl), else csv")
     e.add_argument("--since", type=_moment, metavar="WHEN", help=f"from then on: {MOMENT_FORMS}")
     e.add_argument("--until", type=_moment, metavar="WHEN", help="before then (same forms)")
-    e.add_argument("--profile", help="only this profile's units")
+    e.add_argument("--profile", metavar="NAME", help="only this profile's units")
     e.add_argument("--outcome", choices=["passed", "failed", "aborted", "error", "interrupted", "started", "any"],
                    help="export attempts with this outcome (default: the provisioned units)")
-    e.add_argument("--operator", help="only this operator's units")
-    e.add_argument("--station", help="only this station id's units")
-    e.add_argument("--lot", help="only this lot's units")
-    e.add_argument("--out", type=Path, help="the export file; its signed manifest goes beside it")
-    e.add_argument("--db", type=Path, help="station database, which must exist (default: station.toml's)")
-    e.add_argument("--config", type=Path, help="station.toml")
+    e.add_argument("--operator", metavar="NAME", help="only this operator's units")
+    e.add_argument("--station", metavar="ID", help="only this station id's units")
+    e.add_argument("--lot", metavar="LOT", help="only this lot's units")
+    e.add_argument("--out", type=Path, metavar="FILE", help="the export file; its signed manifest goes beside it")
+    e.add_argument("--db", type=Path, metavar="FILE",
+                   help="station database, which must exist (default: station.toml's)")
+    e.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     e.set_defaults(func=cmd_export, export_action=None)
     es = e.add_subparsers(dest="export_action", metavar="ACTION")
     ev = command(es, "verify", "check exports: signature under a pinned key, hashes, chain, gaps")
     ev.add_argument("files", type=Path, nargs="+", help="one export, or a station's consecutive exports")
-    ev.add_argument("--pubkey", type=Path,
+    ev.add_argument("--pubkey", type=Path, metavar="PEM",
                     help="a one-off, unpinned check with this public key (default: the keys pinned with "
                          "`station keys trust`)")
-    ev.add_argument("--config", type=Path, help="station.toml")
+    ev.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     ev.set_defaults(func=cmd_export)
     em = command(es, "merge", "join exports of several stations into one audit set")
     em.add_argument("files", type=Path, nargs="+", help="the exports to join")
-    em.add_argument("--out", type=Path, help="the merged export")
-    em.add_argument("--config", type=Path, help="station.toml")
+    em.add_argument("--out", type=Path, metavar="FILE", help="the merged export")
+    em.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     em.set_defaults(func=cmd_export)
 
     db = command(sub, "db", "the station database")
     dbs = db.add_subparsers(dest="db_action", required=True, metavar="ACTION")
     dv = command(dbs, "verify", "walk the hash chain; name the first tampered row")
-    dv.add_argument("--db", type=Path, help="station database, which must exist (default: station.toml's)")
-    dv.add_argument("--config", type=Path, help="station.toml")
+    dv.add_argument("--db", type=Path, metavar="FILE",
+                    help="station database, which must exist (default: station.toml's)")
+    dv.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     dv.set_defaults(func=cmd_db_verify)
 
     k = command(sub, "keys", "the station keys this machine trusts exports from")
     ks = k.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
     kt = command(ks, "trust", "pin a station's public key (compare its fingerprint first)")
     kt.add_argument("pem", type=Path, help="the station's public key (PEM)")
-    kt.add_argument("--station", required=True, help="the station id the key signs for")
+    kt.add_argument("--station", required=True, metavar="ID", help="the station id the key signs for")
     command(ks, "list", "the pinned keys with their fingerprints (this station's own first)")
-    k.add_argument("--config", type=Path, help="station.toml")
+    k.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     k.set_defaults(func=cmd_keys)
 
     sc = command(sub, "secrets", "the encrypted secrets file (tokens, Wi-Fi passwords)")
@@ -1018,26 +1022,26 @@ def build_parser() -> argparse.ArgumentParser:
     command(scs, "list", "names of the stored secrets")
     sr = command(scs, "remove", "forget a stored secret")
     sr.add_argument("name", help="the secret's name")
-    sc.add_argument("--config", type=Path, help="station.toml")
+    sc.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     sc.set_defaults(func=cmd_secrets)
 
     ad = command(sub, "admin", "the admin password of the operator's screen (F10)")
     ads = ad.add_subparsers(dest="admin_action", required=True, metavar="ACTION")
     command(ads, "set-password", "read it from the terminal (twice) or one line of stdin; "
             "store its scrypt hash in admin_password_file")
-    ad.add_argument("--config", type=Path, help="station.toml")
+    ad.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     ad.set_defaults(func=cmd_admin)
 
     t = command(sub, "tui", "the operator's screen on the fixture's ports (the default)")
-    t.add_argument("--profile", help="profile name under profiles/ or a path (default: station.toml's)")
+    t.add_argument("--profile", metavar="NAME", help="profile name under profiles/ or a path (default: station.toml's)")
     t.add_argument("-p", "--port", action="append", metavar="PORT",
                    help="serial port or pyserial URL; repeat for more (default: $ESPPORT, else the fixture's "
                         "USB ports)").completer = _serial_ports
     t.add_argument("-b", "--baud", type=_baud, metavar="BAUD",
                    help="starting baud rate (default: $ESPBAUD, else the profile's)")
-    t.add_argument("--operator", help="skip the operator prompt")
-    t.add_argument("--db", type=Path, help="station database (default: station.toml's)")
-    t.add_argument("--config", type=Path, help="station.toml")
+    t.add_argument("--operator", metavar="NAME", help="skip the operator prompt")
+    t.add_argument("--db", type=Path, metavar="FILE", help="station database (default: station.toml's)")
+    t.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     t.set_defaults(func=cmd_tui)
 
     d = command(sub, "demo", "the operator's screen with virtual boards and the example profile")
@@ -1046,20 +1050,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", action="store_true", help="no screen: provision the boards once, CLI output")
     d.add_argument("--realtime", action="store_true",
                    help="the boards run the timing model: real flashing times, cycle times and units per hour")
-    d.add_argument("--operator", help="skip the operator prompt")
-    d.add_argument("--faulty", type=float, default=0.2, help="share of faulty boards (default 0.2)")
-    d.add_argument("--profile", default="relay", help="the profile (default relay, the example)")
-    d.add_argument("--db", type=Path, help="the demo's database (default var/demo.db)")
-    d.add_argument("--config", type=Path, help="station.toml")
+    d.add_argument("--operator", metavar="NAME", help="skip the operator prompt")
+    d.add_argument("--faulty", type=float, default=0.2, metavar="SHARE", help="share of faulty boards (default 0.2)")
+    d.add_argument("--profile", default="relay", metavar="NAME", help="the profile (default relay, the example)")
+    d.add_argument("--db", type=Path, metavar="FILE", help="the demo's database (default var/demo.db)")
+    d.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     d.add_argument("--smoke", default="pair", choices=["none", "healthcheck", "pair"],
                    help="smoke-test level (default pair)")
     d.set_defaults(func=cmd_demo)
 
     c = command(sub, "virtual-ctl", "act on a running `station virtual` board")
-    c.add_argument("--control", required=True, type=Path, help="the control socket it printed")
-    c.add_argument("--device", type=int, default=None, help="the board's index (default: all, for list)")
-    c.add_argument("op", choices=["list", "state", "reset", "power_cycle", "unplug", "replug",
-                                  "swap", "fault", "clear_faults", "console"], help="what to do")
+    c.add_argument("--control", required=True, type=Path, metavar="SOCKET", help="the control socket it printed")
+    c.add_argument("--device", type=int, default=None, metavar="INDEX",
+                   help="the board's index (default: all, for list)")
+    ops = ["list", "state", "reset", "power_cycle", "unplug", "replug", "swap", "fault", "clear_faults", "console"]
+    c.add_argument("op", choices=ops, metavar="OP", help=f"what to do: {', '.join(ops)}")
     c.add_argument("value", nargs="?", help="reset: download|app; fault: NAME; swap: new MAC")
     c.add_argument("fault_value", nargs="?", help="fault: JSON value (default true)")
     c.set_defaults(func=cmd_virtual_ctl)
@@ -1078,7 +1083,8 @@ def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
         fmt = p._get_formatter()
         out.append(f"**`{p.prog}`** — {cell(summary)}\n")
         rows = [a for a in p._actions if a.help is not argparse.SUPPRESS
-                and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+                and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+                and (p is parser or a.dest != "verbosity")]  # -q/-v: said once, for every command
         if rows:
             out.append("| option | |\n|---|---|")
             for a in rows:
