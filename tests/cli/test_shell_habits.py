@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +23,8 @@ from esptool import cmds
 
 from flashing.virtual.bench import VirtualBench
 from tests.cli.test_station_process import Lines, untouched
-from tests.station.conftest import json_lines, run_station, run_station_process
+from station.cli import main
+from tests.station.conftest import REPO, TOKEN, json_lines, run_station, run_station_process
 
 
 @pytest.fixture
@@ -60,28 +62,20 @@ def test_version_names_the_package_and_esptool(tmp_path):
 
 # -- -p/--port, -b/--baud, ESPPORT, ESPBAUD ---------------------------------------------------------
 
-def test_short_and_long_port_options_and_baud(station_env, env):
-    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
-        r = station("flash", "-p", bench[0].url, "--port", bench[1].url, "-b", "460800", "--json",
-                    env=env, cwd=station_env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(e["port"] for e in finished(r.stdout)) == [bench[0].url, bench[1].url]
-    assert bauds(station_env / "station.db") == [460800, 460800]  # the profile says 921600
-
-
-def test_espport_and_espbaud_are_the_defaults(station_env, env):
-    with VirtualBench(3, "esp32", run_dir=station_env / "run") as bench:
-        # two ports as idf.py users separate them; the baud as esptool users set it
-        espport = f"{bench[0].url}; {bench[1].url}"
-        r = station("flash", "--json", env={**env, "ESPPORT": espport, "ESPBAUD": "230400"}, cwd=station_env)
+def test_ports_and_baud_from_the_environment_and_the_options(station_env, env):
+    with VirtualBench(4, "esp32", run_dir=station_env / "run") as bench:
+        # two ports as idf.py users separate them, the rate as they set it; the profile says 921600
+        r = station("flash", "--json", env={**env, "ESPPORT": f"{bench[0].url}; {bench[1].url}", "ESPBAUD": "230400"},
+                    cwd=station_env)
         assert r.returncode == 0, r.stderr[-2000:]
         assert sorted(e["port"] for e in finished(r.stdout)) == [bench[0].url, bench[1].url]
         assert bauds(station_env / "station.db") == [230400, 230400]
-        # -p and -b win over the environment
-        r = station("flash", "-p", bench[2].url, "-b", "115200", "--json",
+        # -p and --port, and -b, win over the environment
+        r = station("flash", "-p", bench[2].url, "--port", bench[3].url, "-b", "460800", "--json",
                     env={**env, "ESPPORT": "/dev/ttyNOPE", "ESPBAUD": "230400"}, cwd=station_env)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert bauds(station_env / "station.db")[-1] == 115200
+        assert sorted(e["port"] for e in finished(r.stdout)) == [bench[2].url, bench[3].url]
+        assert bauds(station_env / "station.db")[2:] == [460800, 460800]
 
 
 def test_a_bad_espbaud_is_a_usage_error(station_env, env):
@@ -91,23 +85,38 @@ def test_a_bad_espbaud_is_a_usage_error(station_env, env):
     assert not (station_env / "station.db").exists()
 
 
+def test_the_screen_takes_ports_and_baud_as_flash_does(station_env, capsys, monkeypatch):
+    from station.tui import StationApp
+
+    screens: list[StationApp] = []
+    monkeypatch.setattr(StationApp, "run", lambda self, *a, **k: screens.append(self))  # the screen: tests/station
+    monkeypatch.setenv("ESPPORT", "/dev/ttyUSB7,/dev/ttyUSB8")
+    monkeypatch.setenv("ESPBAUD", "460800")
+    assert run_station(capsys, "tui", "--operator", "ann")[0] == 0
+    assert run_station(capsys, "tui", "-p", "/dev/ttyACM0", "--port", "/dev/ttyACM1", "-b", "115200",
+                       "--operator", "ann")[0] == 0
+    assert [[s.port for s in app.line.slots] for app in screens] == [["/dev/ttyUSB7", "/dev/ttyUSB8"],
+                                                                     ["/dev/ttyACM0", "/dev/ttyACM1"]]
+    assert [app.line.ctx.profile.baud for app in screens] == [460800, 115200]  # the profile says 921600
+
+
 # -- -q and -v -------------------------------------------------------------------------------------
 
 def test_quiet_is_data_only_and_verbose_says_more(station_env, env):
     with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
         quiet = station("flash", "-q", "-p", bench[0].url, env=env, cwd=station_env)
-        normal = station("flash", "-p", bench[1].url, "--rework", env=env, cwd=station_env)
-        verbose = station("-v", "flash", "-p", bench[1].url, "--rework", env=env, cwd=station_env)
-    for r in (quiet, normal, verbose):
+        verbose = station("-v", "flash", "-p", bench[1].url, env=env, cwd=station_env)
+    for r in (quiet, verbose):
         assert r.returncode == 0, r.stderr[-2000:]
         assert "1 of 1 units passed" in r.stdout  # the summary is data: it stays
     assert quiet.stderr == ""
-    assert "flash [" in normal.stderr and "done in" not in normal.stderr
-    assert "flash done in" in verbose.stderr and "[esptool]" in verbose.stderr
-    assert len(verbose.stderr.splitlines()) > len(normal.stderr.splitlines())
+    # beyond the usual progress: each step's time, esptool's own lines
+    assert "flash [" in verbose.stderr and "flash done in" in verbose.stderr and "[esptool]" in verbose.stderr
     out = station_env / "x.csv"
-    r = station("export", "-q", "--outcome", "any", "--out", str(out), env=env, cwd=station_env)
+    r = station("-q", "export", "--outcome", "any", "--out", str(out), env=env, cwd=station_env)
     assert r.returncode == 0 and r.stderr == "" and out.exists()
+    r = station("export", "-q", "--out", str(out), "--since", "never", env=env, cwd=station_env)
+    assert r.returncode == 2 and "'never' is not an ISO date" in r.stderr  # errors still say so
 
 
 # -- fixture auto-detection ----------------------------------------------------------------------
@@ -151,6 +160,7 @@ def test_flash_finds_the_fixture_ports_as_the_screen_does(station_env, monkeypat
 
 # -- usage errors through the command's own parser ---------------------------------------------------
 
+# the first of each kind runs as a process (exit code and streams are the process's own); the rest in-process
 @pytest.mark.parametrize("args,usage,words", [
     (["export", "--since", "yesterday", "--out", "x.csv"], "usage: station export",
      "argument --since: 'yesterday' is not an ISO date or time; use 2026-11-01, 2026-11-01T08:30"),
@@ -170,32 +180,66 @@ def test_flash_finds_the_fixture_ports_as_the_screen_does(station_env, monkeypat
     (["virtual", "--count", "0"], "usage: station virtual", "argument --count: 0 boards: give 1 to 64"),
     (["flash", "--realtime", "-p", "/dev/null"], "usage: station flash", "--realtime is for virtual boards"),
 ], ids=lambda v: "_".join(v) if isinstance(v, list) else None)
-def test_usage_errors_show_the_commands_usage(station_env, env, args, usage, words):
-    r = station(*args, env=env, cwd=station_env)
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith(usage), r.stderr
-    assert words in r.stderr
+def test_usage_errors_show_the_commands_usage(station_env, env, capsys, monkeypatch, args, usage, words):
+    monkeypatch.chdir(station_env)
+    if args in AS_PROCESS:
+        r = station(*args, env=env, cwd=station_env)
+        rc, out, err = r.returncode, r.stdout, r.stderr
+    else:
+        capsys.readouterr()
+        try:
+            rc = main(args)
+        except SystemExit as exc:  # argparse's own errors end the process
+            rc = exc.code
+        out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.startswith(usage), err
+    assert words in err
     assert not (station_env / "station.db").exists() and not (station_env / "x.csv").exists()
+
+
+AS_PROCESS = [["export", "--since", "yesterday", "--out", "x.csv"], ["flash", "--prot", "/dev/ttyUSB0"],
+              ["export", "verify", "--bogus", "x.csv"], ["flash", "--virtual", "-1"], ["flash", "--virtual", "1000"],
+              ["flash", "--realtime", "-p", "/dev/null"]]
 
 
 # -- export: dates, the database, the format ---------------------------------------------------------
 
-@pytest.fixture
-def recorded(station_env, env):
-    """A station with one provisioned unit in its record."""
-    r = station("flash", "--virtual", "1", env=env, cwd=station_env)
+@pytest.fixture(scope="module")
+def recorded_station(tmp_path_factory) -> tuple[Path, dict]:
+    """A station with one provisioned unit in its record, shared by the tests that only add exports to it."""
+    home = tmp_path_factory.mktemp("recorded")
+    shutil.copytree(REPO / "profiles" / "relay", home / "profiles" / "relay")
+    (home / "station.toml").write_text('station_id = "test-station"\ndatabase = "station.db"\n'
+                                       'profiles_dir = "profiles"\nkey_file = "station.key"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ESP", "STATION_"))}
+    env.update(STATION_CONFIG=str(home / "station.toml"), RELAY_VENDOR_TOKEN=TOKEN)
+    r = station("flash", "--virtual", "1", env=env, cwd=home)
     assert r.returncode == 0, r.stderr[-2000:]
-    return station_env
+    return home, env
 
 
-def exported(env, cwd, *args: str) -> int:
-    out = cwd / "dated.csv"
-    r = station("export", "--out", str(out), *args, env=env, cwd=cwd)
-    assert r.returncode == 0, r.stderr
-    return len(out.read_text().splitlines()) - 1
+@pytest.fixture
+def recorded(recorded_station) -> Path:
+    return recorded_station[0]
 
 
-def test_dates_are_iso_and_offsets_count(recorded, env):
+@pytest.fixture
+def renv(recorded_station) -> dict:
+    return recorded_station[1]
+
+
+def test_dates_are_iso_and_offsets_count(recorded, renv, capsys, monkeypatch):
+    for name in ("STATION_CONFIG", "RELAY_VENDOR_TOKEN"):
+        monkeypatch.setenv(name, renv[name])
+
+    def exported(env, cwd, *args: str) -> int:  # in-process: the options' parsing is the point, not the process
+        out = cwd / "dated.csv"
+        rc, _, err = run_station(capsys, "export", "--out", str(out), *args)
+        assert rc == 0, err
+        return len(out.read_text().splitlines()) - 1
+
+    env = renv
     now = datetime.now(timezone.utc)
     assert exported(env, recorded, "--since", "2000-01-01") == 1
     assert exported(env, recorded, "--until", "2000-01-01") == 0
@@ -221,7 +265,8 @@ def test_read_only_commands_never_create_a_database(station_env, env):
     assert not typo.exists() and not (station_env / "station.db").exists() and not (station_env / "x.csv").exists()
 
 
-def test_the_out_extension_gives_the_format(recorded, env):
+def test_the_out_extension_gives_the_format(recorded, renv):
+    env = renv
     jsonl, csv = recorded / "units.jsonl", recorded / "units.csv"
     assert station("export", "--out", str(jsonl), env=env, cwd=recorded).returncode == 0
     assert [json.loads(line)["outcome"] for line in jsonl.read_text().splitlines()] == ["passed"]
@@ -243,21 +288,22 @@ def test_the_out_extension_gives_the_format(recorded, env):
 
 # -- a port that cannot be opened ------------------------------------------------------------------
 
-def test_an_unopenable_port_is_a_usage_error_and_leaves_no_trace(recorded, env):
+def test_an_unopenable_port_is_a_usage_error_and_leaves_no_trace(recorded, renv, tmp_path):
     db = recorded / "station.db"
     before = rows(db, "attempts"), rows(db, "journal")
-    with VirtualBench(1, "esp32", run_dir=recorded / "run") as bench:
-        r = station("flash", "-p", bench[0].url, "-p", "/dev/ttyNOPE", "--json", env=env, cwd=recorded)
+    assert before[0] >= 1
+    with VirtualBench(1, "esp32", run_dir=tmp_path / "run") as bench:
+        r = station("flash", "-p", bench[0].url, "-p", "/dev/ttyNOPE", "--json", env=renv, cwd=recorded)
         assert r.returncode == 2 and r.stdout == ""
         assert r.stderr.startswith("usage: station flash")
         assert "cannot open port /dev/ttyNOPE" in r.stderr and "nothing was flashed" in r.stderr
         assert (rows(db, "attempts"), rows(db, "journal")) == before
         assert untouched(bench)
-        # the live board was opened and closed by that check: it still flashes
-        r = station("flash", "-p", bench[0].url, "--json", env=env, cwd=recorded)
+        # the live board was opened and closed by that check: it still flashes (into a record of its own)
+        r = station("flash", "-p", bench[0].url, "--json", "--db", str(tmp_path / "other.db"), env=renv,
+                    cwd=recorded)
         assert r.returncode == 0, r.stderr[-2000:]
         assert [e["outcome"] for e in finished(r.stdout)] == ["passed"]
-    assert rows(db, "attempts") == before[0] + 1
 
 
 # -- station virtual: URLs that work when pasted ------------------------------------------------------
@@ -294,6 +340,5 @@ def complete(line: str, tmp_path: Path) -> list[str]:
 
 def test_shell_completion(tmp_path):
     assert complete("station fl", tmp_path) == ["flash"]
-    assert complete("station export ve", tmp_path) == ["verify"]
     assert {"--baud", "--port", "--virtual", "--realtime"} <= set(complete("station flash --", tmp_path))
     assert complete("station export --format ", tmp_path) == ["csv", "jsonl"]
