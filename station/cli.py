@@ -565,7 +565,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                          args.station, args.lot)
         m = export(record, args.out, fmt, f, station.station_id, key, trust)
         _info(f"wrote {m['rows']} {m['kind']} to {args.out}, signed manifest {args.out}.manifest.json "
-             f"(key {m['public_key_sha256']})")
+              f"(key {m['public_key_sha256']})")
         return Exit.OK
     except AuditError as exc:
         _err(f"station export: {exc}")
@@ -586,7 +586,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.keys_action == "trust":
             k, new = trust.trust(args.station, args.pem.read_bytes())
             _info(f"{'now trusted' if new else 'already trusted'}: key {k.fingerprint} for station {k.station_id} "
-                 f"({trust.path})")
+                  f"({trust.path})")
             return Exit.OK
         try:
             station_signing_key(station, trust)  # the station trusts its own key (made on first use)
@@ -1110,9 +1110,10 @@ def main(argv: list[str] | None = None) -> int:
 
         argcomplete.autocomplete(parser)
     argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not set(argv) & {*commands, "-h", "--help", "--version"}:  # no command: the screen (`station -p X`)
+        argv = ["tui", *argv]
     args, extra = parser.parse_known_args(argv)
-    if not getattr(args, "func", None):  # no command: the operator's screen
-        args, extra = parser.parse_known_args([*argv, "tui"])
     command = args.usage_parser
     if extra:  # through the command's own parser: its usage, not the top level's
         command.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -95,9 +95,10 @@ def test_the_screen_takes_ports_and_baud_as_flash_does(station_env, capsys, monk
     assert run_station(capsys, "tui", "--operator", "ann")[0] == 0
     assert run_station(capsys, "tui", "-p", "/dev/ttyACM0", "--port", "/dev/ttyACM1", "-b", "115200",
                        "--operator", "ann")[0] == 0
+    assert run_station(capsys, "-p", "/dev/ttyACM2", "--operator", "ann")[0] == 0  # no command: the screen
     assert [[s.port for s in app.line.slots] for app in screens] == [["/dev/ttyUSB7", "/dev/ttyUSB8"],
-                                                                     ["/dev/ttyACM0", "/dev/ttyACM1"]]
-    assert [app.line.ctx.profile.baud for app in screens] == [460800, 115200]  # the profile says 921600
+                                                                     ["/dev/ttyACM0", "/dev/ttyACM1"], ["/dev/ttyACM2"]]
+    assert [app.line.ctx.profile.baud for app in screens] == [460800, 115200, 460800]  # the profile says 921600
 
 
 # -- -q and -v -------------------------------------------------------------------------------------
