@@ -343,3 +343,11 @@ def test_shell_completion(tmp_path):
     assert complete("station fl", tmp_path) == ["flash"]
     assert {"--baud", "--port", "--virtual", "--realtime"} <= set(complete("station flash --", tmp_path))
     assert complete("station export --format ", tmp_path) == ["csv", "jsonl"]
+
+
+def test_the_parser_loads_no_screen_and_no_esptool():
+    # the shell runs `station` at every Tab: only the parser is loaded (Textual stays with the screen)
+    code = ("import sys, station.cli as c; c.build_parser(); "
+            "print(','.join(sorted({n.split('.')[0] for n in sys.modules} & {'textual', 'esptool', 'argcomplete'})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "", r.stdout + r.stderr
