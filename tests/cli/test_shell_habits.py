@@ -22,8 +22,8 @@ import pytest
 from esptool import cmds
 
 from flashing.virtual.bench import VirtualBench
-from tests.cli.test_station_process import Lines, untouched
 from station.cli import main
+from tests.cli.test_station_process import Lines, untouched
 from tests.station.conftest import REPO, TOKEN, json_lines, run_station, run_station_process
 
 
