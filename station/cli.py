@@ -1,7 +1,9 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete's global completion looks for this line)
 """The station's command line: `station virtual`, `station flash`, `station export`, ...
 
 The CLI maps options onto the station's Python API and holds no provisioning
-logic. stdout carries data (JSON lines with --json); diagnostics go to stderr.
+logic. stdout carries data (JSON lines with --json); diagnostics go to stderr
+(-q: errors only; -v: every step and esptool's lines too).
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
 from enum import IntEnum
 from pathlib import Path
 from typing import Callable
@@ -71,6 +76,7 @@ class _Words:
     """The filter every text this process writes passes: the open station's redaction, then no control characters."""
 
     redact: Callable[[str], str] = NO_SECRETS  # the station's Redactor once one is open (URL queries go even before)
+    level = 0  # -q: -1 (data on stdout, errors on stderr), -v: 1 (every step, esptool's and the board's lines)
 
     @classmethod
     def line(cls, text: str) -> str:
@@ -79,6 +85,29 @@ class _Words:
 
 def _err(msg: str) -> None:
     print(_Words.line(msg), file=sys.stderr, flush=True)
+
+
+def _info(msg: str) -> None:
+    """Progress and notes for people on stderr; -q leaves them out."""
+    if _Words.level >= 0:
+        _err(msg)
+
+
+def _detail(msg: str) -> None:
+    """What only -v shows."""
+    if _Words.level > 0:
+        _err(msg)
+
+
+class _Usage(Exception):
+    """A usage error found after parsing: main prints the command's own usage, then this, and exits 2."""
+
+
+def _usage(parser: argparse.ArgumentParser, msg: str) -> int:
+    """As argparse says a usage error, without raising SystemExit (main is also called in-process)."""
+    parser.print_usage(sys.stderr)
+    _err(f"{parser.prog}: error: {msg}")
+    return Exit.USAGE
 
 
 def _out(msg: str) -> None:
@@ -94,9 +123,11 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     if args.chip not in CHIPS:
         _err(f"station virtual: unknown chip {args.chip!r}; choose one of {', '.join(CHIPS)}")
         return Exit.USAGE
+    # absolute: a printed vesp://var/... would parse "var" as a host, and the URL is pasted elsewhere
+    state_dir, run_dir = (d.resolve() if d else None for d in (args.state_dir, args.run_dir))
     try:
-        bench = VirtualBench(args.count, args.chip, args.flash_size, state_dir=args.state_dir,
-                             run_dir=args.run_dir, realtime=args.realtime)
+        bench = VirtualBench(args.count, args.chip, args.flash_size, state_dir=state_dir,
+                             run_dir=run_dir, realtime=args.realtime)
     except ValueError as exc:
         _err(f"station virtual: {exc}")
         return Exit.USAGE
@@ -114,8 +145,8 @@ def cmd_virtual(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"control": str(control)}), flush=True)
         else:
-            _err(f"control: {control}   (station virtual-ctl --control {control} list)")
-            _err("serving virtual boards; Ctrl-C stops them")
+            _info(f"control: {control}   (station virtual-ctl --control {control} list)")
+            _info("serving virtual boards; Ctrl-C stops them")
         stop.wait()
     except KeyboardInterrupt:
         pass
@@ -160,11 +191,16 @@ class _HumanProgress:
         self.last_pct: dict[str, int] = {}
 
     def __call__(self, event) -> None:
-        from station.events import Progress, StepStarted, UnitFinished
+        from station.events import LogLine, Progress, StepFinished, StepStarted, UnitFinished
 
         with self.lock:
             if isinstance(event, StepStarted):
                 _err(f"{port_label(event.port)}: {event.step} ...")
+            elif isinstance(event, StepFinished):
+                _detail(f"{port_label(event.port)}: {event.step} {'done' if event.ok else 'FAILED'} "
+                        f"in {event.seconds:.2f}s")
+            elif isinstance(event, LogLine):
+                _detail(f"{port_label(event.port)}: [{event.source}] {event.text}")
             elif isinstance(event, Progress) and event.total:
                 pct = event.done * 100 // event.total
                 if pct // 10 != self.last_pct.get(event.port, -1) // 10:
@@ -217,15 +253,39 @@ def _summary(results) -> None:
     _out(f"{passed} of {len(results)} units passed")
 
 
-def _given_serials(args, ctx, ports) -> list[str] | str:
+MAX_BOARDS = 64  # the most slots station.toml allows: a virtual bench is a fixture too
+PORT_ENV = ("ESPPORT", "ESPTOOL_PORT")  # idf.py's, then esptool's
+BAUD_ENV = ("ESPBAUD", "ESPTOOL_BAUD")
+_PORT_SEPARATORS = re.compile(r"[\s,;]+")  # not ":": socket://host:4000 and COM3 keep theirs
+
+
+@dataclass(frozen=True)
+class FlashRun:
+    """What one `station flash` does, whoever asks for it (the command line, `station demo --batch`)."""
+
+    ports: tuple[str, ...] = ()
+    virtual: int = 0  # this many virtual boards besides the ports
+    realtime: bool = False  # the virtual boards run the timing model
+    profile: str | None = None
+    db: Path | None = None
+    serials: tuple[str, ...] = ()
+    rework: bool = False
+    operator: str = ""
+    lot: str = ""
+    smoke: str | None = None
+    baud: int | None = None
+    json: bool = False
+
+
+def _given_serials(run: FlashRun, ctx, count: int) -> list[str] | str:
     """The --serial values, trimmed and checked; a message when they cannot be used."""
     from station.pipeline import clean_serial, serial_max_length
 
-    given = list(args.serial or [])
+    given = list(run.serials)
     if not given:
         return []
-    if len(given) != len(ports):
-        return f"{len(given)} serials for {len(ports)} ports; give one per port"
+    if len(given) != count:
+        return f"{len(given)} serials for {count} ports; give one per port"
     limit = serial_max_length(ctx.profile)
     serials = []
     for text in given:
@@ -239,47 +299,125 @@ def _given_serials(args, ctx, ports) -> list[str] | str:
     return serials
 
 
-def cmd_flash(args: argparse.Namespace, station=None) -> int:
+def _env_ports() -> list[str]:
+    """$ESPPORT (else $ESPTOOL_PORT): one port, or several separated by commas, semicolons or spaces."""
+    for var in PORT_ENV:
+        ports = [p for p in _PORT_SEPARATORS.split(os.environ.get(var, "")) if p]
+        if ports:
+            _detail(f"ports from ${var}: {' '.join(ports)}")
+            return ports
+    return []
+
+
+def _env_baud() -> int | None:
+    """$ESPBAUD (else $ESPTOOL_BAUD), checked as -b is."""
+    for var in BAUD_ENV:
+        text = os.environ.get(var, "").strip()
+        if text:
+            try:
+                return _baud(text)
+            except argparse.ArgumentTypeError as exc:
+                raise _Usage(f"${var}: {exc}") from None
+    return None
+
+
+def _fixture_ports(station) -> list[str]:
+    """The fixture's ports as the screen finds them: station.toml's USB VID:PID filters, at most `slots`."""
+    from flashing.ports import fixture_ports
+
+    return fixture_ports(station.usb_ports)[: station.slots]
+
+
+def _no_fixture_ports(station) -> str:
+    filters = ", ".join(station.usb_ports) or "none in station.toml [ports] usb"
+    return f"no fixture ports found (USB VID:PID {filters}); plug in the fixture, or give -p PORT"
+
+
+def _unopenable(ports: list[str]) -> str | None:
+    """The first port that cannot be opened, in words; opened and closed at once, as esptool opens it next."""
+    import serial
+
+    import flashing  # noqa: F401  (registers vesp://)
+
+    for port in ports:
+        try:
+            serial.serial_for_url(port).close()
+        except (serial.SerialException, OSError, ValueError) as exc:
+            return f"cannot open port {port}: {exc}"
+    return None
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from station.config import ConfigError, StationConfig
+
+    try:
+        station = StationConfig.load(args.config)
+    except ConfigError as exc:
+        return _not_ready(exc)
+    ports = list(args.port or [])
+    if not ports and not args.virtual:
+        ports = _env_ports()
+        if not ports:
+            ports = _fixture_ports(station)
+            if not ports:
+                raise _Usage(f"{_no_fixture_ports(station)}, $ESPPORT or --virtual N")
+            _info(f"station flash: fixture ports (USB VID:PID {', '.join(station.usb_ports)}): {' '.join(ports)}")
+    if args.realtime and not args.virtual:
+        raise _Usage("--realtime is for virtual boards: give --virtual N")
+    baud = args.baud or _env_baud()
+    # before any unit starts: a port that cannot be opened is a mistyped argument, not a failed board
+    problem = _unopenable(ports)
+    if problem:
+        raise _Usage(f"{problem}; nothing was flashed")
+    run = FlashRun(tuple(ports), args.virtual or 0, args.realtime, args.profile, args.db, tuple(args.serial or ()),
+                   args.rework, args.operator, args.lot, args.smoke, baud, args.json)
+    return flash(run, station)
+
+
+def _not_ready(exc) -> int:
+    _err("station flash: the profile or configuration is not ready; nothing was flashed")
+    for p in getattr(exc, "problems", None) or [exc]:
+        _err(f"  {p}")
+    return Exit.USAGE
+
+
+def flash(run: FlashRun, station) -> int:
+    """Provision every port of `run` (and its virtual boards) at once; the exit code says how it went."""
     from station.config import ConfigError
     from station.pipeline import UnitJob
     from station.record import RecordError
     from station.runner import open_station, run_units
 
-    if not args.port and not args.virtual:
-        _err("station flash: give --port PORT (one or more) or --virtual N")
-        return Exit.USAGE
     try:
-        ctx = open_station(args.profile, args.config, args.db, smoke=args.smoke, station=station)
+        ctx = open_station(run.profile, db=run.db, smoke=run.smoke, station=station, baud=run.baud)
     except ConfigError as exc:
-        problems = getattr(exc, "problems", None)
-        _err("station flash: the profile or configuration is not ready; nothing was flashed")
-        for p in problems or [exc]:
-            _err(f"  {p}")
-        return Exit.USAGE
+        return _not_ready(exc)
     _Words.redact = ctx.redactor
     for a in ctx.record.settled:
-        _err(f"station flash: interrupted earlier: {a['port']} {a['mac']} serial {a['serial']} "
-             "(the station stopped mid-attempt; it is in the record as interrupted)")
-    ports = list(args.port or [])
-    serials = _given_serials(args, ctx, ports + [None] * (args.virtual or 0))
+        _info(f"station flash: interrupted earlier: {a['port']} {a['mac']} serial {a['serial']} "
+              "(the station stopped mid-attempt; it is in the record as interrupted)")
+    ports = list(run.ports)
+    serials = _given_serials(run, ctx, len(ports) + run.virtual)
     if isinstance(serials, str):
         _err(f"station flash: {serials}; nothing was flashed")
         ctx.record.close()
         return Exit.USAGE
     bench = None
-    if args.virtual:
+    if run.virtual:
         from flashing.virtual.bench import VirtualBench
 
         size = max(4 * 1024 * 1024, ctx.profile.needed_flash())
         size = 1 << (size - 1).bit_length()
-        bench = VirtualBench(args.virtual, ctx.profile.chip, size, control=False)
+        bench = VirtualBench(run.virtual, ctx.profile.chip, size, control=False, realtime=run.realtime)
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
         ports += [slot.url for slot in bench.slots]
-    jobs = [UnitJob(port, serials[i] if serials else None, args.rework,
-                    args.operator or ctx.station.operator, args.lot or ctx.station.lot)
+    _detail(f"station flash: profile {ctx.profile.name}, starting at {ctx.profile.baud} baud, "
+            f"{len(ports)} port(s): {' '.join(ports)}")
+    jobs = [UnitJob(port, serials[i] if serials else None, run.rework,
+                    run.operator or ctx.station.operator, run.lot or ctx.station.lot)
             for i, port in enumerate(ports)]
-    emit = _JsonLines() if args.json else _HumanProgress()
+    emit = _JsonLines() if run.json else _HumanProgress() if _Words.level >= 0 else (lambda event: None)
     cancel = threading.Event()
     results = []
     try:
@@ -294,7 +432,7 @@ def cmd_flash(args: argparse.Namespace, station=None) -> int:
         if all(r.recorded == "database" for r in results):  # else the database is held: the next run signs
             _checkpoint(ctx, "station flash")
         ctx.close()
-    if not args.json:
+    if not run.json:
         _summary(results)
     if stop.name:
         return SIGNAL_EXIT[stop.name]
@@ -336,11 +474,31 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
 
 
 def _open_record(args, replay: bool = True) -> tuple:
+    """The record for a command that reads it: a database that is not there is a usage error, never made empty."""
     from station.config import StationConfig
     from station.runner import open_record
 
     station = StationConfig.load(args.config)
+    path = args.db or station.database
+    if not path.exists():
+        where = "" if args.db else " (station.toml's database)"
+        raise _Usage(f"no database at {path}{where}: check the path; this command reads a record and makes none")
     return station, open_record(station, args.db, replay=replay)
+
+
+EXPORT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def _export_format(out: Path, given: str | None) -> str:
+    """--format, else the one --out's extension names, else csv; a --format that contradicts it is refused."""
+    ext = out.suffix.lower()
+    implied = EXPORT_FORMATS.get(ext)
+    if ext == ".json" and given != "jsonl":  # one JSON document is not what the export writes
+        raise _Usage(f"--out {out}: the export writes JSON lines: name it .jsonl (or give --format jsonl)")
+    if given and implied and given != implied:
+        raise _Usage(f"--format {given} contradicts --out {out} ({ext} is {implied}); "
+                     "drop --format or change the extension")
+    return given or implied or "csv"
 
 
 def _verify_exports(args, trust) -> int:
@@ -377,13 +535,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         if action == "verify":
             return _verify_exports(args, TrustStore.for_station(StationConfig.load(args.config)))
-        station, record = _open_record(args)
-        trust = TrustStore.for_station(station)
-        key = station_signing_key(station, trust)
-        if action == "merge":
+        if action == "merge":  # reads only the exports: no record is opened
             if not args.out:
-                _err("station export merge: --out is needed")
-                return Exit.USAGE
+                raise _Usage("--out FILE is needed")
+            station = StationConfig.load(args.config)
+            trust = TrustStore.for_station(station)
+            key = station_signing_key(station, trust)
             try:
                 manifest, conflicts = merge(args.files, args.out, station.station_id, key, trust)
             except AuditError as exc:
@@ -394,16 +551,21 @@ def cmd_export(args: argparse.Namespace) -> int:
                 for c in conflicts:
                     _err(f"  {c}")
                 return Exit.UNIT_FAILED
-            _err(f"merged {len(args.files)} exports: {manifest['rows']} units -> {args.out}")
+            _info(f"merged {len(args.files)} exports: {manifest['rows']} units -> {args.out}")
             return Exit.OK
         if not args.out:
-            _err("station export: --out FILE is needed")
-            return Exit.USAGE
+            raise _Usage("--out FILE is needed")
+        fmt = _export_format(args.out, args.format)
+        if args.since and args.until and args.since >= args.until:
+            raise _Usage(f"--since {args.since} is not before --until {args.until}: nothing could match")
+        station, record = _open_record(args)
+        trust = TrustStore.for_station(station)
+        key = station_signing_key(station, trust)
         f = ExportFilter(args.since, args.until, args.profile, args.outcome, args.operator,
                          args.station, args.lot)
-        m = export(record, args.out, args.format, f, station.station_id, key, trust)
-        _err(f"wrote {m['rows']} {m['kind']} to {args.out}, signed manifest {args.out}.manifest.json "
-             f"(key {m['public_key_sha256']})")
+        m = export(record, args.out, fmt, f, station.station_id, key, trust)
+        _info(f"wrote {m['rows']} {m['kind']} to {args.out}, signed manifest {args.out}.manifest.json "
+              f"(key {m['public_key_sha256']})")
         return Exit.OK
     except AuditError as exc:
         _err(f"station export: {exc}")
@@ -423,8 +585,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         trust = TrustStore.for_station(station)
         if args.keys_action == "trust":
             k, new = trust.trust(args.station, args.pem.read_bytes())
-            _err(f"{'now trusted' if new else 'already trusted'}: key {k.fingerprint} for station {k.station_id} "
-                 f"({trust.path})")
+            _info(f"{'now trusted' if new else 'already trusted'}: key {k.fingerprint} for station {k.station_id} "
+                  f"({trust.path})")
             return Exit.OK
         try:
             station_signing_key(station, trust)  # the station trusts its own key (made on first use)
@@ -446,6 +608,8 @@ def cmd_db_verify(args: argparse.Namespace) -> int:
         station, record = _open_record(args, replay=False)  # a spool is reported here, never applied
         trust = TrustStore.for_station(station)
         trusted, anchored = trust.by_station(), trust.anchored()
+    except _Usage:
+        raise
     except (ConfigError, AuditError) as exc:
         _err(f"station db verify: {exc}")
         return Exit.USAGE
@@ -498,12 +662,12 @@ def cmd_secrets(args: argparse.Namespace) -> int:
                 _err("station secrets set: empty value; nothing stored")
                 return Exit.USAGE
             store.set(args.name, value)
-            _err(f"stored {args.name} in {station.secrets_file}")
+            _info(f"stored {args.name} in {station.secrets_file}")
         elif args.secrets_action == "remove":
             if not store.remove(args.name):
                 _err(f"station secrets remove: {args.name} is not stored")
                 return Exit.UNIT_FAILED
-            _err(f"removed {args.name}")
+            _info(f"removed {args.name}")
     except (ConfigError, SecretStoreError) as exc:
         _err(f"station secrets: {exc}")
         return Exit.USAGE
@@ -530,7 +694,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     except (ConfigError, AdminPasswordError) as exc:
         _err(f"station admin set-password: {exc}; nothing changed")
         return Exit.USAGE
-    _err(f"admin password set in {station.admin_password_file}")
+    _info(f"admin password set in {station.admin_password_file}")
     if station.admin_password_sha256:
         _err("now remove admin_password_sha256 from station.toml: it is no longer accepted")
     return Exit.OK
@@ -579,10 +743,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_batch(args, station, db: Path) -> int:
-    ns = argparse.Namespace(profile=args.profile, port=None, virtual=args.count, json=False, db=db,
-                            serial=None, rework=False, operator="demo", lot="demo", config=args.config,
-                            smoke=args.smoke)
-    rc = cmd_flash(ns, station=station)
+    run = FlashRun(virtual=args.count, realtime=args.realtime, profile=args.profile, db=db, operator="demo",
+                   lot="demo", smoke=args.smoke)
+    rc = flash(run, station)
     if rc != Exit.USAGE:
         from station.audit import ExportFilter, TrustStore, export, station_signing_key
         from station.runner import open_record
@@ -591,7 +754,7 @@ def _demo_batch(args, station, db: Path) -> int:
         trust = TrustStore.for_station(station)
         m = export(open_record(station, db), out, "csv", ExportFilter(), station.station_id,
                    station_signing_key(station, trust), trust)
-        _err(f"the record is in {db}; {m['rows']} provisioned units exported to {out} (signed manifest "
+        _info(f"the record is in {db}; {m['rows']} provisioned units exported to {out} (signed manifest "
              f"beside it: station export verify {out})")
     return rc
 
@@ -612,7 +775,7 @@ def _demo_screen(args, station, db: Path) -> int:
         _err(f"station demo: {exc}")
         return Exit.USAGE
     size = max(4 * 1024 * 1024, ctx.profile.needed_flash())
-    with VirtualBench(args.count, ctx.profile.chip, 1 << (size - 1).bit_length()) as bench:
+    with VirtualBench(args.count, ctx.profile.chip, 1 << (size - 1).bit_length(), realtime=args.realtime) as bench:
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
         app = StationApp(ctx, [s.url for s in bench.slots], operator=args.operator, open_profile=opener)
@@ -624,25 +787,24 @@ def _demo_screen(args, station, db: Path) -> int:
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
-    """The operator's screen on the fixture's real ports."""
-    from flashing.ports import fixture_ports
+    """The operator's screen on the fixture's real ports (-p, else $ESPPORT, else the USB VID:PID filters)."""
     from station.config import ConfigError
     from station.runner import open_station
     from station.tui import StationApp
 
+    baud = args.baud or _env_baud()
     try:
-        ctx = open_station(args.profile, args.config, args.db)
+        ctx = open_station(args.profile, args.config, args.db, baud=baud)
     except ConfigError as exc:
         for p in getattr(exc, "problems", None) or [exc]:
             _err(f"station: {p}")
         return Exit.USAGE
-    ports = args.port or fixture_ports(ctx.station.usb_ports)[: ctx.station.slots]
+    ports = args.port or _env_ports() or _fixture_ports(ctx.station)
     if not ports:
-        _err("station: no fixture port found (USB VID:PID in station.toml [ports]); "
-             "plug in the fixture or give --port")
-        return Exit.USAGE
+        ctx.close()
+        raise _Usage(_no_fixture_ports(ctx.station) + " or $ESPPORT")
     app = StationApp(ctx, ports, operator=args.operator,
-                     open_profile=lambda name: open_station(name, args.config, args.db))
+                     open_profile=lambda name: open_station(name, args.config, args.db, baud=baud))
     return _run_screen(app)
 
 
@@ -667,141 +829,299 @@ def _run_screen(app) -> int:
 
 # -- parser ---------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="station", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command")
+def _boards(text: str) -> int:
+    """--virtual and --count: a number of boards a station can have."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of boards") from None
+    if not 1 <= n <= MAX_BOARDS:
+        raise argparse.ArgumentTypeError(f"{n} boards: give 1 to {MAX_BOARDS}")
+    return n
 
-    v = sub.add_parser("virtual", help="start virtual ESP boards and serve them until interrupted")
-    v.add_argument("--chip", default="esp32", help="esp32, esp32c3 or esp32s3 (default esp32)")
-    v.add_argument("--count", type=int, default=1)
-    v.add_argument("--flash-size", default="4MB", help="2MB, 4MB, 8MB or 16MB")
-    v.add_argument("--state-dir", type=Path, help="keep each board's flash and MAC here")
-    v.add_argument("--run-dir", type=Path, help="where the boards' sockets go")
+
+def _baud(text: str) -> int:
+    """-b and $ESPBAUD: one of the rates esptool uses."""
+    from station.profile import BAUDS
+
+    try:
+        baud = int(text)
+    except ValueError:
+        baud = 0
+    if baud not in BAUDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a baud rate the station uses "
+                                         f"({', '.join(map(str, BAUDS))})")
+    return baud
+
+
+MOMENT_FORMS = "2026-11-01, 2026-11-01T08:30, 2026-11-01T08:30:00+02:00 (UTC unless an offset is given)"
+
+
+def _moment(text: str) -> str:
+    """--since/--until: an ISO date or time, written as the record's UTC times compare with it."""
+    try:
+        return date.fromisoformat(text).isoformat()
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time; use {MOMENT_FORMS}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)  # the record's times are UTC
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _serial_ports(**_) -> list[str]:
+    """-p's shell completion: the serial ports present now."""
+    from serial.tools import list_ports
+
+    return [p.device for p in list_ports.comports()]
+
+
+class _Version(argparse.Action):
+    """--version: the station's package version and esptool's (whose flashing this is)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import esptool
+
+    try:
+        ours = version("provisioning-station")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        ours = "(not installed)"
+    return f"station {ours} (provisioning-station), esptool {esptool.__version__}, Python {platform.python_version()}"
+
+
+def _voice(default) -> argparse.ArgumentParser:
+    """-q/-v: before the command (default 0) and on every command (SUPPRESS: absent leaves `station -q …`'s)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    g = parent.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                   help="only data on stdout and errors on stderr (before or after any command)")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                   help="more on stderr: every step's time, esptool's and the board's lines")
+    return parent
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="station", parents=[_voice(0)],
+                                description="the provisioning station; no command opens the operator's screen (tui)")
+    p.add_argument("--version", action=_Version, help="the station's version, esptool's and Python's")
+    p.set_defaults(usage_parser=p)
+    voice = _voice(argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(parent_sub, name: str, help: str, **kw) -> argparse.ArgumentParser:
+        c = parent_sub.add_parser(name, help=help, description=help, parents=[voice], **kw)
+        c.set_defaults(usage_parser=c)  # a usage error shows this command's usage, not the top level's
+        return c
+
+    v = command(sub, "virtual", "start virtual ESP boards and serve them until interrupted")
+    v.add_argument("--chip", default="esp32", metavar="CHIP", help="esp32, esp32c3 or esp32s3 (default esp32)")
+    v.add_argument("--count", type=_boards, default=1, metavar="N", help=f"how many boards, 1 to {MAX_BOARDS}")
+    v.add_argument("--flash-size", default="4MB", metavar="SIZE", help="2MB, 4MB, 8MB or 16MB")
+    v.add_argument("--state-dir", type=Path, metavar="DIR", help="keep each board's flash and MAC here")
+    v.add_argument("--run-dir", type=Path, metavar="DIR", help="where the boards' sockets go")
     v.add_argument("--realtime", action="store_true",
                    help="timing model: wire at baud/10 bytes/s, flash erase/program latency")
     v.add_argument("--json", action="store_true", help="one JSON object per board per line")
     v.set_defaults(func=cmd_virtual)
 
-    f = sub.add_parser("flash", help="provision units on fixture ports (or virtual boards)")
-    f.add_argument("--profile", help="profile name under profiles/ or a path (default: station.toml's)")
-    f.add_argument("--port", action="append", help="serial port or pyserial URL; repeat for more")
-    f.add_argument("--virtual", type=int, default=0, help="provision N virtual boards")
+    f = command(sub, "flash", "provision units on fixture ports (or virtual boards)")
+    f.add_argument("--profile", metavar="NAME", help="profile name under profiles/ or a path (default: station.toml's)")
+    f.add_argument("-p", "--port", action="append", metavar="PORT",
+                   help="serial port or pyserial URL; repeat for more (default: $ESPPORT, else the fixture's "
+                        "USB ports as station.toml [ports] names them)").completer = _serial_ports
+    f.add_argument("-b", "--baud", type=_baud, metavar="BAUD",
+                   help="starting baud rate, lower ones are tried when it fails (default: $ESPBAUD, else the "
+                        "profile's)")
+    f.add_argument("--virtual", type=_boards, metavar="N", help=f"provision N virtual boards (1 to {MAX_BOARDS})")
+    f.add_argument("--realtime", action="store_true",
+                   help="the virtual boards run the timing model (real wire and flash times)")
     f.add_argument("--json", action="store_true", help="one JSON event per line on stdout")
-    f.add_argument("--db", type=Path, help="station database (default: station.toml's)")
-    f.add_argument("--serial", action="append", help="serial for each port, in order (from labels)")
+    f.add_argument("--db", type=Path, metavar="FILE", help="station database (default: station.toml's)")
+    f.add_argument("--serial", action="append", metavar="SERIAL", help="serial for each port, in order (from labels)")
     f.add_argument("--rework", action="store_true", help="re-provision units that already passed")
-    f.add_argument("--operator", default="")
-    f.add_argument("--lot", default="")
-    f.add_argument("--config", type=Path, help="station.toml (default $STATION_CONFIG or ./station.toml)")
+    f.add_argument("--operator", default="", metavar="NAME", help="who is provisioning (default: station.toml's)")
+    f.add_argument("--lot", default="", metavar="LOT", help="production lot (default: station.toml's)")
+    f.add_argument("--config", type=Path, metavar="FILE",
+                   help="station.toml (default $STATION_CONFIG or ./station.toml)")
     f.add_argument("--smoke", choices=["none", "healthcheck", "pair"],
                    help="smoke-test level for this run (default: the profile's)")
     f.set_defaults(func=cmd_flash)
 
-    pr = sub.add_parser("profile", help="product profiles")
-    prs = pr.add_subparsers(dest="profile_command", required=True)
-    pc = prs.add_parser("check", help="validate a profile without a device")
-    pc.add_argument("profile")
-    pc.add_argument("--config", type=Path)
+    pr = command(sub, "profile", "product profiles")
+    prs = pr.add_subparsers(dest="profile_command", required=True, metavar="ACTION")
+    pc = command(prs, "check", "validate a profile without a device")
+    pc.add_argument("profile", help="profile name under profiles/ or a path")
+    pc.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     pc.set_defaults(func=cmd_profile_check)
 
-    e = sub.add_parser("export", help="signed exports of the record for audit (and verify, merge)")
-    e.add_argument("--format", choices=["csv", "jsonl"], default="csv")
-    e.add_argument("--since", help="ISO date or time: from then on")
-    e.add_argument("--until", help="ISO date or time: before then")
-    e.add_argument("--profile")
+    e = command(sub, "export", "signed exports of the record for audit (and verify, merge)")
+    e.add_argument("--format", choices=["csv", "jsonl"],
+                   help="default: from --out's extension (.csv, .jsonl), else csv")
+    e.add_argument("--since", type=_moment, metavar="WHEN", help=f"from then on: {MOMENT_FORMS}")
+    e.add_argument("--until", type=_moment, metavar="WHEN", help="before then (same forms)")
+    e.add_argument("--profile", metavar="NAME", help="only this profile's units")
     e.add_argument("--outcome", choices=["passed", "failed", "aborted", "error", "interrupted", "started", "any"],
                    help="export attempts with this outcome (default: the provisioned units)")
-    e.add_argument("--operator")
-    e.add_argument("--station", help="station id")
-    e.add_argument("--lot")
-    e.add_argument("--out", type=Path)
-    e.add_argument("--db", type=Path)
-    e.add_argument("--config", type=Path)
+    e.add_argument("--operator", metavar="NAME", help="only this operator's units")
+    e.add_argument("--station", metavar="ID", help="only this station id's units")
+    e.add_argument("--lot", metavar="LOT", help="only this lot's units")
+    e.add_argument("--out", type=Path, metavar="FILE", help="the export file; its signed manifest goes beside it")
+    e.add_argument("--db", type=Path, metavar="FILE",
+                   help="station database, which must exist (default: station.toml's)")
+    e.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     e.set_defaults(func=cmd_export, export_action=None)
-    es = e.add_subparsers(dest="export_action")
-    ev = es.add_parser("verify", help="check exports: signature under a pinned key, hashes, chain, gaps")
+    es = e.add_subparsers(dest="export_action", metavar="ACTION")
+    ev = command(es, "verify", "check exports: signature under a pinned key, hashes, chain, gaps")
     ev.add_argument("files", type=Path, nargs="+", help="one export, or a station's consecutive exports")
-    ev.add_argument("--pubkey", type=Path,
+    ev.add_argument("--pubkey", type=Path, metavar="PEM",
                     help="a one-off, unpinned check with this public key (default: the keys pinned with "
                          "`station keys trust`)")
-    ev.add_argument("--config", type=Path)
+    ev.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     ev.set_defaults(func=cmd_export)
-    em = es.add_parser("merge", help="join exports of several stations into one audit set")
-    em.add_argument("files", type=Path, nargs="+")
-    em.add_argument("--out", type=Path)
-    em.add_argument("--db", type=Path)
-    em.add_argument("--config", type=Path)
+    em = command(es, "merge", "join exports of several stations into one audit set")
+    em.add_argument("files", type=Path, nargs="+", help="the exports to join")
+    em.add_argument("--out", type=Path, metavar="FILE", help="the merged export")
+    em.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     em.set_defaults(func=cmd_export)
 
-    db = sub.add_parser("db", help="the station database")
-    dbs = db.add_subparsers(dest="db_action", required=True)
-    dv = dbs.add_parser("verify", help="walk the hash chain; name the first tampered row")
-    dv.add_argument("--db", type=Path)
-    dv.add_argument("--config", type=Path)
+    db = command(sub, "db", "the station database")
+    dbs = db.add_subparsers(dest="db_action", required=True, metavar="ACTION")
+    dv = command(dbs, "verify", "walk the hash chain; name the first tampered row")
+    dv.add_argument("--db", type=Path, metavar="FILE",
+                    help="station database, which must exist (default: station.toml's)")
+    dv.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     dv.set_defaults(func=cmd_db_verify)
 
-    k = sub.add_parser("keys", help="the station keys this machine trusts exports from")
-    ks = k.add_subparsers(dest="keys_action", required=True)
-    kt = ks.add_parser("trust", help="pin a station's public key (compare its fingerprint first)")
-    kt.add_argument("pem", type=Path)
-    kt.add_argument("--station", required=True, help="the station id the key signs for")
-    ks.add_parser("list", help="the pinned keys with their fingerprints (this station's own first)")
-    k.add_argument("--config", type=Path)
+    k = command(sub, "keys", "the station keys this machine trusts exports from")
+    ks = k.add_subparsers(dest="keys_action", required=True, metavar="ACTION")
+    kt = command(ks, "trust", "pin a station's public key (compare its fingerprint first)")
+    kt.add_argument("pem", type=Path, help="the station's public key (PEM)")
+    kt.add_argument("--station", required=True, metavar="ID", help="the station id the key signs for")
+    command(ks, "list", "the pinned keys with their fingerprints (this station's own first)")
+    k.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     k.set_defaults(func=cmd_keys)
 
-    sc = sub.add_parser("secrets", help="the encrypted secrets file (tokens, Wi-Fi passwords)")
-    scs = sc.add_subparsers(dest="secrets_action", required=True)
-    ss = scs.add_parser("set", help="store a secret; the value is read from stdin or asked for")
-    ss.add_argument("name")
-    scs.add_parser("list", help="names of the stored secrets")
-    sr = scs.add_parser("remove")
-    sr.add_argument("name")
-    sc.add_argument("--config", type=Path)
+    sc = command(sub, "secrets", "the encrypted secrets file (tokens, Wi-Fi passwords)")
+    scs = sc.add_subparsers(dest="secrets_action", required=True, metavar="ACTION")
+    ss = command(scs, "set", "store a secret; the value is read from stdin or asked for")
+    ss.add_argument("name", help="the secret's name, as a profile's secrets table gives it")
+    command(scs, "list", "names of the stored secrets")
+    sr = command(scs, "remove", "forget a stored secret")
+    sr.add_argument("name", help="the secret's name")
+    sc.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     sc.set_defaults(func=cmd_secrets)
 
-    ad = sub.add_parser("admin", help="the admin password of the operator's screen (F10)")
-    ads = ad.add_subparsers(dest="admin_action", required=True)
-    ads.add_parser("set-password", help="read it from the terminal (twice) or one line of stdin; "
-                   "store its scrypt hash in admin_password_file")
-    ad.add_argument("--config", type=Path)
+    ad = command(sub, "admin", "the admin password of the operator's screen (F10)")
+    ads = ad.add_subparsers(dest="admin_action", required=True, metavar="ACTION")
+    command(ads, "set-password", "read it from the terminal (twice) or one line of stdin; "
+            "store its scrypt hash in admin_password_file")
+    ad.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     ad.set_defaults(func=cmd_admin)
 
-    t = sub.add_parser("tui", help="the operator's screen on the fixture's ports (the default)")
-    t.add_argument("--profile")
-    t.add_argument("--port", action="append")
-    t.add_argument("--operator", help="skip the operator prompt")
-    t.add_argument("--db", type=Path)
-    t.add_argument("--config", type=Path)
+    t = command(sub, "tui", "the operator's screen on the fixture's ports (the default)")
+    t.add_argument("--profile", metavar="NAME", help="profile name under profiles/ or a path (default: station.toml's)")
+    t.add_argument("-p", "--port", action="append", metavar="PORT",
+                   help="serial port or pyserial URL; repeat for more (default: $ESPPORT, else the fixture's "
+                        "USB ports)").completer = _serial_ports
+    t.add_argument("-b", "--baud", type=_baud, metavar="BAUD",
+                   help="starting baud rate (default: $ESPBAUD, else the profile's)")
+    t.add_argument("--operator", metavar="NAME", help="skip the operator prompt")
+    t.add_argument("--db", type=Path, metavar="FILE", help="station database (default: station.toml's)")
+    t.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     t.set_defaults(func=cmd_tui)
 
-    d = sub.add_parser("demo", help="the operator's screen with virtual boards and the example profile")
-    d.add_argument("--count", type=int, default=4)
+    d = command(sub, "demo", "the operator's screen with virtual boards and the example profile")
+    d.add_argument("--count", type=_boards, default=4, metavar="N", help=f"virtual boards, 1 to {MAX_BOARDS} "
+                   "(default 4)")
     d.add_argument("--batch", action="store_true", help="no screen: provision the boards once, CLI output")
-    d.add_argument("--operator", help="skip the operator prompt")
-    d.add_argument("--faulty", type=float, default=0.2, help="share of faulty boards (default 0.2)")
-    d.add_argument("--profile", default="relay")
-    d.add_argument("--db", type=Path)
-    d.add_argument("--config", type=Path)
-    d.add_argument("--smoke", default="pair", choices=["none", "healthcheck", "pair"])
+    d.add_argument("--realtime", action="store_true",
+                   help="the boards run the timing model: real flashing times, cycle times and units per hour")
+    d.add_argument("--operator", metavar="NAME", help="skip the operator prompt")
+    d.add_argument("--faulty", type=float, default=0.2, metavar="SHARE", help="share of faulty boards (default 0.2)")
+    d.add_argument("--profile", default="relay", metavar="NAME", help="the profile (default relay, the example)")
+    d.add_argument("--db", type=Path, metavar="FILE", help="the demo's database (default var/demo.db)")
+    d.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+    d.add_argument("--smoke", default="pair", choices=["none", "healthcheck", "pair"],
+                   help="smoke-test level (default pair)")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("virtual-ctl", help="act on a running `station virtual` board")
-    c.add_argument("--control", required=True, type=Path, help="the control socket it printed")
-    c.add_argument("--device", type=int, default=None)
-    c.add_argument("op", choices=["list", "state", "reset", "power_cycle", "unplug", "replug",
-                                  "swap", "fault", "clear_faults", "console"])
+    c = command(sub, "virtual-ctl", "act on a running `station virtual` board")
+    c.add_argument("--control", required=True, type=Path, metavar="SOCKET", help="the control socket it printed")
+    c.add_argument("--device", type=int, default=None, metavar="INDEX",
+                   help="the board's index (default: all, for list)")
+    ops = ["list", "state", "reset", "power_cycle", "unplug", "replug", "swap", "fault", "clear_faults", "console"]
+    c.add_argument("op", choices=ops, metavar="OP", help=f"what to do: {', '.join(ops)}")
     c.add_argument("value", nargs="?", help="reset: download|app; fault: NAME; swap: new MAC")
     c.add_argument("fault_value", nargs="?", help="fault: JSON value (default true)")
     c.set_defaults(func=cmd_virtual_ctl)
     return p
 
 
+def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
+    """The README's command reference, generated from the parser (tests/cli/test_readme_cli.py keeps it so)."""
+    parser = parser or build_parser()
+    out: list[str] = []
+
+    def cell(text: str | None) -> str:
+        return (text or "").replace("|", "\\|")
+
+    def walk(p: argparse.ArgumentParser, summary: str) -> None:
+        fmt = p._get_formatter()
+        out.append(f"**`{p.prog}`** — {cell(summary)}\n")
+        rows = [a for a in p._actions if a.help is not argparse.SUPPRESS
+                and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))
+                and (p is parser or a.dest != "verbosity")]  # -q/-v: said once, for every command
+        if rows:
+            out.append("| option | |\n|---|---|")
+            for a in rows:
+                name = ", ".join(f"`{x}`" for x in fmt._format_action_invocation(a).split(", "))
+                out.append(f"| {name} | {cell(a.help)} |")
+            out.append("")
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for choice in a._choices_actions:
+                    walk(a.choices[choice.dest], choice.help)
+
+    walk(parser, parser.description)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # the database, its WAL, spool, exports, keys, secrets: 0600 in 0700 folders
     _Words.redact = NO_SECRETS  # until this command opens a station (main may run more than once in a process)
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv or ["tui"])
-    return int(args.func(args))
+    _Words.level = 0
+    parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions: argcomplete answers and exits
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not set(argv) & {*commands, "-h", "--help", "--version"}:  # no command: the screen (`station -p X`)
+        argv = ["tui", *argv]
+    args, extra = parser.parse_known_args(argv)
+    command = args.usage_parser
+    if extra:  # through the command's own parser: its usage, not the top level's
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    _Words.level = args.verbosity
+    try:
+        return int(args.func(args))
+    except _Usage as exc:
+        return _usage(command, str(exc))
 
 
 if __name__ == "__main__":

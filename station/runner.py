@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -26,14 +27,17 @@ def private_files() -> None:
 
 def open_station(profile: str | None = None, config: Path | None = None, db: Path | None = None,
                  env: Mapping[str, str] | None = None, smoke: str | None = None,
-                 station: StationConfig | None = None) -> StationContext:
+                 station: StationConfig | None = None, baud: int | None = None) -> StationContext:
     """Load station.toml and the profile, check the profile, open the record.
 
+    `baud` overrides the profile's starting rate for this run (`station flash -b`).
     Raises ConfigError (ProfileError listing every problem) when nothing may be flashed.
     """
     private_files()
     station = station or StationConfig.load(config)
     prof = load_profile(profile or station.default_profile, station.profiles_dir)
+    if baud:
+        prof = dataclasses.replace(prof, baud=baud)  # the content hash stays the profile file's
     problems = check_profile(prof, env, station.secrets_file)
     if problems:
         raise ProfileError(problems)

@@ -34,9 +34,10 @@ def untouched(bench: VirtualBench) -> bool:
 # -- exit code 2: usage and configuration errors, nothing flashed --------------------------------
 
 def test_no_port_is_a_usage_error(station_env, env):
+    env = {k: v for k, v in env.items() if k not in ("ESPPORT", "ESPTOOL_PORT")}
     r = run_station_process("flash", "--profile", "relay", env=env, cwd=station_env)
     assert r.returncode == 2 and r.stdout == ""
-    assert "give --port PORT (one or more) or --virtual N" in r.stderr
+    assert "no fixture ports found" in r.stderr and "give -p PORT, $ESPPORT or --virtual N" in r.stderr
 
 
 def test_unknown_option_is_a_usage_error(station_env, env):
