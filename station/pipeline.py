@@ -33,7 +33,8 @@ from .profile import Problem, Profile, ProfileError, read_region
 from .record import Attempt, Outcome, Record, RecordError, SerialPlan, fingerprint, now_iso
 from .secrets import NO_SECRETS, Redactor
 from .serials import SerialPattern
-from .smoke import FactoryAccounts, UnitAccount, UnitAccounts, healthcheck, make_reach, pair_and_wait, soak
+from .smoke import (FactoryAccounts, UnitAccount, UnitAccounts, healthcheck, make_reach, pair_and_wait, soak,
+                    wait_for_address)
 
 
 @dataclass(frozen=True)
@@ -518,6 +519,8 @@ def _smoke(level: str, run: UnitRun) -> None:
         return text
 
     try:
+        if not settings.url:  # the address comes from the console
+            run.boot_log = wait_for_address(run.boot_log, console, settings.timeout_s, run.cancel.is_set)
         base = reach.open(run.boot_log, run.mac, f"{profile.title} AP" if profile.title else None)
         healthcheck(base, settings.timeout_s)
         if level == "pair":

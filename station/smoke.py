@@ -459,6 +459,25 @@ def pair_and_wait(base: str, device_class: str, device_id: str, settings: SmokeD
         monitor.close()
 
 
+def wait_for_address(boot: BootLog, console: Callable[[], str], timeout: float,
+                     cancelled: Callable[[], bool] = lambda: False) -> BootLog:
+    """The boot log once it names the device's IP address, read on for up to `timeout` seconds.
+
+    The boot check stops reading soon after app_main; a board prints its address when its
+    access point is up or DHCP answered, which on a real network can take seconds more.
+    A crash while waiting fails the unit as a crash, not as a missing address.
+    """
+    text, deadline = boot.text, time.monotonic() + timeout
+    while not (boot.sta_ip or boot.ap_ip) and time.monotonic() < deadline and not cancelled():
+        time.sleep(0.05)
+        text += console()
+        boot = parse_boot_log(text)
+        if boot.panic:
+            raise SmokeFailure(f"the firmware crashed after boot ({boot.panic.strip()})",
+                               "replace the board if a retry crashes the same way", text[-2000:])
+    return boot
+
+
 def soak(console: Callable[[], str], seconds: float, seen: str = "") -> None:
     """Keep watching the console after the checks: a crash soon after boot fails the unit."""
     deadline = time.monotonic() + seconds

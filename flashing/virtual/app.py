@@ -78,20 +78,27 @@ class TwoSmartApp:
         ssid = self.config.get("ssid")
         if self.device_class == "no-wifi":
             self.log("I", "eth", "link up, 100 Mbps full duplex")
-            self.say(f"IP: {self.dev.net_ip}\n")
+            self._address(f"IP: {self.dev.net_ip}\n")
             self.mode = "network"
         elif ssid:
             self.log("I", "wifi", f'connecting to "{ssid}"')
-            self.say(f"IP: {self.dev.net_ip}\n")
+            self._address(f"IP: {self.dev.net_ip}\n")
             self.mode = "network"
         else:
             self.log("I", "wifi_ap", f'access point "{self.title} AP" started')
-            self.say(f"AP IP address: {self.dev.net_ip}\n")
+            self._address(f"AP IP address: {self.dev.net_ip}\n")
             self.mode = "ap"
         self._start_server()
         if self.mode == "network" and self.config.get("token") and self.config.get("email"):
             self._spawn(threading.Thread(target=self._mqtt_loop, daemon=True,
                                          name=f"vdev-{self.dev.index}-mqtt"))
+
+    def _address(self, text: str) -> None:
+        delay = self.dev.faults.address_after
+        if delay:  # the access point or DHCP takes its time; a reboot before then drops the line
+            self.dev.schedule(delay, lambda: self.say(text))
+        else:
+            self.say(text)
 
     def _spawn(self, thread: threading.Thread) -> None:
         self.threads.append(thread)

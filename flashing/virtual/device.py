@@ -66,6 +66,7 @@ class Faults:
     pairing: str | None = None
     mqtt_refused: bool = False  # the broker refuses this device's login
     panic_after: float | None = None  # firmware panics this many seconds after boot
+    address_after: float | None = None  # seconds from app_main to its IP address (slow AP start or DHCP)
 
     @classmethod
     def names(cls) -> list[str]:

@@ -66,6 +66,16 @@ def test_healthcheck_level_passes(station_env, capsys):
         assert [r for r in finished(out).values() if "smoke" in r["durations"]] == []
 
 
+def test_a_board_that_prints_its_address_late_is_still_checked(station_env, capsys):
+    # a real access point or DHCP answers seconds after app_main, when the boot check has stopped reading
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        bench[0].device.set_fault("address_after", 1.5)
+        rc, res = flash(capsys, bench, "--smoke", "healthcheck")
+        r = res[bench[0].url]
+        assert (rc, r["outcome"]) == (0, "passed"), r
+        assert r["durations"]["smoke"] >= 0.5  # it waited for the address (the boot check read 0.5 s)
+
+
 def wait_for_line(lines: list[str], want, what: str, timeout: float = 10.0, poke=None) -> None:
     deadline = time.monotonic() + timeout
     while not want(lines):
