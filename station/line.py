@@ -94,9 +94,7 @@ class Slot:
         r = self.result
         if not r or r.passed:
             return "swap in the next board" if r else ""
-        if r.outcome == "aborted":
-            return "put the board back to run it again"
-        return r.remedy or "retry"  # one source of advice: what the record says to do
+        return r.remedy or "retry"  # one source of advice: what the record says to do (aborts too)
 
 
 class Line:
