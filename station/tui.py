@@ -3,8 +3,9 @@
 A thin Textual front end over `station.line.Line`: it shows the slots and passes
 the operator's keys and scans on; the line does the work in thread workers, so a
 hung port never freezes the screen. Keys are function keys (a barcode scanner types
-into the scan field): F2 history, F3/F4 choose a slot, F5 retry, F8 abort, F9 pause,
-F10 admin (switch profile or lot), Ctrl+Q quit.
+into the scan field): F2 history, F3/F4 choose a slot, F5 retry, F7 shift change, F8 abort,
+F9 pause, F10 admin (switch profile or lot), Ctrl+Q quit. No unit starts until an operator
+has signed in (typed or badge-scanned at the prompt).
 
 Every text that is not the screen's own (a board's console, an HTTP reply, an
 operator's name, a scan, a lot) is shown as `rich.text.Text` — never parsed as
@@ -32,8 +33,9 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLog, Static
 
 from .admin import AdminGate
-from .line import Line, Slot
+from .line import NO_OPERATOR, Line, Slot
 from .pipeline import StationContext
+from .record import RecordError
 from .secrets import NO_SECRETS
 from .text import one_line, safe_text
 
@@ -231,6 +233,7 @@ class StationApp(App):
         Binding("f3", "select(-1)", "Prev slot"),
         Binding("f4", "select(1)", "Next slot"),
         Binding("f5", "retry", "Retry"),
+        Binding("f7", "shift_change", "Shift"),
         Binding("f8", "abort", "Abort"),
         Binding("f9", "pause", "Pause"),
         Binding("f10", "admin", "Admin"),
@@ -285,7 +288,8 @@ class StationApp(App):
             more = f" and {len(interrupted) - 5} more" if len(interrupted) > 5 else ""
             self.tell(f"{len(interrupted)} unit(s) were interrupted: {who}{more}. Put each back on the "
                       "line: a new attempt keeps its serial.", severity="warning", timeout=30)
-        if self.ask_operator:
+        if self.ask_operator:  # no unit starts until someone signs in
+            self.line.blocked()
             self.push_screen(TextPrompt("Operator: type your name or scan your badge"), self._set_operator)
 
     def on_resize(self) -> None:
@@ -326,8 +330,30 @@ class StationApp(App):
                     self._show(slot.index)
 
     def _set_operator(self, name: str | None) -> None:
-        self.line.operator = name or "unknown"
+        """The prompt's answer: a name signs in (in the record, as who took over); Esc changes nothing."""
+        old = self.line.operator
+        if name:
+            self.line.operator = name  # the line keeps one printable line of it
+            if not self.line.operator:
+                self.line.operator = old  # nothing printable in it: not a name
+        new = self.line.operator
+        if new and new != old:
+            try:
+                self.line.ctx.record.log_admin("shift", new, {"took_over_from": old or None})
+            except RecordError as exc:  # the attempts carry the name anyway; say that the change is not in the chain
+                self.tell(f"the shift change is not in the record: {exc.message}", severity="error", timeout=10)
+            self.tell(f"operator {new}", timeout=3)
+        self.line.blocked()  # the header's banner follows at once, boards or not
+        if not new:
+            self.bell()
+            self.notify(NO_OPERATOR, severity="warning", timeout=30)
         self._header()
+
+    def action_shift_change(self) -> None:
+        if isinstance(self.screen, TextPrompt):
+            return  # already asking (the start's prompt, or F7 twice)
+        self.push_screen(TextPrompt("Shift change: the new operator types a name or scans a badge"),
+                         self._set_operator)
 
     # -- the line's state on screen ------------------------------------------------------------------
     def _changed(self, index: int) -> None:
