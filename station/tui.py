@@ -258,8 +258,8 @@ class AttemptScreen(Screen):
             total = f"   ({seconds.total_seconds():.1f} s)"
         except (TypeError, ValueError):
             pass
-        lines: list[tuple[str, Text | str]] = [
-            ("outcome", outcome),
+        lines: list[tuple[str, Text]] = [
+            ("outcome", w(outcome)),
             ("reason", w(r["error"] or "-")),
             ("next action", w(r["remedy"] or "-")),
             ("serial", w(r["serial"] or "-")),
@@ -274,17 +274,18 @@ class AttemptScreen(Screen):
             ("profile", w(f"{r['profile']} ({(r['profile_hash'] or '')[:8]})")),
             ("started", w(when(r["started_at"]))),
             ("ended", w(when(r["ended_at"]) + total)),
-            ("steps", "  ".join(f"{s} {durations[s]:.2f} s" for s in steps) or "-"),
+            # no-break spaces inside each "step 1.23 s": a narrow screen wraps between steps, not in one
+            ("steps", w("  ".join(f"{s}\u00a0{durations[s]:.2f}\u00a0s" for s in steps) or "-")),
             ("written", w(", ".join(r["written_regions"] or []) or "none")),
         ]
         if r.get("quarantine"):
-            lines.insert(3, ("quarantine", "test credentials left on the unit: set it aside"))
+            lines.insert(3, ("quarantine", Text("test credentials left on the unit: set it aside")))
         if r["detail"]:
             lines.append(("detail", w("\n" + r["detail"])))
         out = Text(f"Attempt {r['id']}\n", style="bold")
         for label, value in lines:
             out.append(f"{label:<12} ", style="bold")
-            out.append(value)  # a Text keeps its own (plain) content: never parsed as markup
+            out.append_text(value)  # plain text (redacted, no control characters): never parsed as markup
             out.append("\n")
         return out
 

@@ -134,7 +134,7 @@ def test_history_detail_shows_the_whole_attempt(station_env):
                 assert len(DATE_TIME.findall(text)) == 2  # started and ended
                 steps = re.search(r"steps +(.*)", text).group(1)
                 for step in [s.name for s in STEPS]:  # (the record's own write is timed after it is written)
-                    assert re.search(rf"\b{step} \d+\.\d\d s", steps), (step, steps)
+                    assert re.search(rf"\b{step}\s\d+\.\d\d\ss", steps), (step, steps)
                 written = re.search(r"written +(.*)", text).group(1)
                 assert written == ", ".join(passed.written_regions) and "config" in written
                 await pilot.press("escape")
