@@ -255,3 +255,16 @@ def test_each_outcome_is_its_own_in_the_record_and_the_export_filters(station_en
     assert sorted(r["outcome"] for r in exported("--outcome", "any")) == ["aborted", "error", "failed", "passed"]
     assert all(r["operator"] == "Anna" for r in exported("--outcome", "any"))
     assert set(results[2].durations) >= {"connect", "identify", "guard", "serial", "config", "flash", "record"}
+
+
+def test_an_unknown_outcome_is_refused_before_anything_is_exported(station_env):
+    from station.audit import AuditError, ExportFilter, export, station_signing_key
+
+    ctx = ctx_for(station_env)
+    try:
+        with pytest.raises(AuditError, match="unknown outcome 'abortd'"):
+            export(ctx.record, station_env / "x.csv", "csv", ExportFilter(outcome="abortd"), "test-station",
+                   station_signing_key(ctx.station))
+        assert not (station_env / "x.csv").exists() and ctx.record.checkpoints() == []
+    finally:
+        ctx.close()
