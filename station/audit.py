@@ -56,7 +56,7 @@ class ExportFilter:
     since: str | None = None
     until: str | None = None
     profile: str | None = None
-    outcome: str | None = None  # None: provisioned units; an outcome (passed, failed, aborted, error…) or any: attempts
+    outcome: str | None = None  # None: provisioned units; an outcome (aborted, error…) or any: attempts
     operator: str | None = None
     station: str | None = None
     lot: str | None = None
