@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .files import write_private
-from .record import ATTEMPT_COLUMNS, CHAIN_GENESIS, EXPORT_FIELDS, Record, key_fingerprint, now_iso
+from .record import ATTEMPT_COLUMNS, CHAIN_GENESIS, EXPORT_FIELDS, Outcome, Record, key_fingerprint, now_iso
 
 # an attempt export carries every column the chain hashes, and the row's place in the chain
 ATTEMPT_FIELDS = EXPORT_FIELDS + ["failed_step", "error"] + [
@@ -56,7 +56,7 @@ class ExportFilter:
     since: str | None = None
     until: str | None = None
     profile: str | None = None
-    outcome: str | None = None  # None: provisioned units; passed|failed|aborted|any: attempts
+    outcome: str | None = None  # None: provisioned units; an outcome (aborted, error…) or any: attempts
     operator: str | None = None
     station: str | None = None
     lot: str | None = None
@@ -209,7 +209,17 @@ def write_checkpoint(record: Record, station, reason: str) -> list[dict]:
     return rows
 
 
+def check_filter(f: ExportFilter) -> None:
+    if f.outcome not in (None, "any", *Outcome):  # a misspelt outcome would export nothing, silently
+        raise AuditError(f"unknown outcome {f.outcome!r}: one of {', '.join(Outcome)}, or any")
+
+
 def select_rows(record: Record, f: ExportFilter) -> Iterator[dict]:
+    check_filter(f)
+    return _rows(record, f)
+
+
+def _rows(record: Record, f: ExportFilter) -> Iterator[dict]:
     if f.outcome is None:
         sql = ("select a.* from attempts a join units u on u.id = a.unit_id "
                "where a.outcome = 'passed' and u.state = 'provisioned' and a.id = ("
@@ -291,6 +301,7 @@ def export(record: Record, out: Path, fmt: str, f: ExportFilter, station_id: str
     The export is a checkpoint: the chain is signed where it stands, and the segment runs
     from the previous export's checkpoint to this one, so consecutive exports chain.
     """
+    check_filter(f)  # before anything is signed or written
     chain = f.station or station_id
     cp = record.checkpoint(key, "export", [chain])[0]
     if trust is not None:

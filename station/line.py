@@ -23,9 +23,12 @@ from flashing.ports import present
 from .events import Event, LogLine, Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
 from .record import RecordError
 from .runner import min_free_mb
+from .text import one_line
 from .pipeline import StationContext, UnitJob, clean_serial, provision_unit, serial_max_length
 
 LOG_LINE_CHARS = 1000  # of one console or esptool line kept for the screen (the record keeps its own detail)
+NO_OPERATOR = "no operator: press F7 to sign in"
+OPERATOR_CHARS = 64  # a name or a badge's id; a scanner that keeps typing does not fill the record
 
 
 class RunCancel(threading.Event):
@@ -94,9 +97,7 @@ class Slot:
         r = self.result
         if not r or r.passed:
             return "swap in the next board" if r else ""
-        if r.outcome == "aborted":
-            return "put the board back to run it again"
-        return r.remedy or "retry"  # one source of advice: what the record says to do
+        return r.remedy or "retry"  # one source of advice: what the record says to do (aborts too)
 
 
 class Line:
@@ -107,7 +108,7 @@ class Line:
         self.slots = [Slot(i, p) for i, p in enumerate(ports)]
         self.on_change = on_change
         self.spawn = spawn or (lambda fn: self.ctx.workers(len(self.slots)).submit(fn))
-        self.operator = operator
+        self.operator = operator  # no unit starts until someone is signed in
         self.lot = lot or ctx.station.lot or ctx.profile.lot
         self.paused = False
         self.refusal: str | None = None  # why units may not start (shown in the header)
@@ -131,6 +132,15 @@ class Line:
     @property
     def mean_cycle(self) -> float | None:
         return sum(self.cycles) / len(self.cycles) if self.cycles else None
+
+    @property
+    def operator(self) -> str:
+        return self._operator
+
+    @operator.setter
+    def operator(self, name: str | None) -> None:
+        # typed or badge-scanned: one line of printable text (a scanner's CR, GS or ESC is not a name)
+        self._operator = one_line(name or "").strip()[:OPERATOR_CHARS].strip()
 
     @property
     def labels_needed(self) -> bool:
@@ -161,17 +171,18 @@ class Line:
                     self.start(slot.index)
 
     def blocked(self) -> str | None:
-        """Why no unit may start now (the record's disk is nearly full), else None."""
-        try:
-            self.ctx.record.check_free_space(min_free_mb(self.ctx.station))
-        except RecordError as exc:
-            if self.refusal != exc.message:
-                self.refusal = exc.message
-                for slot in self.slots:
-                    self.on_change(slot.index)
-            return exc.message
-        self.refusal = None
-        return None
+        """Why no unit may start now (no operator signed in, the record's disk nearly full), else None."""
+        why = None if self.operator else NO_OPERATOR
+        if why is None:
+            try:
+                self.ctx.record.check_free_space(min_free_mb(self.ctx.station))
+            except RecordError as exc:
+                why = exc.message
+        if self.refusal != why:
+            self.refusal = why
+            for slot in self.slots:
+                self.on_change(slot.index)
+        return why
 
     def _reset(self, slot: Slot, status: str) -> None:
         slot.status, slot.step, slot.result = status, "", None
@@ -185,6 +196,9 @@ class Line:
     # -- operator actions ---------------------------------------------------------------------
     def start(self, index: int) -> bool:
         slot = self.slots[index]
+        if not self.operator:  # every attempt carries who ran it: none without a sign-in
+            self.blocked()
+            return False
         with self.lock:
             if slot.status == "running":
                 return False

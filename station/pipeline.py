@@ -13,7 +13,9 @@ naming the step and what to do. Nothing here branches on virtual or real boards.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +61,9 @@ class StationContext:
     accounts: FactoryAccounts | None = None
     make_reach: object = make_reach  # the seam for reaching a device (direct, or Wi-Fi via nmcli)
     redactor: Redactor = NO_SECRETS  # every text leaving provision_unit passes it (station/secrets.py)
+    # who else hears every unit's events (redacted), on the unit's own thread, after the front end:
+    # a station-wide log, or a test holding a unit at a step (an observer that blocks holds the unit)
+    observers: list[Emit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.firmware:
@@ -146,6 +151,14 @@ class Aborted(Exception):
 
 
 ABORTED_TEXT = ("aborted by the operator", "put the board back and start it again")
+
+
+def os_operator() -> str:
+    """Who runs a unit when no operator was given (`station flash`, the Python API): the OS login name."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in the environment nor the password database
+        return f"uid {os.getuid()}"
 
 
 def device_id_from_mac(mac: bytes) -> str:
@@ -368,12 +381,14 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                    cancel: threading.Event | None = None) -> UnitResult:
     """Provision the board on `job.port` once; never raises for a unit's failure."""
     redact = _UnitRedactor(ctx.redactor)
-    emit = redacting(emit, redact)  # the one way out for this unit's events: no secret passes
+    # the one way out for this unit's events: no secret passes, to the front end or an observer
+    emit = redacting(_heard_by(ctx.observers, emit), redact)
     cancel = cancel or threading.Event()
     profile = ctx.profile
     attempt = Attempt(port=job.port, station_id=ctx.station.station_id, profile=profile.name,
                       profile_hash=profile.content_hash, started_at=now_iso(),
-                      operator=job.operator, lot=job.lot or ctx.station.lot or profile.lot,
+                      operator=job.operator.strip() or os_operator(),  # every attempt names who ran it
+                      lot=job.lot or ctx.station.lot or profile.lot,
                       rework=job.rework, firmware_hashes=dict(ctx.firmware_hashes), baud=profile.baud)
     sink = _UnitSink(job.port, emit)
     session = UnitSession(job.port, sink, cancelled=cancel.is_set)
@@ -400,12 +415,16 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
             emit(StepStarted(job.port, current))
             t, ok = time.monotonic(), False
             try:
+                if cancel.is_set():  # asked while the step was announced: it does not run
+                    raise Aborted()
                 step.run(run)
                 ok = True
             finally:
                 seconds = round(time.monotonic() - t, 3)
                 attempt.durations[current] = seconds
                 emit(StepFinished(job.port, current, seconds, ok))
+        if cancel.is_set():  # the last step ran to its end past an abort: the operator's word stands
+            raise Aborted()
         attempt.outcome = Outcome.PASSED
     except BaseException as exc:  # the one error branch: every way a unit can end
         attempt.failed_step = current
@@ -441,6 +460,14 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         recorded=recorded, quarantine=attempt.quarantine)
     emit(UnitFinished(job.port, result))
     return result
+
+
+def _heard_by(observers: list[Emit], emit: Emit) -> Emit:
+    def both(event) -> None:
+        emit(event)  # the front end first: a unit held by an observer shows the step it is held in
+        for observe in list(observers):
+            observe(event)
+    return both
 
 
 def _how_it_ended(exc: BaseException, cancel: threading.Event) -> tuple[Outcome, str, str, str | None]:

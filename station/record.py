@@ -51,6 +51,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets as pysecrets
 import sqlite3
 import threading
@@ -1031,11 +1032,41 @@ class Record:
         return self.db().execute("select count(*) from attempts").fetchone()[0]
 
     def history(self, query: str = "", limit: int = 200) -> list[dict]:
-        """The newest attempts, optionally those whose serial or MAC contains `query`."""
-        q = f"%{query.strip()}%"
+        """The newest attempts, or those whose serial, device id or MAC contains `query`.
+
+        A MAC is found in any common form, whole or in part: aa:bb:cc:dd:ee:ff,
+        AA-BB-CC-DD-EE-FF, aabb.ccdd.eeff or bare hex.
+        """
+        text = query.strip()
+        where, args = "1", {}
+        if text:
+            like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where, args = "serial like :like escape '\\' or device_id like :like escape '\\'", {"like": like}
+            digits = MAC_SEPARATORS.sub("", text).lower()
+            if digits and all(c in "0123456789abcdef" for c in digits):
+                where += " or replace(replace(lower(mac), ':', ''), '-', '') like :hex"
+                args["hex"] = f"%{digits}%"
         return list(self.db().query(
-            "select id, serial, mac, outcome, failed_step, error, port, operator, lot, ended_at from attempts "
-            "where (? = '%%' or serial like ? or mac like ?) order by id desc limit ?", [q, q, q, limit]))
+            f"select {HISTORY_COLUMNS} from attempts where {where} order by id desc limit :limit",
+            {**args, "limit": limit}))
+
+    def attempt(self, attempt_id: int) -> dict | None:
+        """One attempt as recorded, its durations, hashes and written regions decoded (the history's detail)."""
+        rows = list(self.db().query("select * from attempts where id = ?", [attempt_id]))
+        if not rows:
+            return None
+        row = rows[0]
+        for k, empty in (("durations", {}), ("firmware_hashes", {}), ("written_regions", [])):
+            try:
+                row[k] = json.loads(row[k]) if row[k] else empty
+            except ValueError:
+                row[k] = empty
+        return row
+
+
+HISTORY_COLUMNS = ("id, serial, mac, device_id, outcome, failed_step, error, remedy, port, operator, lot, "
+                   "started_at, ended_at")
+MAC_SEPARATORS = re.compile(r"[\s:.\-]")  # between a MAC's bytes as people write them
 
 
 def _signed(key: Ed25519PublicKey, cp: dict) -> bool:

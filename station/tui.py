@@ -3,8 +3,9 @@
 A thin Textual front end over `station.line.Line`: it shows the slots and passes
 the operator's keys and scans on; the line does the work in thread workers, so a
 hung port never freezes the screen. Keys are function keys (a barcode scanner types
-into the scan field): F2 history, F3/F4 choose a slot, F5 retry, F8 abort, F9 pause,
-F10 admin (switch profile or lot), Ctrl+Q quit.
+into the scan field): F2 history (Enter on a row: its detail), F3/F4 choose a slot, F5 retry,
+F7 shift change, F8 abort, F9 pause, F10 admin (switch profile or lot), Ctrl+Q quit. No unit
+starts until an operator has signed in (typed or badge-scanned at the prompt).
 
 Every text that is not the screen's own (a board's console, an HTTP reply, an
 operator's name, a scan, a lot) is shown as `rich.text.Text` — never parsed as
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import threading
 import traceback
+from datetime import datetime
 from typing import Callable
 
 from rich.text import Text
@@ -26,14 +28,15 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.content import Content
-from textual.containers import Grid, Horizontal, Vertical
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLog, Static
 
 from .admin import AdminGate
-from .line import Line, Slot
-from .pipeline import StationContext
+from .line import NO_OPERATOR, Line, Slot
+from .pipeline import STEP_NAMES, StationContext
+from .record import RecordError
 from .secrets import NO_SECRETS
 from .text import one_line, safe_text
 
@@ -163,8 +166,23 @@ class Confirm(ModalScreen[bool]):
         self.dismiss(False)
 
 
+def when(iso: str | None) -> str:
+    """A recorded time (UTC, ISO) as the station's local date and time, to the second."""
+    if not iso:
+        return ""
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    except ValueError:
+        return iso  # not the station's own format: shown as it is (as plain text by the caller)
+
+
 class HistoryScreen(Screen):
+    """Every attempt, newest first; searched by serial, MAC (any common form) or device id."""
+
     BINDINGS = [Binding("escape,f2", "app.pop_screen", "Back")]
+    DEFAULT_CSS = """
+    HistoryScreen #history { height: 1fr; }
+    """
 
     def __init__(self, line: Line, words: Callable[[str], Text]) -> None:
         super().__init__()
@@ -172,14 +190,15 @@ class HistoryScreen(Screen):
         self.words = words
 
     def compose(self) -> ComposeResult:
-        yield Label("History — type a serial or MAC to search; Esc goes back", id="history-title")
-        yield Input(placeholder="serial or MAC", id="search")
-        yield DataTable(id="history", zebra_stripes=True)
+        yield Label("History — search by serial, MAC or device id; Enter on a row shows it all; Esc goes back",
+                    id="history-title")
+        yield Input(placeholder="serial, MAC (aa:bb:…, AA-BB-…, aabb…) or device id", id="search")
+        yield DataTable(id="history", zebra_stripes=True, cursor_type="row")
         yield Footer()
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("#", "serial", "MAC", "result", "step", "message", "lot", "operator", "time")
+        table.add_columns("#", "serial", "MAC", "result", "step", "ended", "operator", "lot", "message")
         self.fill("")
         self.query_one("#search", Input).focus()
 
@@ -187,15 +206,88 @@ class HistoryScreen(Screen):
     def search(self, event: Input.Changed) -> None:
         self.fill(event.value)
 
+    @on(Input.Submitted, "#search")
+    def to_rows(self) -> None:
+        self.query_one(DataTable).focus()  # Enter from the search: down to the rows, Enter again opens one
+
+    @on(DataTable.RowSelected, "#history")
+    def open_row(self, event: DataTable.RowSelected) -> None:
+        row = self.line.ctx.record.attempt(int(event.row_key.value))
+        if row is not None:
+            self.app.push_screen(AttemptScreen(row, self.words))
+
     def fill(self, query: str) -> None:
         table = self.query_one(DataTable)
         table.clear()
         w = self.words
         for r in self.line.history(query):
-            # cells as Text: a DataTable parses plain strings as markup (and ":ab:" in a MAC as an emoji)
+            # cells as Text: a DataTable parses plain strings as markup (and ":ab:" in a MAC as an emoji);
+            # the message whole, last: the table scrolls sideways, the detail view wraps it
             table.add_row(str(r["id"]), w(r["serial"] or "-"), w(r["mac"] or "-"), r["outcome"].upper(),
-                          w(r["failed_step"] or ""), w(one_line(r["error"])[:50]), w(one_line(r["lot"])),
-                          w(one_line(r["operator"])), (r["ended_at"] or "")[11:19])
+                          w(r["failed_step"] or ""), w(when(r["ended_at"] or r["started_at"])),
+                          w(one_line(r["operator"])), w(one_line(r["lot"])), w(one_line(r["error"])),
+                          key=str(r["id"]))
+
+
+class AttemptScreen(Screen):
+    """One attempt, all of it: outcome, full reason and next action, times, step durations, regions."""
+
+    BINDINGS = [Binding("escape,enter", "app.pop_screen", "Back")]
+    DEFAULT_CSS = """
+    AttemptScreen #attempt { height: 1fr; padding: 0 1; }
+    """
+
+    def __init__(self, row: dict, words: Callable[[str], Text]) -> None:
+        super().__init__()
+        self.row = row
+        self.words = words
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="attempt"):
+            yield Static(self.text(), id="attempt-text")
+        yield Footer()
+
+    def text(self) -> Text:
+        r, w = self.row, self.words
+        durations = r["durations"] or {}
+        steps = [s for s in STEP_NAMES if s in durations] + sorted(set(durations) - set(STEP_NAMES))
+        outcome = str(r["outcome"]).upper() + (f" at {r['failed_step']}" if r["failed_step"] else "")
+        total = ""
+        try:
+            seconds = (datetime.fromisoformat(r["ended_at"]) - datetime.fromisoformat(r["started_at"]))
+            total = f"   ({seconds.total_seconds():.1f} s)"
+        except (TypeError, ValueError):
+            pass
+        lines: list[tuple[str, Text]] = [
+            ("outcome", w(outcome)),
+            ("reason", w(r["error"] or "-")),
+            ("next action", w(r["remedy"] or "-")),
+            ("serial", w(r["serial"] or "-")),
+            ("MAC", w(r["mac"] or "-")),
+            ("device id", w(r["device_id"] or "-")),
+            ("chip", w(r["chip"] or "-")),
+            ("firmware", w(r["firmware_version"] or "-")),
+            ("operator", w(one_line(r["operator"]) or "-")),
+            ("lot", w(one_line(r["lot"]) or "-")),
+            ("station", w(r["station_id"] or "-")),
+            ("port", w(r["port"] or "-")),
+            ("profile", w(f"{r['profile']} ({(r['profile_hash'] or '')[:8]})")),
+            ("started", w(when(r["started_at"]))),
+            ("ended", w(when(r["ended_at"]) + total)),
+            # no-break spaces inside each "step 1.23 s": a narrow screen wraps between steps, not in one
+            ("steps", w("  ".join(f"{s}\u00a0{durations[s]:.2f}\u00a0s" for s in steps) or "-")),
+            ("written", w(", ".join(r["written_regions"] or []) or "none")),
+        ]
+        if r.get("quarantine"):
+            lines.insert(3, ("quarantine", Text("test credentials left on the unit: set it aside")))
+        if r["detail"]:
+            lines.append(("detail", w("\n" + r["detail"])))
+        out = Text(f"Attempt {r['id']}\n", style="bold")
+        for label, value in lines:
+            out.append(f"{label:<12} ", style="bold")
+            out.append_text(value)  # plain text (redacted, no control characters): never parsed as markup
+            out.append("\n")
+        return out
 
 
 class StationApp(App):
@@ -231,6 +323,7 @@ class StationApp(App):
         Binding("f3", "select(-1)", "Prev slot"),
         Binding("f4", "select(1)", "Next slot"),
         Binding("f5", "retry", "Retry"),
+        Binding("f7", "shift_change", "Shift"),
         Binding("f8", "abort", "Abort"),
         Binding("f9", "pause", "Pause"),
         Binding("f10", "admin", "Admin"),
@@ -285,7 +378,8 @@ class StationApp(App):
             more = f" and {len(interrupted) - 5} more" if len(interrupted) > 5 else ""
             self.tell(f"{len(interrupted)} unit(s) were interrupted: {who}{more}. Put each back on the "
                       "line: a new attempt keeps its serial.", severity="warning", timeout=30)
-        if self.ask_operator:
+        if self.ask_operator:  # no unit starts until someone signs in
+            self.line.blocked()
             self.push_screen(TextPrompt("Operator: type your name or scan your badge"), self._set_operator)
 
     def on_resize(self) -> None:
@@ -326,8 +420,30 @@ class StationApp(App):
                     self._show(slot.index)
 
     def _set_operator(self, name: str | None) -> None:
-        self.line.operator = name or "unknown"
+        """The prompt's answer: a name signs in (in the record, as who took over); Esc changes nothing."""
+        old = self.line.operator
+        if name:
+            self.line.operator = name  # the line keeps one printable line of it
+            if not self.line.operator:
+                self.line.operator = old  # nothing printable in it: not a name
+        new = self.line.operator
+        if new and new != old:
+            try:
+                self.line.ctx.record.log_admin("shift", new, {"took_over_from": old or None})
+            except RecordError as exc:  # the attempts carry the name anyway; say that the change is not in the chain
+                self.tell(f"the shift change is not in the record: {exc.message}", severity="error", timeout=10)
+            self.tell(f"operator {new}", timeout=3)
+        self.line.blocked()  # the header's banner follows at once, boards or not
+        if not new:
+            self.bell()
+            self.notify(NO_OPERATOR, severity="warning", timeout=30)
         self._header()
+
+    def action_shift_change(self) -> None:
+        if isinstance(self.screen, TextPrompt):
+            return  # already asking (the start's prompt, or F7 twice)
+        self.push_screen(TextPrompt("Shift change: the new operator types a name or scans a badge"),
+                         self._set_operator)
 
     # -- the line's state on screen ------------------------------------------------------------------
     def _changed(self, index: int) -> None:

@@ -114,7 +114,7 @@ def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
     ctx = ctx_for(station_env)
     with VirtualBench(4, "esp32", run_dir=station_env / "run", realtime=True) as bench:
         changed = threading.Event()
-        line = Line(ctx, [s.url for s in bench.slots], lambda i: changed.set())
+        line = Line(ctx, [s.url for s in bench.slots], lambda i: changed.set(), operator="Anna")
         line.poll()
         deadline = time.monotonic() + 30
         while not all(s.step == "flash" for s in line.slots):
@@ -139,7 +139,7 @@ def test_demo_line_swaps_each_finished_board_for_a_new_one_some_faulty(station_e
     ctx = ctx_for(station_env)
     with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
         first_macs = [s.device.mac_text for s in bench.slots]
-        line = Line(ctx, [s.url for s in bench.slots], lambda i: None)
+        line = Line(ctx, [s.url for s in bench.slots], lambda i: None, operator="Anna")
         # every new board faulty; seed 7 draws a dead flash and no download mode: both fail
         demo = DemoLine(bench, line, swap_after=0.2, faulty_share=1.0, seed=7).start()
         try:

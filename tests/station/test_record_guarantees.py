@@ -490,7 +490,7 @@ def test_a_station_fault_is_an_error_never_charged_to_the_board(station_env):
     with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
         holder = _locked(ctx.record.path)
         try:
-            line = Line(ctx, [bench[0].url], lambda i: None, spawn=lambda fn: fn())
+            line = Line(ctx, [bench[0].url], lambda i: None, spawn=lambda fn: fn(), operator="Anna")
             line.slots[0].present = True
             line.start(0)  # runs in this thread: the record's connection is this thread's
         finally:
@@ -510,7 +510,7 @@ def test_the_screen_starts_no_unit_while_the_record_disk_is_nearly_full(station_
     ctx = open_station("relay", cfg)
     with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
         changed: list[int] = []
-        line = Line(ctx, [bench[0].url], changed.append)
+        line = Line(ctx, [bench[0].url], changed.append, operator="Anna")
         try:
             line.poll()  # the board is there: it would start now
             assert line.slots[0].status == "waiting" and not line.running()
