@@ -154,3 +154,9 @@ def test_the_header_folds_and_never_hides_the_counters(width, rows):
 def test_a_header_part_longer_than_the_line_is_cut_with_an_ellipsis():
     lines = header_lines([(True, " · ", [Text("operator " + "x" * 50)])], 30)
     assert [line.plain for line in lines] == ["operator " + "x" * 20 + "…"]
+
+
+@pytest.mark.parametrize("width,height", SIZES_SEEN + [(17, 4)])
+def test_a_unit_in_quarantine_says_so_at_every_size(width, height):
+    v = view("passed", flag="QUARANTINE")
+    assert "QUARANTINE" in flat(card_lines(v, width, height))

@@ -527,6 +527,7 @@ def test_every_card_shows_number_outcome_serial_reason_and_action_at_every_size(
             for b in app.BINDINGS:
                 if b.show:  # every key and its word, whole
                     assert b.key_display in footer and (b.group or b).description in footer, footer
+            assert len(footer.rstrip()) <= size[0] - 10, footer  # room for one more key, e.g. "F7 Shift"
     run(go())
 
 
