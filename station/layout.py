@@ -11,6 +11,7 @@ larger letters. Every text in a view is already redacted and free of control cha
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from dataclasses import dataclass
 
@@ -42,17 +43,18 @@ _HALF = {(False, False): " ", (True, False): "▀", (False, True): "▄", (True,
 SIZES = ("half", "full", "double")  # 3, 5 and 10 rows high
 
 
-def big(word: str, size: str = "half") -> list[str] | None:
+@functools.cache  # every card asks on every refresh
+def big(word: str, size: str = "half") -> tuple[str, ...] | None:
     """`word` in block letters (3, 5 or 10 rows), or None when a letter is not in the font."""
     if any(c not in _PIXELS for c in word):
         return None
     rows = ["".join(("#" if p == "#" else ".") for p in ".".join(_PIXELS[c][r] for c in word)) for r in range(5)]
     if size == "half":  # two pixel rows per text row
         rows.append("." * len(rows[0]))
-        return ["".join(_HALF[(top[i] == "#", low[i] == "#")] for i in range(len(top)))
-                for top, low in zip(rows[0::2], rows[1::2])]
+        return tuple("".join(_HALF[(top[i] == "#", low[i] == "#")] for i in range(len(top)))
+                     for top, low in zip(rows[0::2], rows[1::2]))
     scale = 2 if size == "double" else 1
-    return [line.replace("#", "█" * scale).replace(".", " " * scale) for line in rows for _ in range(scale)]
+    return tuple(line.replace("#", "█" * scale).replace(".", " " * scale) for line in rows for _ in range(scale))
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class _Card:
         # one letter size for every card of this width: the size at which the widest word fits
         sizes = [size for size in SIZES if max(len(big(WORDS[s], size)[0]) for s in BIG) <= w]
         letters = big(v.word, "half") if v.status in BIG else None
-        if letters and sizes and not self.word_in_title and self.grow("word", letters):
+        if letters and sizes and not self.word_in_title and self.grow("word", list(letters)):
             self.word_size = "half"
         ident = f"{v.chip}  {v.mac}" if v.chip and len(v.chip) + 2 + len(v.mac) <= w else v.mac
         if ident and len(ident) <= w:
@@ -174,7 +176,7 @@ class _Card:
         if v.fraction is not None:
             self.grow("bar", [bar_text(v.fraction, w)])
         for size in sizes[1:]:
-            if self.word_size != "text" and self.grow("word", big(v.word, size)):
+            if self.word_size != "text" and self.grow("word", list(big(v.word, size))):
                 self.word_size = size
         spare = self.height - self.used()
         if spare > 0 and self.word_size != "text":  # room around the outcome, the rest below everything
