@@ -179,8 +179,10 @@ class _Card:
             if self.word_size != "text" and self.grow("word", list(big(v.word, size))):
                 self.word_size = size
         spare = self.height - self.used()
-        if spare > 0 and self.word_size != "text":  # room around the outcome, the rest below everything
-            self.blank_above = self.blank_below = spare // 3
+        if spare > 0 and self.word_size != "text":
+            # room around the outcome, by the card's height alone: the words of a row of cards line up
+            self.blank_above = min(spare, max(0, (self.height - len(self.word) - 10) // 3))
+            self.blank_below = min(spare - self.blank_above, self.blank_above)
 
     def title(self) -> Text:
         v, w = self.v, self.width
