@@ -103,6 +103,11 @@ class SlotCard(Vertical):
             action=w(slot.action), hint=hint, selected=selected,
             flag="QUARANTINE" if slot.result is not None and slot.result.quarantine else "")
 
+    @property
+    def view_shown(self) -> SlotView | None:
+        """The view the card shows now (before it is laid out in lines)."""
+        return self.query_one(CardBody).view
+
     def show(self, slot: Slot, selected: bool, labels_needed: bool, paused: bool = False) -> None:
         self.set_class(selected, "selected")
         for status in WORDS:
