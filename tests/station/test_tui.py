@@ -527,7 +527,8 @@ def test_every_card_shows_number_outcome_serial_reason_and_action_at_every_size(
             for b in app.BINDINGS:
                 if b.show:  # every key and its word, whole
                     assert b.key_display in footer and (b.group or b).description in footer, footer
-            assert len(footer.rstrip()) <= size[0] - 10, footer  # room for one more key, e.g. "F7 Shift"
+            if not any(b.key == "f7" for b in app.BINDINGS):  # room kept for the shift-change key (#14)
+                assert len(footer.rstrip()) <= size[0] - 10, footer
     run(go())
 
 
