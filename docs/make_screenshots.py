@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Render the operator's screen for the README: flashing, PASS/FAIL, 16 slots (SVG, 160x45).
+"""Render the operator's screen for the README: flashing, PASS/FAIL/ABORTED, 16 slots (SVG).
 
-Runs the real screen headless against virtual boards (one of them faulty).
+Runs the real screen headless against virtual boards (one of them faulty, one aborted
+mid-flash), at 160x45, then the same state resized to 100x30 and 80x24.
 
     python docs/make_screenshots.py
 """
@@ -30,11 +31,16 @@ async def shoot(app: StationApp, bench: VirtualBench) -> None:
             await pilot.pause(0.1)
         await pilot.pause(0.5)
         app.save_screenshot("flashing.svg", str(OUT))
-        while not all(s.status in ("passed", "failed") for s in line.slots):
+        line.abort(3)  # the operator's F8 on slot 4
+        while not all(s.status in ("passed", "failed", "aborted") for s in line.slots):
             await pilot.pause(0.2)
         await pilot.press("f4")
         await pilot.pause(0.3)
         app.save_screenshot("pass-fail.svg", str(OUT))
+        for width, height in ((100, 30), (80, 24)):
+            await pilot.resize_terminal(width, height)
+            await pilot.pause(0.3)
+            app.save_screenshot(f"pass-fail-{width}x{height}.svg", str(OUT))
 
 
 async def shoot_sixteen(app: StationApp) -> None:
@@ -44,6 +50,9 @@ async def shoot_sixteen(app: StationApp) -> None:
             await pilot.pause(0.1)
         await pilot.pause(0.3)
         app.save_screenshot("sixteen.svg", str(OUT))
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause(0.3)
+        app.save_screenshot("sixteen-100x30.svg", str(OUT))
         line.shutdown()
         while line.running():
             await pilot.pause(0.1)
@@ -66,7 +75,7 @@ def main() -> None:
         app = StationApp(ctx, [s.url for s in bench.slots], operator="Anna")
         app.line.lot = "LOT-2611"
         asyncio.run(shoot_sixteen(app))
-    print(f"wrote {OUT}/flashing.svg, {OUT}/pass-fail.svg and {OUT}/sixteen.svg")
+    print(f"wrote flashing, pass-fail (160x45, 100x30, 80x24) and sixteen (160x45, 100x30) to {OUT}")
 
 
 if __name__ == "__main__":

@@ -90,14 +90,15 @@ class Slot:
         r = self.result
         if not r or r.passed:
             return ""
-        return f"{r.failed_step}: {r.error}"
+        return ": ".join(t for t in (r.failed_step, r.error) if t)
 
     @property
     def action(self) -> str:
         r = self.result
         if not r or r.passed:
             return "swap in the next board" if r else ""
-        return r.remedy or "retry"  # one source of advice: what the record says to do (aborts too)
+        # one source of advice: what the record says to do (an abort's too)
+        return r.remedy or ("put the board back and start it again" if r.outcome == "aborted" else "retry")
 
 
 class Line:
@@ -115,12 +116,15 @@ class Line:
         self.lock = threading.Lock()
         self.passed = 0
         self.failed = 0
+        self.aborted = 0
+        self.errors = 0  # the station's fault (database, disk, a bug): not the boards', not in the yield
         self.cycles: list[float] = []
         self.opened = time.monotonic()
 
     # -- counters -------------------------------------------------------------------------
     @property
     def yield_pct(self) -> float | None:
+        """Boards that passed of the boards tested: aborts and the station's errors say nothing of a board."""
         n = self.passed + self.failed
         return 100.0 * self.passed / n if n else None
 
@@ -226,6 +230,23 @@ class Line:
         slot.cancel.set()
         return True
 
+    def start_manually(self, index: int) -> str | None:
+        """The operator starts a waiting board (auto-start paused, or it waits); why not, in words, else None."""
+        slot = self.slots[index]
+        n = index + 1
+        if slot.status == "running":
+            return f"slot {n} is already working"
+        if not present(slot.port):
+            return f"slot {n} has no board"
+        if slot.status in ("passed", "failed", "aborted", "error"):
+            return f"slot {n} has finished: put the next board in, or F5 to retry it"
+        if self.labels_needed and not slot.scanned:
+            return f"slot {n} waits for its label: scan it first"
+        why = self.blocked()
+        if why:
+            return why
+        return None if self.start(index) else f"slot {n} is already working"
+
     def toggle_pause(self) -> bool:
         self.paused = not self.paused
         return self.paused
@@ -299,6 +320,10 @@ class Line:
                     self.cycles.append(slot.elapsed)
                 elif r.outcome == "failed":
                     self.failed += 1
+                elif r.outcome == "aborted":
+                    self.aborted += 1
+                elif r.outcome == "error":
+                    self.errors += 1
             slot.log.append(f"== {r.outcome.upper()} {r.error or ''}")
         elif isinstance(e, UnitInfo):
             slot.mac, slot.chip = e.mac or slot.mac, e.chip or slot.chip

@@ -1,11 +1,13 @@
-"""The operator's screen: one card per fixture slot, PASS or FAIL at a glance.
+"""The operator's screen: one card per fixture slot, its outcome at a glance at any terminal size.
 
 A thin Textual front end over `station.line.Line`: it shows the slots and passes
 the operator's keys and scans on; the line does the work in thread workers, so a
 hung port never freezes the screen. Keys are function keys (a barcode scanner types
 into the scan field): F2 history (Enter on a row: its detail), F3/F4 choose a slot, F5 retry,
-F7 shift change, F8 abort, F9 pause, F10 admin (switch profile or lot), Ctrl+Q quit. No unit
-starts until an operator has signed in (typed or badge-scanned at the prompt).
+F6 start the selected slot, F7 shift change, F8 abort, F9 pause (a PAUSED band across the
+screen), F10 admin (switch profile or lot), Ctrl+Q quit. No unit starts until an operator has
+signed in (typed or badge-scanned at the prompt). What a card and the header show in each size
+is `station.layout`.
 
 Every text that is not the screen's own (a board's console, an HTTP reply, an
 operator's name, a scan, a lot) is shown as `rich.text.Text` — never parsed as
@@ -27,22 +29,18 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
-from textual.content import Content
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLog, Static
+from textual.widgets import DataTable, Footer, Input, Label, RichLog, Static
 
 from .admin import AdminGate
+from .layout import COLOURS, WORDS, SlotView, card_text, header_lines
 from .line import NO_OPERATOR, Line, Slot
 from .pipeline import STEP_NAMES, StationContext
 from .record import RecordError
 from .secrets import NO_SECRETS
 from .text import one_line, safe_text
-
-STATUS_WORD = {"empty": "NO BOARD", "waiting": "READY", "running": "WORKING", "passed": "PASS",
-               "failed": "FAIL", "aborted": "ABORTED", "error": "STATION ERROR"}
-
 
 class SlotChanged(Message):
     def __init__(self, index: int) -> None:
@@ -62,67 +60,65 @@ def plain(text: str | None, redact: Callable[[str], str] = NO_SECRETS, style: st
     return Text(safe_text(redact(text or "")), style=style)
 
 
+class CardBody(Static):
+    """The card's lines, laid out for the size it has now (`station.layout.card_lines`)."""
+
+    view: SlotView | None = None
+
+    def render(self) -> Text:
+        if self.view is None:
+            return Text("")
+        return card_text(self.view, self.content_size.width, self.content_size.height)
+
+
 class SlotCard(Vertical):
     def __init__(self, index: int, redact: Callable[[str], str] = NO_SECRETS) -> None:
         super().__init__(id=f"slot-{index}", classes="card")
         self.index = index
         self.redact = redact
 
-    def words(self, text: str) -> Text:
-        return plain(text, self.redact)
+    def words(self, text: str | None) -> str:
+        return one_line(self.redact(text or ""))
 
     def compose(self) -> ComposeResult:
-        yield Label("", classes="title")
-        yield Static("", classes="ident")
-        yield Static("", classes="step")
-        yield ProgressBar(total=100, show_eta=False, show_percentage=False)
-        yield Static("", classes="rate")
-        yield Static("", classes="outcome")
-        yield Static("", classes="action")
+        yield CardBody("", classes="body")
 
-    def show(self, slot: Slot, selected: bool, labels_needed: bool, compact: bool = False) -> None:
-        self.set_class(selected, "selected")
-        for status in STATUS_WORD:
-            self.set_class(slot.status == status, status)
-        port = slot.port.rsplit("/", 1)[-1] if "://" in slot.port else slot.port
-        self.query_one(".title", Label).update(self.words(f"{slot.index + 1}  {port}"))
-        ident = (f"{one_line(slot.chip) or '-'}  {one_line(slot.mac) or '--:--:--:--:--:--'}\n"
-                 f"SN {one_line(slot.serial or slot.scanned) or '-'}")
-        self.query_one(".ident", Static).update(self.words(ident))
-        step = slot.step if slot.status == "running" else ""
-        waiting = slot.status == "waiting" and labels_needed and not slot.scanned
-        bar = self.query_one(ProgressBar)
-        pct = 100 * slot.done / slot.total if slot.total else (100 if slot.status == "passed" else 0)
-        bar.update(progress=pct)
-        rate = ""
-        if slot.status == "running" and slot.total and slot.step == "flash":
-            if compact:  # many slots: the rate shares the step's line
-                eta = f" {slot.eta:.0f}s" if slot.eta is not None else ""
-                rate = f"{_mb(slot.done)}/{_mb(slot.total)} MB {slot.rate / 1e3:.0f} kB/s{eta}"
-            else:
+    def view(self, slot: Slot, selected: bool, labels_needed: bool, paused: bool = False) -> SlotView:
+        """The slot as data, its texts redacted and on one line (a board's text never adds lines)."""
+        w = self.words
+        port = slot.port.rsplit("/", 1)[-1] if "://" in slot.port else slot.port.removeprefix("/dev/")
+        progress, short, fraction = "", "", None
+        if slot.status == "running":
+            fraction = slot.done / slot.total if slot.total else 0.0
+            progress = short = f"step: {slot.step}" if slot.step else "starting"
+            if slot.total and slot.step == "flash":
                 eta = f"  {slot.eta:.0f} s left" if slot.eta is not None else ""
-                rate = f"{_mb(slot.done)}/{_mb(slot.total)} MB  {slot.rate / 1e3:.0f} kB/s{eta}"
-        if compact:
-            self.query_one(".step", Static).update(self.words(
-                f"{step} {rate}".strip() if step else ("scan the label" if waiting else "")))
-        else:
-            self.query_one(".step", Static).update(self.words(
-                f"step: {step}" if step else ("scan the label" if waiting else "")))
-            self.query_one(".rate", Static).update(self.words(rate))
-        word = STATUS_WORD[slot.status]
-        if slot.result is not None and slot.result.quarantine:  # test credentials left on the unit
-            word += " · QUARANTINE"
-        self.query_one(".outcome", Static).update(self.words(word))
-        action = ""
-        if slot.status in ("failed", "aborted", "error") and compact:  # one line: what to do; the reason is in the log
-            action = f"→ {slot.action}"
-        elif slot.status in ("failed", "aborted", "error"):
-            action = f"{slot.reason}\n→ {slot.action}"
-        elif slot.status == "passed":
-            action = f"→ {slot.action}"
-        if slot.started is not None:
-            action = f"{slot.elapsed:5.1f} s  {action}"
-        self.query_one(".action", Static).update(self.words(action))
+                progress += f"  {_mb(slot.done)}/{_mb(slot.total)} MB  {slot.rate / 1e3:.0f} kB/s{eta}"
+                eta = f" {slot.eta:.0f} s" if slot.eta is not None else ""
+                short = f"flash {100 * fraction:.0f}% {slot.rate / 1e3:.0f} kB/s{eta}"
+        hint = ""
+        if slot.status == "waiting":
+            hint = "scan the label" if labels_needed and not slot.scanned else (
+                "paused: F6 starts it" if paused else "")
+        return SlotView(
+            number=slot.index + 1, port=w(port), status=slot.status, serial=w(slot.serial or slot.scanned),
+            chip=w(slot.chip), mac=w(slot.mac), progress=w(progress), progress_short=w(short), fraction=fraction,
+            elapsed=slot.elapsed if slot.started is not None else None, reason=w(slot.reason),
+            action=w(slot.action), hint=hint, selected=selected,
+            flag="QUARANTINE" if slot.result is not None and slot.result.quarantine else "")
+
+    @property
+    def view_shown(self) -> SlotView | None:
+        """The view the card shows now (before it is laid out in lines)."""
+        return self.query_one(CardBody).view
+
+    def show(self, slot: Slot, selected: bool, labels_needed: bool, paused: bool = False) -> None:
+        self.set_class(selected, "selected")
+        for status in WORDS:
+            self.set_class(slot.status == status, status)
+        body = self.query_one(CardBody)
+        body.view = self.view(slot, selected, labels_needed, paused)
+        body.refresh()
 
 
 class TextPrompt(ModalScreen[str | None]):
@@ -290,45 +286,57 @@ class AttemptScreen(Screen):
         return out
 
 
+SLOT_KEYS = Binding.Group("Slot")  # F3 F4 share one word in the footer
+BOTTOM_LOG_ROWS = 9  # the selected slot's log beside the scan field, when the cards can spare it
+ROOMY_CARD_LINES = 12  # inner lines a card keeps before the log may take rows from it
+TINY_CARD_ROWS = 8  # cards lower than this drop their border (16 slots at 100x30)
+
+
 class StationApp(App):
     TITLE = "Provisioning station"
     CSS = """
     Screen { layout: vertical; }
-    #header { height: 2; background: $boost; padding: 0 1; }
+    #header { height: auto; background: $boost; padding: 0 1; }
+    #paused { height: 1; width: 100%; display: none; content-align: center middle; text-style: bold;
+              background: $warning; color: black; }
+    #paused.on { display: block; }
     #slots { grid-size: 4; grid-gutter: 0 1; height: 1fr; }
-    .card { border: round $panel-lighten-2; padding: 0 1; height: 100%; }
+    .card { border: round $panel-lighten-2; padding: 0 1; height: 100%; background: $panel; }
+    .card .body { height: 1fr; width: 1fr; }
     .card.selected { border: double $accent; }
-    .card .title { text-style: bold; }
-    .card .outcome { height: 3; content-align: center middle; text-style: bold; background: $panel; }
-    .card.passed .outcome { background: green; color: white; }
-    .card.failed .outcome { background: red; color: white; }
-    .card.aborted .outcome { background: darkorange; color: black; }
-    .card.error .outcome { background: magenta; color: white; }
-    .card.running .outcome { background: $warning-darken-2; color: black; }
-    .card.failed { border: round red; }
-    .card.passed { border: round green; }
-    .card .action { height: auto; }
+    .card.passed { background: #1b7f3b; color: white; border: round white; }
+    .card.failed { background: #c62828; color: white; border: round white; }
+    .card.aborted { background: #ff8c00; color: black; border: round black; }
+    .card.error { background: #b0279b; color: white; border: round white; }
+    .card.passed.selected, .card.failed.selected, .card.error.selected { border: double white; }
+    .card.aborted.selected { border: double black; }
+    #slots.tiny .card { border: none; padding: 0 1; }
     #bottom { height: 9; }
-    #slots.compact .card .outcome { height: 1; }
-    #slots.compact .card .rate { display: none; }
-    #bottom.compact { height: 6; }
     #log { width: 1fr; border: round $panel-lighten-2; }
     #scan { width: 40; }
     #scan.refused { background: red; }
+    #bottom.slim { height: 1; }
+    #bottom.slim #log { display: none; }
+    #bottom.slim #scan-box { layout: horizontal; width: 1fr; }
+    #bottom.slim #scan-box Label { width: auto; padding: 0 1; }
+    Footer.-compact FooterLabel { margin: 0 1 0 0; }
     #dialog { width: 60; height: auto; border: thick $accent; padding: 1 2; background: $surface; }
     TextPrompt, Confirm { align: center middle; }
     """
+    # F keys, because a barcode scanner types into the scan field; short words, so 80 columns show every key
     BINDINGS = [
-        Binding("f2", "history", "History"),
-        Binding("f3", "select(-1)", "Prev slot"),
-        Binding("f4", "select(1)", "Next slot"),
-        Binding("f5", "retry", "Retry"),
-        Binding("f7", "shift_change", "Shift"),
-        Binding("f8", "abort", "Abort"),
-        Binding("f9", "pause", "Pause"),
-        Binding("f10", "admin", "Admin"),
-        Binding("ctrl+q", "quit_station", "Quit", priority=True),
+        Binding("f2", "history", "History", key_display="F2"),
+        Binding("f3", "select(-1)", "Prev slot", key_display="F3", group=SLOT_KEYS),
+        Binding("f4", "select(1)", "Next slot", key_display="F4", group=SLOT_KEYS),
+        Binding("f5", "retry", "Retry", key_display="F5"),
+        Binding("f6", "start", "Start", key_display="F6"),
+        Binding("f7", "shift_change", "Shift", key_display="F7"),
+        Binding("f8", "abort", "Abort", key_display="F8"),
+        Binding("f9", "pause", "Pause", key_display="F9"),
+        Binding("f10", "admin", "Admin", key_display="F10", show=False),  # for the line's admin, not operators
+        Binding("ctrl+q", "quit_station", "Quit", key_display="^Q", priority=True),
     ]
+    ENABLE_COMMAND_PALETTE = False  # its Quit would skip the question; its themes are not the line's business
 
     def __init__(self, ctx: StationContext, ports: list[str], operator: str | None = None,
                  open_profile: Callable[[str], StationContext] | None = None, poll_interval: float = 0.2):
@@ -340,12 +348,14 @@ class StationApp(App):
         self.poll_interval = poll_interval
         self.selected = 0
         self.chosen: int | None = None  # a slot the operator picked for the next scan
-        self.compact = False  # many slots: cards of one line per item
+        self.compact = False  # cards too low to spare rows for the log: the scan field alone at the bottom
+        self._header_rows = 2
         self.crashed: str | None = None  # why the screen stopped on an error (redacted): the CLI exits 3
 
     # -- layout ---------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Static("", id="header")
+        yield Static("PAUSED · no board starts by itself · F9 resumes · F6 starts the selected slot", id="paused")
         with Grid(id="slots"):
             for slot in self.line.slots:
                 yield SlotCard(slot.index, self.redact)
@@ -354,7 +364,7 @@ class StationApp(App):
             with Vertical(id="scan-box"):
                 yield Label("Scan label")
                 yield Input(placeholder="scan or type a serial", id="scan")
-        yield Footer()
+        yield Footer(compact=True)  # every key and its word in 80 columns
 
     def on_mount(self) -> None:
         # the main screen's widgets, kept: a dialog on top must not hide them from updates
@@ -363,10 +373,11 @@ class StationApp(App):
         self.log_view = self.query_one("#log", RichLog)
         self.slots_view = self.query_one("#slots")
         self.scan_field = self.query_one("#scan", Input)
+        self.paused_view = self.query_one("#paused", Static)
+        self._header()
         self._columns()
         for slot in self.line.slots:
             self._show(slot.index)
-        self._header()
         if threading.current_thread() is threading.main_thread():
             self.install_signal_handlers()
         self.set_interval(self.poll_interval, self._poll)
@@ -383,6 +394,7 @@ class StationApp(App):
             self.push_screen(TextPrompt("Operator: type your name or scan your badge"), self._set_operator)
 
     def on_resize(self) -> None:
+        self._header()
         self._columns()
 
     # -- text that is not ours ---------------------------------------------------------------------
@@ -407,17 +419,23 @@ class StationApp(App):
         self._close_messages_no_wait()  # the reason is in self.crashed, printed by the CLI without locals
 
     def _columns(self) -> None:
+        """Cards, log and scan field shared out for this size: every card keeps its number, state, serial,
+        and on FAIL/ERROR the reason and next action; the log only takes rows the cards can spare."""
+        if not hasattr(self, "slots_view"):
+            return
         n = len(self.line.slots)
-        cols = 4 if self.size.width >= 140 else 2
-        if hasattr(self, "slots_view"):
-            self.slots_view.styles.grid_size_columns = min(cols, max(1, n))
-            compact = -(-n // cols) >= 3  # three rows of cards or more (16 ports): one line each
-            if compact != self.compact:
-                self.compact = compact
-                self.slots_view.set_class(compact, "compact")
-                self.query_one("#bottom").set_class(compact, "compact")
-                for slot in self.line.slots:
-                    self._show(slot.index)
+        width, height = self.size
+        cols = max(1, min(n, 4 if width >= 140 or n > 8 else 2))
+        rows = max(1, -(-n // cols))  # a screen may open with no fixture port at all
+        free = height - self._header_rows - self.line.paused - 1  # the footer's row
+        compact = (free - BOTTOM_LOG_ROWS) // rows - 2 < ROOMY_CARD_LINES
+        tiny = (free - (1 if compact else BOTTOM_LOG_ROWS)) // rows < TINY_CARD_ROWS
+        self.slots_view.styles.grid_size_columns = cols
+        self.slots_view.set_class(tiny, "tiny")
+        self.query_one("#bottom").set_class(compact, "slim")
+        self.scan_field.compact = compact
+        self.slots_view.set_class(compact, "compact")
+        self.compact = compact
 
     def _set_operator(self, name: str | None) -> None:
         """The prompt's answer: a name signs in (in the record, as who took over); Esc changes nothing."""
@@ -458,7 +476,7 @@ class StationApp(App):
         card = self.cards[index]
         if not card.is_attached:
             return  # the screen is closing; the line's last changes have nowhere to go
-        card.show(slot, index == self.selected, self.line.labels_needed, self.compact)
+        card.show(slot, index == self.selected, self.line.labels_needed, self.line.paused)
         if index == self.selected:
             self._log()
 
@@ -470,22 +488,40 @@ class StationApp(App):
             log.write(self.words(text))
 
     def _header(self) -> None:
+        if not hasattr(self, "header_view"):
+            return  # a resize before the screen is mounted
         line, prof = self.line, self.line.ctx.profile
         y = f"{line.yield_pct:.0f}%" if line.yield_pct is not None else "-"
         cyc = f"{line.mean_cycle:.1f} s" if line.mean_cycle is not None else "-"
 
         def say(text: str | None) -> str:
             return safe_text(self.redact(one_line(text)))
-        # our styles around names we did not write (operator, lot, profile): assembled, never parsed as markup
-        header = Content.assemble(
-            "profile ", (say(prof.name), "bold"), f" ({say(prof.title)}) · fw {say(prof.firmware_version()) or '?'}"
-            f" · config {prof.content_hash[:8]}   station ", (say(line.ctx.station.station_id), "bold"),
-            " · operator ", (say(line.operator) or "-", "bold"), " · lot ", (say(line.lot) or "-", "bold"),
-            *(("  ", (" PAUSED ", "reverse")) if line.paused else ()), "\n",
-            (f"PASS {line.passed}", "green"), "  ", (f"FAIL {line.failed}", "red"),
-            f"  yield {y}  {line.units_per_hour:.0f} units/h  cycle {cyc}",
-            *(("  ", (f" NOT STARTING UNITS: {say(line.refusal)} ", "reverse red")) if line.refusal else ()))
-        self.header_view.update(header)
+
+        def named(label: str, name: str | None, rest: str = "") -> Text:
+            # our styles around names we did not write (operator, lot, profile): assembled, never parsed as markup
+            return Text.assemble(label, (say(name) or "-", "bold"), rest)
+
+        def count(word: str, status: str, n: int) -> Text:
+            fg, bg = COLOURS[status]
+            return Text(f" {word} {n} ", style=f"bold {fg} on {bg}")
+
+        groups = [
+            (True, " · ", [named("profile ", prof.name, f" ({say(prof.title)})"),
+                           Text(f"fw {say(prof.firmware_version()) or '?'}"), Text(f"config {prof.content_hash[:8]}")]),
+            (False, " · ", [named("station ", line.ctx.station.station_id), named("operator ", line.operator),
+                            named("lot ", line.lot)]),
+            (True, "  ", [count("PASS", "passed", line.passed), count("FAIL", "failed", line.failed),
+                          count("ABORTED", "aborted", line.aborted), count("ERROR", "error", line.errors),
+                          Text(f"yield {y}"), Text(f"{line.units_per_hour:.0f} units/h"), Text(f"cycle {cyc}")]),
+            (False, "", [Text(f" NOT STARTING UNITS: {say(line.refusal)} ", style="reverse red")
+                         if line.refusal else Text("")]),
+        ]
+        lines = header_lines(groups, max(self.size.width - 2, 20))
+        self.header_view.update(Text("\n").join(lines))
+        self.paused_view.set_class(line.paused, "on")
+        if len(lines) != self._header_rows:  # a folded header takes its rows from the cards
+            self._header_rows = len(lines)
+            self._columns()
 
     def _poll(self) -> None:
         self.line.poll()
@@ -527,10 +563,18 @@ class StationApp(App):
         if not self.line.abort(self.selected):
             self.bell()
 
+    def action_start(self) -> None:
+        why = self.line.start_manually(self.selected)
+        if why:
+            self.bell()
+            self.tell(why, severity="warning", timeout=4)
+
     def action_pause(self) -> None:
-        paused = self.line.toggle_pause()
-        self.notify("auto-start paused" if paused else "auto-start resumed")
+        self.line.toggle_pause()  # the PAUSED band says it (a toast would cover a card)
         self._header()
+        self._columns()  # the PAUSED band takes a row
+        for slot in self.line.slots:
+            self._show(slot.index)
 
     def action_history(self) -> None:
         self.push_screen(HistoryScreen(self.line, self.words))

@@ -196,6 +196,8 @@ def test_no_secret_on_the_screen(secret_env):
                 await pilot.pause(0.3)  # the last change reaches the card
                 card = app.query_one("#slot-0", SlotCard)
                 texts = [str(w.render()) for w in card.query("Static, Label")]
+                # a card lays its text out in lines: the sentences on one line, and its texts before layout
+                texts += [" ".join(t.split()) for t in texts] + [str(v) for v in vars(card.view_shown).values()]
                 texts += [str(app.query_one("#header").render())]
                 texts += [strip.text for strip in app.query_one("#log").lines]
                 svg = app.export_screenshot()

@@ -14,7 +14,10 @@ from flashing.virtual.bench import VirtualBench
 from station.events import Progress, StepStarted, UnitFinished, UnitInfo, UnitResult
 from station.admin import hash_password, write_stored
 from station.runner import open_station
-from station.tui import Confirm, HistoryScreen, SlotCard, StationApp, TextPrompt
+from station.layout import WORDS, SlotView
+from station.tui import CardBody, Confirm, HistoryScreen, SlotCard, StationApp, TextPrompt
+
+from .test_layout import flat, missing, shows_word
 
 
 def ctx_for(env, profile="relay"):
@@ -33,9 +36,21 @@ def header_text(app) -> str:
     return str(app.query_one("#header").render())
 
 
+def on_screen(widget) -> list[str]:
+    """The lines of `widget` as the terminal shows them (the compositor's output: what is cut is not there)."""
+    r = widget.region
+    screen = [strip.text for strip in widget.screen._compositor.render_strips()]
+    return [line[r.x:r.right] for line in screen[r.y:r.bottom]]
+
+
+def card_lines(app, i) -> list[str]:
+    return on_screen(app.query_one(f"#slot-{i}", SlotCard).query_one(CardBody))
+
+
 def card_text(app, i) -> str:
-    card = app.query_one(f"#slot-{i}", SlotCard)
-    return " ".join(str(w.render()) for w in card.query("Static, Label"))
+    """A card's words on one line, and its state word when it is shown in block letters."""
+    lines = card_lines(app, i)
+    return " ".join([flat(lines), *(w for w in WORDS.values() if w not in flat(lines) and shows_word(lines, w))])
 
 
 def run(coro):
@@ -288,28 +303,57 @@ def test_admin_lock_on_profile_and_lot_change(station_env):
     assert (row["profile"], row["lot"], row["outcome"]) == ("relay2", "LOT-42", "passed")
 
 
-def test_f9_pauses_and_resumes_auto_start(station_env):
-    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
-        dev = bench[0].device
-        dev.unplug()
-        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1)
+def test_f9_pauses_behind_a_band_across_the_screen_and_f6_starts_the_selected_board(station_env):
+    with VirtualBench(2, "esp32", run_dir=station_env / "run") as bench:
+        for slot in bench.slots:
+            slot.device.unplug()
+        app = StationApp(ctx_for(station_env), [s.url for s in bench.slots], operator="Anna", poll_interval=0.1)
+        refusals = []
+        app.bell = lambda: refusals.append(None)
 
         async def go():
             async with app.run_test(size=(100, 30)) as pilot:
-                line, slot = app.line, app.line.slots[0]
+                line, band = app.line, app.query_one("#paused")
+                assert not band.display
                 await pilot.press("f9")
-                await until(pilot, lambda: "PAUSED" in header_text(app))
-                assert line.paused
-                dev.replug()
+                await until(pilot, lambda: band.display)
+                assert line.paused and band.region.width == 100  # a band across the screen, not a word
+                assert "PAUSED" in " ".join(on_screen(band)) and "F9 resumes" in " ".join(on_screen(band))
+                await pilot.press("f6")  # no board in slot 1: refused with a bell, nothing starts
+                await until(pilot, lambda: refusals)
+                assert [s.status for s in line.slots] == ["empty", "empty"]
+                bench[0].device.replug()
+                bench[1].device.replug()
                 # the poll that sees a board arrive starts it at once unless paused
-                await until(pilot, lambda: slot.present)
+                await until(pilot, lambda: all(s.present for s in line.slots))
                 line.poll()
-                line.poll()
-                assert slot.status == "waiting" and "READY" in card_text(app, 0)
+                assert [s.status for s in line.slots] == ["waiting", "waiting"]
+                await until(pilot, lambda: "paused: F6 starts it" in card_text(app, 1))
+                await pilot.press("f4", "f6")  # the selected slot (2) starts; slot 1 keeps waiting
+                await until(pilot, lambda: line.slots[1].status == "passed")
+                assert line.slots[0].status == "waiting" and "READY" in card_text(app, 0)
                 await pilot.press("f9")
-                await until(pilot, lambda: "PAUSED" not in header_text(app))
-                await until(pilot, lambda: slot.status == "passed")
+                await until(pilot, lambda: not band.display)
+                await until(pilot, lambda: line.slots[0].status == "passed")
                 assert not line.paused
+        run(go())
+
+
+def test_f6_waits_for_the_label_when_the_profile_takes_serials_from_labels(station_env):
+    label_profile(station_env)
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        app = StationApp(ctx_for(station_env), [bench[0].url], operator="Anna", poll_interval=0.1)
+        notes = []
+        orig = app.notify
+        app.notify = lambda msg, **kw: (notes.append(msg), orig(msg, **kw))
+
+        async def go():
+            async with app.run_test(size=(80, 24)) as pilot:
+                await until(pilot, lambda: app.line.slots[0].status == "waiting")
+                await pilot.press("f6")
+                await until(pilot, lambda: notes)
+                assert notes == ["slot 1 waits for its label: scan it first"]
+                assert app.line.slots[0].status == "waiting"
         run(go())
 
 
@@ -326,7 +370,7 @@ def test_operator_is_asked_at_start(station_env):
     run(go())
 
 
-@pytest.mark.parametrize("size", [(100, 30), (160, 45)])
+@pytest.mark.parametrize("size", [(80, 24), (100, 30), (160, 45)])
 def test_snapshot_main_screen(station_env, snap_compare, size):
     cfg = station_env / "station.toml"
     cfg.write_text(cfg.read_text().replace('station_id = "test-station"', 'station_id = "line-1-station-1"'))
@@ -424,71 +468,94 @@ def test_snapshot_flashing(fixed_station, snap_compare):
     assert snap_compare(app, terminal_size=(160, 45), run_before=before)
 
 
-def test_snapshot_pass_and_fail(fixed_station, snap_compare):
+# the outcomes, with the words the pipeline and the record use
+OUTCOMES = [
+    ("passed", None, None, None),
+    ("failed", "flash", "the board was unplugged or the port failed while writing",
+     "reseat the board, then retry; replace the board if it fails again"),
+    ("aborted", "boot", "aborted by the operator", "put the board back and start it again"),
+    ("error", "serial", "the record's database is locked by another process",
+     "call the station's engineer; put this board aside"),
+    ("running", None, None, None),
+]
+
+
+def outcomes(app, clock, slots: int) -> dict[int, SlotView]:
+    """PASS, FAIL, ABORTED, ERROR and WORKING in turn; what each card must show, as the test knows it."""
+    expect = {}
+    for i in range(slots):
+        outcome, step, error, remedy = OUTCOMES[i % 5] if slots > 4 else OUTCOMES[i]
+        if outcome == "running":
+            play(app, clock, i, "flash", 0.5)
+        else:
+            play(app, clock, i, step or "boot", 0.3)
+            finish(app, clock, i, outcome, step, error, remedy)
+        expect[i] = SlotView(number=i + 1, port="", status=outcome, serial=f"RLY-261126-{i + 1:05d}",
+                             reason=f"{step}: {error}" if error else "", action=remedy or "")
+    return expect
+
+
+LAYOUTS = [((80, 24), 4), ((100, 30), 4), ((160, 45), 4), ((160, 45), 16), ((100, 30), 16)]
+LAYOUT_IDS = [f"{w}x{h}-{n}slots" for (w, h), n in LAYOUTS]
+
+
+@pytest.mark.parametrize("size,slots", LAYOUTS, ids=LAYOUT_IDS)
+def test_every_card_shows_number_outcome_serial_reason_and_action_at_every_size(fixed_station, size, slots):
+    env, clock = fixed_station
+    app = fixed_app(env, clock, slots)
+
+    async def go():
+        async with app.run_test(size=size) as pilot:
+            expect = outcomes(app, clock, slots)
+            await settle(pilot, app, {i: v.word for i, v in expect.items()})
+            gone = []
+            for i, v in expect.items():
+                lines = card_lines(app, i)
+                gone += [f"slot {i + 1} ({v.word}): {what}" for what in missing(v, lines, len(lines[0]))]
+                if v.status == "running" and "flash" not in flat(lines):
+                    gone.append(f"slot {i + 1}: its step")
+            assert not gone, "\n".join(gone)
+            header = " ".join(on_screen(app.query_one("#header")))
+            counts = {w: sum(v.word == w for v in expect.values()) for w in ("PASS", "FAIL", "ABORTED", "ERROR")}
+            for word, n in counts.items():
+                assert f"{word} {n}" in header, header
+            y = 100 * counts["PASS"] / (counts["PASS"] + counts["FAIL"])
+            assert f"yield {y:.0f}%" in header and "units/h" in header and "cycle 12.0 s" in header, header
+            assert (app.line.aborted, app.line.errors) == (counts["ABORTED"], counts["ERROR"])
+            await until(pilot, lambda: on_screen(app.query_one("Footer"))[0].strip())  # it composes late
+            footer = on_screen(app.query_one("Footer"))[0]
+            for b in app.BINDINGS:
+                if b.show:  # every key and its word, whole
+                    assert b.key_display in footer and (b.group or b).description in footer, footer
+            if not any(b.key == "f7" for b in app.BINDINGS):  # room kept for the shift-change key (#14)
+                assert len(footer.rstrip()) <= size[0] - 10, footer
+    run(go())
+
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 30), (160, 45)])
+def test_snapshot_outcomes(fixed_station, snap_compare, size):
     env, clock = fixed_station
     app = fixed_app(env, clock, 4)
 
     async def before(pilot):
         steady_cursor(app)
-        play(app, clock, 0, "boot")
-        finish(app, clock, 0, "passed")
-        play(app, clock, 1, "flash", 0.3)
-        finish(app, clock, 1, "failed", "flash", "the board was unplugged or the port failed while writing",
-               "reseat the board, then retry")
-        play(app, clock, 2, "boot")
-        finish(app, clock, 2, "passed")
-        play(app, clock, 3, "connect")
-        finish(app, clock, 3, "failed", "connect", "wrong chip: found ESP32-C3, the profile is for ESP32",
-               "put this board aside for the right product, or load the right profile")
-        await settle(pilot, app, {0: "PASS", 1: "FAIL", 2: "PASS", 3: "FAIL"})
-        assert "PASS 2" in header_text(app) and "FAIL 2" in header_text(app) and "yield 50%" in header_text(app)
+        expect = outcomes(app, clock, 4)
+        await settle(pilot, app, {i: v.word for i, v in expect.items()})
 
-    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
+    assert snap_compare(app, terminal_size=size, run_before=before)
 
 
-def test_snapshot_aborted(fixed_station, snap_compare):
-    env, clock = fixed_station
-    app = fixed_app(env, clock, 2)
-
-    async def before(pilot):
-        steady_cursor(app)
-        play(app, clock, 0, "flash", 0.5)
-        finish(app, clock, 0, "aborted", "flash", "the board was pulled out mid-run",
-               "put the board back and start it again")
-        play(app, clock, 1, "boot")
-        finish(app, clock, 1, "aborted", "boot", "aborted by the operator", "put the board back and start it again")
-        await settle(pilot, app, {0: "ABORTED", 1: "ABORTED"})
-        assert "pulled out mid-run" in card_text(app, 0) and "put the board back" in card_text(app, 0)
-
-    assert snap_compare(app, terminal_size=(100, 30), run_before=before)
-
-
-def test_snapshot_sixteen_slots(fixed_station, snap_compare):
+@pytest.mark.parametrize("size", [(160, 45), (100, 30)])
+def test_snapshot_sixteen_slots(fixed_station, snap_compare, size):
     env, clock = fixed_station
     app = fixed_app(env, clock, 16)
 
     async def before(pilot):
         steady_cursor(app)
-        words = {}
-        for i in range(16):
-            kind = i % 4
-            if kind in (0, 1):
-                play(app, clock, i, "flash", (i + 1) / 17)
-                words[i] = "kB/s"
-            elif kind == 2:
-                play(app, clock, i, "boot")
-                finish(app, clock, i, "passed")
-                words[i] = "PASS"
-            elif i == 15:
-                play(app, clock, i, "flash", 0.6)
-                finish(app, clock, i, "aborted", "flash", "the board was pulled out mid-run",
-                       "put the board back and start it again")
-                words[i] = "ABORTED"
-            else:
-                play(app, clock, i, "connect")
-                finish(app, clock, i, "failed", "connect", "no device answered", "check the board is seated")
-                words[i] = "FAIL"
-        await settle(pilot, app, words)
+        expect = outcomes(app, clock, 16)
+        if size == (160, 45):
+            await pilot.press("f9")  # the PAUSED band above the cards
+        await settle(pilot, app, {i: v.word for i, v in expect.items()})
         assert app.compact
 
-    assert snap_compare(app, terminal_size=(160, 45), run_before=before)
+    assert snap_compare(app, terminal_size=size, run_before=before)
