@@ -60,7 +60,8 @@ from .schema import (
 from .serials import SerialPattern, SerialPatternError
 
 __all__ = ["Problem", "ProfileError", "Profile", "Region", "ConfigKey", "SecretSource", "Checks",
-           "load_profile", "check_profile", "resolve_secrets", "find_profile"]
+           "load_profile", "check_profile", "resolve_secrets", "find_profile", "locate_profile",
+           "examples_dir", "ProfileSource"]
 
 DEVICE_CLASSES = ("wifi", "no-wifi", "other")
 SMOKE_LEVELS = ("none", "healthcheck", "pair")
@@ -281,6 +282,7 @@ class Profile:
     keys_partition: str = "nvs_keys"
     partitions: tuple[Partition, ...] = dataclasses.field(default=())
     flash_size: str | None = None  # as declared; None: the bootloader header's
+    origin: str = "path"  # where the name led: path, profiles_dir or packaged example
 
     @property
     def dir(self) -> Path:
@@ -303,6 +305,13 @@ class Profile:
         ends += [p.offset + p.size for p in self.partitions]
         return max(ends, default=0)
 
+    def board_flash_bytes(self) -> int:
+        """A virtual board's flash for this profile: the declared flash_size, else what the layout reaches (4 MB at least)."""
+        need = self.needed_flash()
+        declared = int(self.flash_size.removesuffix("MB")) << 20 if self.flash_size else 0
+        size = declared if declared >= need else max(4 << 20, need)
+        return 1 << (size - 1).bit_length()
+
     def firmware_version(self) -> str | None:
         for r in self.regions:
             if r.name == "app":
@@ -320,22 +329,48 @@ def _app_version(path: Path, sha256: str) -> str | None:
     return info.app.version if info.app else None
 
 
-def find_profile(name_or_path: str | Path, profiles_dir: Path) -> Path:
+def examples_dir() -> Path:
+    """The example profiles shipped with the station: the checkout's profiles/, or the installed package's copy."""
+    from .config import source_checkout
+
+    root = source_checkout()
+    return root / "profiles" if root is not None else Path(__file__).resolve().parent / "examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSource:
+    """Where a profile name led: its profile.toml and which of the three places it came from."""
+
+    path: Path
+    origin: str  # "path", "profiles_dir" or "packaged example"
+
+
+def locate_profile(name_or_path: str | Path, profiles_dir: Path) -> ProfileSource:
+    """A profile by path, else by name under the configured profiles_dir, else among the packaged examples."""
     p = Path(name_or_path)
     if p.is_file():
-        return p
+        return ProfileSource(p, "path")
     if (p / "profile.toml").exists():
-        return p / "profile.toml"
+        return ProfileSource(p / "profile.toml", "path")
     candidate = profiles_dir / str(name_or_path) / "profile.toml"
     if candidate.exists():  # a folder or an unreadable file is named by the reader
-        return candidate
+        return ProfileSource(candidate, "profiles_dir")
+    example = examples_dir() / str(name_or_path) / "profile.toml"
+    if p.name == str(name_or_path) and example.is_file():  # a bare name, never a path into the package
+        return ProfileSource(example, "packaged example")
     raise ProfileError([Problem(str(candidate), "profile", "not found: give a profile name "
-                                f"under {profiles_dir} or a path to a profile.toml")])
+                                f"under {profiles_dir} or a path to a profile.toml (`station profile list` "
+                                "shows the profiles found)")])
+
+
+def find_profile(name_or_path: str | Path, profiles_dir: Path) -> Path:
+    return locate_profile(name_or_path, profiles_dir).path
 
 
 def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")) -> Profile:
     """Read and check a profile.toml; ProfileError lists every problem of the file at once."""
-    path = find_profile(name_or_path, profiles_dir)
+    found = locate_profile(name_or_path, profiles_dir)
+    path = found.path
     try:
         text = read_text(path, "profile")
         spec, problems = validate(ProfileFile, parse_toml(text, path), str(path))
@@ -361,7 +396,7 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
         serial_pattern=pattern, checks=spec.checks, content_hash=content.hexdigest(),
         product_id=spec.product_id, lot=spec.lot, encryption=spec.config.encryption,
         keys_partition=spec.config.keys_partition, partitions=_partitions(regions),
-        flash_size=spec.flash_size,
+        flash_size=spec.flash_size, origin=found.origin,
     )
 
 
