@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from flashing.firmware import read_manifest
 from flashing.images import FLASH_SIZES, SUPPORTED_CHIPS, ImageError, Partition, check_image_bytes, parse_partition_table
 
 from .schema import ConfigError, Problem, read_json, validate
@@ -62,6 +63,7 @@ class IdfBuild:
     partitions: tuple[Partition, ...]
     project: str | None
     version: str | None
+    declared_partition: str | None = None  # where a 2Smart firmware's manifest says it reads its config
 
 
 def _build_dir(path: Path) -> Path:
@@ -146,9 +148,12 @@ def read_build(path: Path, chip: str | None = None) -> IdfBuild:
             project, version = (info.project_name, info.version) if info else (project, version)
         except ImageError:
             pass  # `profile check` names what is wrong with the image
+    manifest = read_manifest(app.data[:8192]) if app is not None else None  # as profile check reads it
+    declared = ((manifest or {}).get("config") or {}).get("partition") if isinstance(manifest, dict) else None
     return IdfBuild(build, fa_path, chosen, chip_from, size if size in FLASH_SIZES else None, tuple(files),
                     parts, project if isinstance(project, str) else None,
-                    version if isinstance(version, str) else None)
+                    version if isinstance(version, str) else None,
+                    declared if isinstance(declared, str) else None)
 
 
 def _kb(n: int) -> str:
@@ -156,7 +161,8 @@ def _kb(n: int) -> str:
 
 
 def propose_config_partition(build: IdfBuild, requested: str | None = None, i_know: bool = False) -> Partition:
-    """The NVS partition for the units' config: a dedicated one, or `nvs` only when asked knowingly."""
+    """The NVS partition for the units' config: the one the firmware declares, else a dedicated one (`config`
+    among several), or `nvs` only when asked knowingly."""
     nvs = [p for p in build.partitions if (p.type, p.subtype) == (1, 2)]
     listed = ", ".join(f"{p.name} (0x{p.offset:x}, {_kb(p.size)})" for p in nvs) or "none"
     table = str(build.dir / next(b.rel for b in build.files if b.offset == 0x8000))
@@ -179,6 +185,8 @@ def propose_config_partition(build: IdfBuild, requested: str | None = None, i_kn
             raise ConfigError([Problem(table, "--config-partition", refuse_own)])
         return chosen
     dedicated = [p for p in nvs if p.name != APP_NVS]
+    if build.declared_partition in {p.name for p in dedicated}:  # the firmware says where it reads its config
+        return next(p for p in dedicated if p.name == build.declared_partition)
     if len(dedicated) == 1 or any(p.name == "config" for p in dedicated):
         return next((p for p in dedicated if p.name == "config"), dedicated[0])
     if dedicated:
