@@ -419,7 +419,7 @@ def cmd_profile_list(args: argparse.Namespace) -> int:
             try:
                 prof = load_profile(toml)
                 _out(f"{name:<20} {prof.title[:28]:<28} {prof.chip:<9} {prof.firmware_version() or '?':<10} {where}")
-            except ConfigError as exc:
+            except ConfigError:
                 _out(f"{name:<20} {'(not readable: station profile check ' + name + ')':<49} {where}")
     return Exit.OK
 

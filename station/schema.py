@@ -329,8 +329,6 @@ def _type_words(t: Any) -> str:
         return "true or false"
     if t is int:
         return "whole number"
-    if t is Any or getattr(t, "__name__", "") == "TextOrWhole":
-        return "text or whole number"
     return getattr(t, "__name__", str(t))
 
 
