@@ -357,9 +357,13 @@ def cmd_profile_new(args: argparse.Namespace) -> int:
             _err(str(p))
         _err("station profile new: nothing was written")
         return Exit.USAGE
-    prof = load_profile(path)
-    # an unset token is the next step, not a fault of the new profile
-    problems = [p for p in check_profile(prof, store_path=station.secrets_file) if not p.field.startswith("secrets.")]
+    try:
+        prof = load_profile(path)
+        # an unset token is the next step, not a fault of the new profile
+        problems = [p for p in check_profile(prof, store_path=station.secrets_file)
+                    if not p.field.startswith("secrets.")]
+    except ConfigError as exc:
+        problems = getattr(exc, "problems", None) or [exc]
     if problems:
         shutil.rmtree(out)
         for p in problems:
