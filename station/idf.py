@@ -66,6 +66,11 @@ class IdfBuild:
     declared_partition: str | None = None  # where a 2Smart firmware's manifest says it reads its config
 
 
+def _table(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _build_dir(path: Path) -> Path:
     """The build folder, given the folder itself or one of its JSON files."""
     return path.parent if path.is_file() and path.suffix == ".json" else path
@@ -89,7 +94,7 @@ def read_build(path: Path, chip: str | None = None) -> IdfBuild:
     desc = desc if isinstance(desc, dict) else {}
 
     declared = [(v, f"{fa_path.name} extra_esptool_args.chip") for v in
-                [(raw.get("extra_esptool_args") or {}).get("chip")] if isinstance(v, str)]
+                [_table(raw, "extra_esptool_args").get("chip")] if isinstance(v, str)]
     declared += [(v, f"{desc_path.name} target") for v in [desc.get("target")] if isinstance(v, str)]
     if chip is not None:
         wrong = [f"{where} says {v!r}" for v, where in declared if v != chip]
@@ -117,6 +122,8 @@ def read_build(path: Path, chip: str | None = None) -> IdfBuild:
     for offset, rel in sorted(args.flash_files.items()):
         f = build / rel
         try:
+            if not f.is_file():  # a folder, or a FIFO that would never end
+                raise FileNotFoundError(2, "no such file" if not f.exists() else "not a file")
             if f.stat().st_size > MAX_IMAGE_BYTES:
                 problems.append(Problem(str(f), f"flash_files.0x{offset:x}", "larger than any ESP flash"))
                 continue
@@ -139,7 +146,7 @@ def read_build(path: Path, chip: str | None = None) -> IdfBuild:
     except ImageError as exc:
         raise ConfigError([Problem(str(build / table.rel), "partition table", str(exc))]) from None
 
-    size = (raw.get("flash_settings") or {}).get("flash_size")
+    size = _table(raw, "flash_settings").get("flash_size")
     project, version = desc.get("project_name"), desc.get("project_version")
     app = next((b for b in files if b.name == "app"), None)
     if app is not None and not (isinstance(project, str) and isinstance(version, str)):

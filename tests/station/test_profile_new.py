@@ -189,3 +189,21 @@ def test_the_reference_names_every_key_the_example_profile_uses():
     used = set(keys(tomllib.loads((REPO / "profiles/relay/profile.toml").read_text())))
     assert {"firmware.regions[].sha256", "config.keys[].unit", "secrets.NAME.env", "checks.smoke"} <= used
     assert [k for k in sorted(used) if f"| `{k}` |" not in table] == []
+
+
+def test_profile_new_says_what_is_wrong_with_a_build_and_writes_nothing(station_env, tmp_path, capsys):
+    rc, _, err = run_station(capsys, "profile", "new", "v5", "--from-idf", str(tmp_path))
+    assert rc == 2 and "give an ESP-IDF build folder" in err
+    build = _fake_build(tmp_path, "esp32", "4MB")
+    args = json.loads((build / "flasher_args.json").read_text())
+    del args["extra_esptool_args"]
+    (build / "flasher_args.json").write_text(json.dumps(args))
+    (build / "project_description.json").unlink()
+    rc, _, err = run_station(capsys, "profile", "new", "v5", "--from-idf", str(build))
+    assert rc == 2 and "does not say its chip: give --chip" in err
+    (build / "valve.bin").unlink()
+    rc, _, err = run_station(capsys, "profile", "new", "v5", "--from-idf", str(build), "--chip", "esp32")
+    assert rc == 2 and "valve.bin" in err and "is the build complete?" in err
+    rc, _, err = run_station(capsys, "profile", "new", "../v5", "--from-idf", str(build))
+    assert rc == 2 and "not a profile name" in err
+    assert not (station_env / "profiles" / "v5").exists() and not (station_env / "v5").exists()
