@@ -91,9 +91,10 @@ def find_config(explicit: Path | None = None) -> ConfigSource:
         return ConfigSource(path, how)
     for path, how in ((Path("station.toml"), "the current directory"),
                       (user_config_dir() / "station.toml", "the user's config folder")):
-        if path.is_file():
+        if path.exists():  # a folder or an unreadable file is named by the reader, not passed over
             return ConfigSource(path, how)
     return ConfigSource(None, "defaults", None if _run_from_checkout() else user_data_dir())
+
 
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 
