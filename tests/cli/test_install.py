@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,8 +22,12 @@ def _run(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
 
 def test_the_wheel_installs_into_a_fresh_venv_and_runs_from_an_empty_folder(tmp_path):
     started = time.monotonic()
+    # from a copy of the sources alone: setuptools would put a stale build/ folder's files in the wheel
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                             "var", ".pytest_cache", "tests", "benchmarks", "docs"))
     wheels = tmp_path / "wheels"
-    r = _run(sys.executable, "-m", "pip", "wheel", REPO, "--no-deps", "-q", "-w", wheels)
+    r = _run(sys.executable, "-m", "pip", "wheel", src, "--no-deps", "-q", "-w", wheels)
     assert r.returncode == 0, r.stderr[-3000:]
     (wheel,) = wheels.glob("provisioning_station-*.whl")
     venv = tmp_path / "venv"
