@@ -6,7 +6,8 @@
     python3 tasks.py coverage  # the test suite under coverage, then the per-module report
     python3 tasks.py bench   # the benchmark scripts (slow; prints the numbers we quote)
 
-Each creates or updates the local virtual environment `.venv` first.
+Each creates or updates the local virtual environment `.venv` first; the `station`
+command is then .venv/bin/station (`source .venv/bin/activate` puts it on PATH).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def ensure_venv() -> None:
     subprocess.run([PY, "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
     subprocess.run([PY, "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"], check=True)
     STAMP.write_text(want)
+    # the venv's bin is not on the caller's PATH: say how, once, when the environment is made
+    print(f"`station` is {VENV / 'bin' / 'station'}; to have it on your PATH: source {VENV / 'bin' / 'activate'}",
+          file=sys.stderr)
 
 
 def main() -> int:

@@ -393,6 +393,7 @@ def flash(run: FlashRun, station) -> int:
     except ConfigError as exc:
         return _not_ready(exc)
     _Words.redact = ctx.redactor
+    _info(f"profile {ctx.profile.name}: {ctx.profile.path.resolve()} ({ctx.profile.origin})")
     for a in ctx.record.settled:
         _info(f"station flash: interrupted earlier: {a['port']} {a['mac']} serial {a['serial']} "
               "(the station stopped mid-attempt; it is in the record as interrupted)")
@@ -406,9 +407,8 @@ def flash(run: FlashRun, station) -> int:
     if run.virtual:
         from flashing.virtual.bench import VirtualBench
 
-        size = max(4 * 1024 * 1024, ctx.profile.needed_flash())
-        size = 1 << (size - 1).bit_length()
-        bench = VirtualBench(run.virtual, ctx.profile.chip, size, control=False, realtime=run.realtime)
+        bench = VirtualBench(run.virtual, ctx.profile.chip, ctx.profile.board_flash_bytes(), control=False,
+                             realtime=run.realtime)
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
         ports += [slot.url for slot in bench.slots]
@@ -469,7 +469,159 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
         _err(f"{len(problems)} problem(s): profile {prof.name!r} is not ready")
         return Exit.USAGE
     print(f"profile {prof.name!r} is ready: {prof.chip}, firmware {prof.firmware_version()}, "
-          f"{len(prof.regions)} regions, config hash {prof.content_hash[:16]}")
+          f"{len(prof.regions)} regions, config hash {prof.content_hash[:16]} ({prof.origin} {prof.path.resolve()})")
+    return Exit.OK
+
+
+def cmd_profile_new(args: argparse.Namespace) -> int:
+    """A profile from an ESP-IDF build: images copied and pinned, chip and flash size read, config partition proposed."""
+    import shutil
+
+    from station.config import ConfigError, StationConfig
+    from station.idf import APP_NVS, NAME_PATTERN, env_name, propose_config_partition, read_build, write_profile
+    from station.profile import check_profile, load_profile
+
+    if not NAME_PATTERN.match(args.name):
+        _err(f"station profile new: {args.name!r} is not a profile name: letters, digits, '.', '_' and '-', "
+             "starting with a letter or digit (it becomes the folder's name)")
+        return Exit.USAGE
+    try:
+        station = StationConfig.load(args.config)
+        build = read_build(args.from_idf, args.chip)
+        part = propose_config_partition(build, args.config_partition, args.i_know)
+        out = args.out or station.profiles_dir / args.name
+        path = write_profile(args.name, build, part, out)
+    except ConfigError as exc:
+        for p in getattr(exc, "problems", None) or [exc]:
+            _err(str(p))
+        _err("station profile new: nothing was written")
+        return Exit.USAGE
+    try:
+        prof = load_profile(path)
+        # an unset token is the next step, not a fault of the new profile
+        problems = [p for p in check_profile(prof, store_path=station.secrets_file)
+                    if not p.field.startswith("secrets.")]
+    except ConfigError as exc:
+        problems = getattr(exc, "problems", None) or [exc]
+    if problems:
+        shutil.rmtree(out)
+        for p in problems:
+            _err(str(p))
+        _err(f"station profile new: the build does not make a profile the station accepts ({len(problems)} "
+             "problem(s) above); nothing was kept")
+        return Exit.USAGE
+    by = args.name if out.resolve() == (station.profiles_dir / args.name).resolve() else str(out)
+    size = build.flash_size or "the bootloader header's size"
+    _out(f"wrote profile {args.name!r}: {path.resolve()}")
+    _out(f"  chip {build.chip} (from {build.chip_from}); flash {size}"
+         + (" (flasher_args.json flash_settings.flash_size)" if build.flash_size else ""))
+    _out(f"  firmware {build.project or '?'} {build.version or '?'}: {len(build.files)} images COPIED into "
+         f"{(out / 'firmware').resolve()} (the profile no longer depends on the build folder)")
+    for b in build.files:
+        _out(f"    0x{b.offset:<8x} {len(b.data):>9} B  {b.name:<16} {b.target}  sha256 {b.sha256}")
+    own = " -- the app's own NVS, replaced whole on every unit (--i-know)" if part.name == APP_NVS else ""
+    _out(f"  config partition {part.name!r} at 0x{part.offset:x} ({part.size} bytes){own}")
+    _out("next steps:")
+    _out(f"  1. edit the lines marked EDIT in {path} (the vendor account's email, the product id)")
+    _out(f"  2. export {env_name(args.name)}_VENDOR_TOKEN=...  (the vendor's MQTT token; or keep it in the "
+         "station's encrypted store: station secrets set)")
+    _out(f"  3. station profile check {by}")
+    board = f"{prof.board_flash_bytes() >> 20}MB"
+    _out(f"  4. station flash --profile {by} --virtual 1   (its virtual boards get {board} of flash, as the "
+         f"profile says; with `station virtual` give --flash-size {board})")
+    return Exit.OK
+
+
+def _profile_sources(station) -> list[tuple[str, Path]]:
+    from station.profile import examples_dir
+
+    return [("profiles_dir", station.profiles_dir), ("packaged example", examples_dir())]
+
+
+def cmd_profile_list(args: argparse.Namespace) -> int:
+    """Every profile a name can reach: the configured profiles_dir first, then the packaged examples."""
+    from station.config import ConfigError, StationConfig
+    from station.profile import load_profile
+
+    try:
+        station = StationConfig.load(args.config)
+    except ConfigError as exc:
+        for p in getattr(exc, "problems", None) or [exc]:
+            _err(str(p))
+        return Exit.USAGE
+    seen_files, seen_names = set(), set()
+    _out(f"{'name':<20} {'title':<28} {'chip':<9} {'firmware':<10} where from")
+    for origin, base in _profile_sources(station):
+        for toml in sorted(base.glob("*/profile.toml")) if base.is_dir() else []:
+            if toml.resolve() in seen_files:
+                continue
+            seen_files.add(toml.resolve())
+            name = toml.parent.name
+            where = f"{origin} {toml.parent}" + (" (hidden by the profiles_dir one)" if name in seen_names else "")
+            seen_names.add(name)
+            try:
+                prof = load_profile(toml)
+                _out(f"{name:<20} {prof.title[:28]:<28} {prof.chip:<9} {prof.firmware_version() or '?':<10} {where}")
+            except ConfigError:
+                _out(f"{name:<20} {'(not readable: station profile check ' + name + ')':<49} {where}")
+    return Exit.OK
+
+
+def cmd_profile_show(args: argparse.Namespace) -> int:
+    """The resolved profile: where it came from, regions, partitions, config keys (secrets by name only)."""
+    from flashing.images import ImageError, check_image_bytes, chip_facts
+    from station.config import ConfigError, StationConfig
+    from station.profile import load_profile
+
+    try:
+        station = StationConfig.load(args.config)
+        prof = load_profile(args.profile, station.profiles_dir)
+    except ConfigError as exc:
+        for p in getattr(exc, "problems", None) or [exc]:
+            _err(str(p))
+        return Exit.USAGE
+    flash = f"{prof.flash_size} (declared)" if prof.flash_size else "not declared"
+    boot = next((r for r in prof.regions if r.offset == chip_facts(prof.chip).bootloader_offset), None)
+    if not prof.flash_size and boot is not None:
+        try:
+            flash = f"{check_image_bytes(boot.file.read_bytes()).flash_size_name} (the bootloader header's)"
+        except (OSError, ImageError):
+            pass
+    _out(f"profile {prof.name!r}: {prof.title}")
+    _out(f"  file {prof.path.resolve()} ({prof.origin})")
+    _out(f"  chip {prof.chip}, device class {prof.device_class}, product id {prof.product_id or '-'}, "
+         f"baud {prof.baud}, flash {flash}, virtual boards {prof.board_flash_bytes() >> 20}MB")
+    _out(f"  firmware version {prof.firmware_version() or '?'}, content hash {prof.content_hash[:16]}")
+    _out("regions (written in this order):")
+    for r in prof.regions:
+        try:
+            size = f"{r.file.stat().st_size:>9} B"
+        except OSError:
+            size = f"{'missing':>11}"
+        _out(f"  0x{r.offset:<8x} {size}  {r.name:<16} {r.file}  sha256 {r.sha256}")
+    if prof.partitions:
+        _out("partition table:")
+        for p in prof.partitions:
+            mark = "  <- config" if p.name == prof.config_partition else ""
+            _out(f"  {p.name:<16} {p.type_name + '/' + p.subtype_name:<16} 0x{p.offset:<8x} {p.size:>9} B{mark}")
+    _out(f"config: partition {prof.config_partition or '-'}, namespace {prof.namespace}, "
+         f"encryption {prof.encryption}")
+    secrets = {s.name: s for s in prof.secrets}
+    for k in prof.keys:
+        if k.secret:
+            s = secrets.get(k.secret)
+            where = ", ".join(f"{w} {v}" for w, v in (("env", s.env), ("store", s.store), ("file", s.file)) if v) \
+                if s else "not declared"
+            source = f"secret {k.secret} ({where}; value not shown)"
+        elif k.unit:
+            source = f"the unit's {k.unit}"
+        else:
+            source = f"value {json.dumps(k.value)}"
+        limit = f"<= {k.max_length}" if k.max_length else ""
+        _out(f"  {k.key:<16} {k.type:<7} {limit:<7} {source}{' (optional)' if k.optional else ''}")
+    _out(f"serial: {'pattern ' + prof.serial_pattern if prof.serial_pattern else 'given per unit (labels)'}")
+    c = prof.checks
+    _out(f"checks: boot {'on' if c.boot else 'off'} (timeout {c.boot_timeout_s:g} s), smoke {c.smoke}")
     return Exit.OK
 
 
@@ -733,7 +885,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _err(f"station demo: {exc}")
         return Exit.USAGE
-    db = args.db or Path("var/demo.db")
+    db = args.db or station.database.with_name("demo.db")  # var/ in a checkout, else the user's data folder
     try:
         if args.batch:
             return _demo_batch(args, station, db)
@@ -774,8 +926,7 @@ def _demo_screen(args, station, db: Path) -> int:
     except ConfigError as exc:
         _err(f"station demo: {exc}")
         return Exit.USAGE
-    size = max(4 * 1024 * 1024, ctx.profile.needed_flash())
-    with VirtualBench(args.count, ctx.profile.chip, 1 << (size - 1).bit_length(), realtime=args.realtime) as bench:
+    with VirtualBench(args.count, ctx.profile.chip, ctx.profile.board_flash_bytes(), realtime=args.realtime) as bench:
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
         app = StationApp(ctx, [s.url for s in bench.slots], operator=args.operator, open_profile=opener)
@@ -967,6 +1118,25 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("profile", help="profile name under profiles/ or a path")
     pc.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     pc.set_defaults(func=cmd_profile_check)
+    pn = command(prs, "new", "a profile from an ESP-IDF build folder (images copied, SHA-256 pinned)")
+    pn.add_argument("name", help="the new profile's name (its folder under profiles_dir)")
+    pn.add_argument("--from-idf", type=Path, required=True, metavar="BUILD_DIR",
+                    help="the build folder (holding flasher_args.json), or its flasher_args.json")
+    pn.add_argument("--chip", help="only when the build does not say (it must agree when it does)")
+    pn.add_argument("--config-partition", metavar="P",
+                    help="the NVS partition for the units' config (default: the build's dedicated one)")
+    pn.add_argument("--i-know", action="store_true",
+                    help="with --config-partition nvs: overwrite the app's own NVS on every unit")
+    pn.add_argument("--out", type=Path, metavar="DIR", help="the new profile's folder (default: profiles_dir/NAME)")
+    pn.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+    pn.set_defaults(func=cmd_profile_new)
+    pl = command(prs, "list", "the profiles found: profiles_dir, then the packaged examples")
+    pl.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+    pl.set_defaults(func=cmd_profile_list)
+    ps = command(prs, "show", "a profile as the station reads it: regions, hashes, config keys")
+    ps.add_argument("profile", help="profile name under profiles/ or a path")
+    ps.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+    ps.set_defaults(func=cmd_profile_show)
 
     e = command(sub, "export", "signed exports of the record for audit (and verify, merge)")
     e.add_argument("--format", choices=["csv", "jsonl"],
@@ -1100,6 +1270,18 @@ def cli_reference(parser: argparse.ArgumentParser | None = None) -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+def say_config(args: argparse.Namespace) -> None:
+    """One stderr line: which station.toml this command uses, or that it uses the defaults (-q: none)."""
+    from station.config import ConfigError, find_config
+
+    if not hasattr(args, "config") or getattr(args, "verbosity", 0) < 0:
+        return
+    try:
+        _err(find_config(args.config).describe())
+    except ConfigError:
+        pass  # the command itself reports a missing --config or $STATION_CONFIG file
+
+
 def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # the database, its WAL, spool, exports, keys, secrets: 0600 in 0700 folders
     _Words.redact = NO_SECRETS  # until this command opens a station (main may run more than once in a process)
@@ -1118,6 +1300,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:  # through the command's own parser: its usage, not the top level's
         command.error(f"unrecognized arguments: {' '.join(extra)}")
     _Words.level = args.verbosity
+    say_config(args)
     try:
         return int(args.func(args))
     except _Usage as exc:

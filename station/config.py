@@ -3,8 +3,9 @@
 The classes below are the file's only declaration: each is a frozen pydantic dataclass
 whose fields are the keys of its table. Unknown keys are refused, so a typo in
 station.toml is an error, not a silent default, and every problem is reported at once.
-Paths are relative to station.toml's folder. The file is found at $STATION_CONFIG,
-else ./station.toml (whose absence means the defaults).
+Paths are relative to station.toml's folder. The file is found by `find_config`: --config,
+$STATION_CONFIG, ./station.toml, the user's config folder, else the built-in defaults
+(whose relative paths then go under the user's data folder, unless run from a checkout).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import string
 from pathlib import Path
 from typing import Annotated, Literal
 
+import platformdirs
 from pydantic import AfterValidator, Field
 from pydantic.dataclasses import dataclass
 
@@ -32,7 +34,67 @@ from .schema import (
     validate,
 )
 
-__all__ = ["ConfigError", "Problem", "SmokeDefaults", "Ports", "StationConfig"]
+__all__ = ["ConfigError", "Problem", "SmokeDefaults", "Ports", "StationConfig", "ConfigSource", "find_config",
+           "source_checkout", "user_data_dir"]
+
+APP = "provisioning-station"  # the folder name under the user's config and data folders
+ENV = "STATION_CONFIG"
+
+
+def source_checkout() -> Path | None:
+    """The source tree the station runs from (an editable install or a clone), or None when installed."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() and (root / "profiles").is_dir() else None
+
+
+def _run_from_checkout() -> bool:
+    root = source_checkout()
+    return root is not None and Path.cwd().resolve().is_relative_to(root)
+
+
+def user_config_dir() -> Path:
+    return Path(platformdirs.user_config_dir(APP, appauthor=False))
+
+
+def user_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir(APP, appauthor=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigSource:
+    """Which station.toml a command uses and how it was found (path None: the built-in defaults)."""
+
+    path: Path | None
+    how: str  # "--config", "$STATION_CONFIG", "the current directory", "the user's config folder", "defaults"
+    home: Path | None = None  # defaults only: the folder their relative paths go under (None: the current one)
+
+    def describe(self) -> str:
+        """The one line every command prints on stderr."""
+        if self.path is not None:
+            return f"station.toml: {self.path.resolve()} (from {self.how})"
+        where = f"files under {self.home}" if self.home else "files under ./var"
+        return f"station.toml: none found, using defaults ({where})"
+
+
+def find_config(explicit: Path | None = None) -> ConfigSource:
+    """station.toml by --config, $STATION_CONFIG, ./station.toml, the user's config folder, in that order.
+
+    A file named by --config or $STATION_CONFIG must exist (ConfigError): a typo is not the defaults.
+    """
+    named = [(explicit, "--config")] if explicit is not None else []
+    if os.environ.get(ENV):
+        named.append((Path(os.environ[ENV]), "$" + ENV))
+    if named:
+        path, how = named[0]
+        if not path.exists():
+            raise ConfigError([Problem(str(path), "(file)", f"station configuration not found (given by {how})")])
+        return ConfigSource(path, how)
+    for path, how in ((Path("station.toml"), "the current directory"),
+                      (user_config_dir() / "station.toml", "the user's config folder")):
+        if path.exists():  # a folder or an unreadable file is named by the reader, not passed over
+            return ConfigSource(path, how)
+    return ConfigSource(None, "defaults", None if _run_from_checkout() else user_data_dir())
+
 
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
 
@@ -108,17 +170,19 @@ class StationConfig:
 
     @classmethod
     def load(cls, path: Path | None = None) -> "StationConfig":
-        """Read station.toml; ConfigError lists every problem (file, key, what is wrong)."""
-        path = path or Path(os.environ.get("STATION_CONFIG", "station.toml"))
-        if not path.exists():
-            if path == Path("station.toml"):
-                return cls()
-            raise ConfigError([Problem(str(path), "(file)", "station configuration not found")])
-        data = read_toml(path, "station configuration")
-        config, problems = validate(cls, data, str(path))
+        """Read station.toml (found by `find_config`); ConfigError lists every problem (file, key, what is wrong)."""
+        found = find_config(path)
+        if found.path is None:
+            defaults = cls()
+            return defaults if found.home is None else _under(defaults, found.home)
+        data = read_toml(found.path, "station configuration")
+        config, problems = validate(cls, data, str(found.path))
         if config is None:
             raise ConfigError(problems)
-        # every path in the file is relative to the file's folder
-        base = path.parent
-        paths = {f.name: base / v for f in dataclasses.fields(config) if isinstance(v := getattr(config, f.name), Path)}
-        return dataclasses.replace(config, **paths, source=path)
+        return dataclasses.replace(_under(config, found.path.parent), source=found.path)
+
+
+def _under(config: StationConfig, base: Path) -> StationConfig:
+    """Every relative path of the configuration taken as relative to `base` (an absolute one stays)."""
+    paths = {f.name: base / v for f in dataclasses.fields(config) if isinstance(v := getattr(config, f.name), Path)}
+    return dataclasses.replace(config, **paths)

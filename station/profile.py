@@ -60,7 +60,8 @@ from .schema import (
 from .serials import SerialPattern, SerialPatternError
 
 __all__ = ["Problem", "ProfileError", "Profile", "Region", "ConfigKey", "SecretSource", "Checks",
-           "load_profile", "check_profile", "resolve_secrets", "find_profile"]
+           "load_profile", "check_profile", "resolve_secrets", "find_profile", "locate_profile",
+           "examples_dir", "ProfileSource"]
 
 DEVICE_CLASSES = ("wifi", "no-wifi", "other")
 SMOKE_LEVELS = ("none", "healthcheck", "pair")
@@ -98,12 +99,19 @@ class ConfigKey:
     """One [[config.keys]] entry: an NVS key and where its value comes from (exactly one source)."""
 
     key: Text
+    """The NVS key the firmware reads (at most 15 bytes)."""
     type: Literal[NVS_TYPES] = "string"  # type: ignore[valid-type]
+    """The NVS type of the value."""
     max_length: MaxLength | None = None
-    value: TextOrWhole | None = None  # the same for every unit
-    unit: Literal[UNIT_SOURCES] | None = None  # type: ignore[valid-type]  # this unit's serial, device id or MAC
-    secret: Name | None = None  # a [secrets.NAME]
-    optional: Flag = False  # the secret may be unset: the key is then left out
+    """Longest value in bytes; required for strings (the 2Smart SDK's limits are checked)."""
+    value: TextOrWhole | None = None
+    """The same value for every unit (give exactly one of value, unit, secret)."""
+    unit: Literal[UNIT_SOURCES] | None = None  # type: ignore[valid-type]
+    """This unit's own value: its serial, its device id (the MAC with dashes) or its MAC."""
+    secret: Name | None = None
+    """The name of a [secrets.NAME] table the value is read from."""
+    optional: Flag = False
+    """The secret may be unset: the key is then left out."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ConfigKey":
@@ -118,10 +126,15 @@ class Checks:
     """[checks]: what is checked after flashing."""
 
     boot: Flag = True
+    """Reset the unit after flashing and read its boot log (the app must start)."""
     boot_timeout_s: Seconds = 5.0
+    """How long the app may take to start."""
     boot_settle_s: Seconds = 0.5
+    """How long the console is watched after the app started, for an early crash."""
     smoke: Literal[SMOKE_LEVELS] = "none"  # type: ignore[valid-type]
-    smoke_soak_s: Seconds = 1.0  # console watched after the smoke checks for a late crash
+    """The smoke test after boot: none, the pairing server's /healthcheck, or pairing up to the broker login."""
+    smoke_soak_s: Seconds = 1.0
+    """How long the console is watched after the smoke checks, for a late crash."""
 
     @model_validator(mode="after")
     def _smoke_needs_boot(self) -> "Checks":
@@ -136,9 +149,13 @@ class RegionEntry:
     """One entry of [firmware] regions."""
 
     offset: Offset
-    file: FileName  # relative to the profile's folder
+    """Where the file is written in flash."""
+    file: FileName
+    """The image, relative to the profile's folder."""
     sha256: Sha256
-    name: Name | None = None  # default: the file's stem
+    """The file's pinned SHA-256: any other bytes are refused."""
+    name: Name | None = None
+    """What the region is called in messages and the record (default: the file's stem)."""
 
 
 @schema(frozen=True, config=SCHEMA)
@@ -146,8 +163,11 @@ class FirmwareTable:
     """[firmware]: explicit regions, or an ESP-IDF build's flasher_args.json with a pin per file."""
 
     regions: tuple[RegionEntry, ...] | None = None
+    """The images and their offsets (give either regions or flasher_args)."""
     flasher_args: FileName | None = None
-    sha256: dict[Text, Sha256] = dataclasses.field(default_factory=dict)  # flasher_args: file -> SHA-256
+    """An ESP-IDF build's flasher_args.json, relative to the profile's folder: its flash_files are written."""
+    sha256: dict[Text, Sha256] = dataclasses.field(default_factory=dict)
+    """With flasher_args: each file it names (as it names it) = its pinned SHA-256."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> "FirmwareTable":
@@ -164,11 +184,16 @@ class FirmwareTable:
 class ConfigTable:
     """[config]: the NVS partition the station writes and its keys."""
 
-    partition: Name | None = None  # by name; offset and size come from the partition table
+    partition: Name | None = None
+    """The data/nvs partition the station writes, by name (offset and size come from the partition table)."""
     namespace: Text = "2smart"
+    """The NVS namespace of the keys."""
     keys: tuple[ConfigKey, ...] = ()
+    """The keys written for each unit ([[config.keys]])."""
     encryption: Literal[ENCRYPTIONS] = "none"  # type: ignore[valid-type]
+    """NVS encryption of the config; only "none" is accepted until secure production (issue #18)."""
     keys_partition: Name = "nvs_keys"
+    """With encryption: the data/nvs_keys partition."""
 
 
 @schema(frozen=True, config=SCHEMA)
@@ -176,9 +201,13 @@ class SecretTable:
     """[secrets.NAME]: where a secret is read (never its value)."""
 
     env: Name | None = None
-    file: FileName | None = None  # relative to the profile's folder
-    store: Name | None = None  # a name in the station's encrypted secrets file
+    """The environment variable holding the secret."""
+    file: FileName | None = None
+    """A file holding the secret, relative to the profile's folder."""
+    store: Name | None = None
+    """A name in the station's encrypted secrets file (`station secrets set NAME`)."""
     optional: Flag = False
+    """The secret may be unset (its keys are then left out)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -200,7 +229,9 @@ class SerialTable:
     """[serial]: a pattern with a counter (see station/serials.py), or serials given per unit."""
 
     pattern: Text | None = None
-    given: Flag = False  # serials come from labels (--serial, the scanner)
+    """Serial numbers with a persistent counter, e.g. "RLY-{yymmdd}-{seq:05}" (default: the name's first three letters, then that)."""
+    given: Flag = False
+    """Serials come from labels (--serial, the scanner) instead of a pattern."""
 
     @field_validator("pattern")
     @classmethod
@@ -221,18 +252,31 @@ class ProfileFile:
     """profile.toml: the top-level keys, then its tables."""
 
     chip: Literal[SUPPORTED_CHIPS]  # type: ignore[valid-type]
+    """The chip the firmware is built for (esptool's --chip name)."""
     firmware: FirmwareTable
-    name: Name | None = None  # default: the profile's folder name
+    """What is written to flash: [firmware]."""
+    name: Name | None = None
+    """The profile's name in the record (default: its folder's name)."""
     title: Text = ""
+    """The product's name on the screen."""
     device_class: Literal[DEVICE_CLASSES] = "wifi"  # type: ignore[valid-type]
+    """wifi and no-wifi devices get the config partition (no-wifi never gets Wi-Fi keys); other gets none."""
     product_id: Text = ""
-    lot: Text = ""  # the default production lot
+    """The product's id in 2Smart Cloud, carried in the record."""
+    lot: Text = ""
+    """The default production lot."""
     baud: Annotated[Literal[BAUDS], BeforeValidator(whole_number)] = 921600  # type: ignore[valid-type]
-    flash_size: Literal[tuple(FLASH_SIZES)] | None = None  # type: ignore[valid-type]  # else the bootloader's
+    """The highest rate the station tries for flashing (it falls back to slower ones)."""
+    flash_size: Literal[tuple(FLASH_SIZES)] | None = None  # type: ignore[valid-type]
+    """The module's flash (default: the size in the bootloader image's header); virtual boards get this size."""
     config: ConfigTable = dataclasses.field(default_factory=ConfigTable)
+    """The NVS config partition and its keys: [config]."""
     secrets: dict[Text, SecretTable] = dataclasses.field(default_factory=dict)
+    """Where each secret is read, one table per secret: [secrets.NAME] (never a value)."""
     serial: SerialTable = dataclasses.field(default_factory=SerialTable)
+    """How units get serial numbers: [serial]."""
     checks: Checks = dataclasses.field(default_factory=Checks)
+    """What is checked after flashing: [checks]."""
 
 
 @schema(frozen=True, config=ConfigDict(extra="ignore"))  # ESP-IDF's file: its other keys are esptool's
@@ -281,6 +325,7 @@ class Profile:
     keys_partition: str = "nvs_keys"
     partitions: tuple[Partition, ...] = dataclasses.field(default=())
     flash_size: str | None = None  # as declared; None: the bootloader header's
+    origin: str = "path"  # where the name led: path, profiles_dir or packaged example
 
     @property
     def dir(self) -> Path:
@@ -303,6 +348,13 @@ class Profile:
         ends += [p.offset + p.size for p in self.partitions]
         return max(ends, default=0)
 
+    def board_flash_bytes(self) -> int:
+        """A virtual board's flash for this profile: the declared flash_size, else what the layout reaches (4 MB at least)."""
+        need = self.needed_flash()
+        declared = int(self.flash_size.removesuffix("MB")) << 20 if self.flash_size else 0
+        size = declared if declared >= need else max(4 << 20, need)
+        return 1 << (size - 1).bit_length()
+
     def firmware_version(self) -> str | None:
         for r in self.regions:
             if r.name == "app":
@@ -320,22 +372,48 @@ def _app_version(path: Path, sha256: str) -> str | None:
     return info.app.version if info.app else None
 
 
-def find_profile(name_or_path: str | Path, profiles_dir: Path) -> Path:
+def examples_dir() -> Path:
+    """The example profiles shipped with the station: the checkout's profiles/, or the installed package's copy."""
+    from .config import source_checkout
+
+    root = source_checkout()
+    return root / "profiles" if root is not None else Path(__file__).resolve().parent / "examples"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileSource:
+    """Where a profile name led: its profile.toml and which of the three places it came from."""
+
+    path: Path
+    origin: str  # "path", "profiles_dir" or "packaged example"
+
+
+def locate_profile(name_or_path: str | Path, profiles_dir: Path) -> ProfileSource:
+    """A profile by path, else by name under the configured profiles_dir, else among the packaged examples."""
     p = Path(name_or_path)
     if p.is_file():
-        return p
+        return ProfileSource(p, "path")
     if (p / "profile.toml").exists():
-        return p / "profile.toml"
+        return ProfileSource(p / "profile.toml", "path")
     candidate = profiles_dir / str(name_or_path) / "profile.toml"
     if candidate.exists():  # a folder or an unreadable file is named by the reader
-        return candidate
+        return ProfileSource(candidate, "profiles_dir")
+    example = examples_dir() / str(name_or_path) / "profile.toml"
+    if p.name == str(name_or_path) and example.is_file():  # a bare name, never a path into the package
+        return ProfileSource(example, "packaged example")
     raise ProfileError([Problem(str(candidate), "profile", "not found: give a profile name "
-                                f"under {profiles_dir} or a path to a profile.toml")])
+                                f"under {profiles_dir} or a path to a profile.toml (`station profile list` "
+                                "shows the profiles found)")])
+
+
+def find_profile(name_or_path: str | Path, profiles_dir: Path) -> Path:
+    return locate_profile(name_or_path, profiles_dir).path
 
 
 def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")) -> Profile:
     """Read and check a profile.toml; ProfileError lists every problem of the file at once."""
-    path = find_profile(name_or_path, profiles_dir)
+    found = locate_profile(name_or_path, profiles_dir)
+    path = found.path
     try:
         text = read_text(path, "profile")
         spec, problems = validate(ProfileFile, parse_toml(text, path), str(path))
@@ -361,7 +439,7 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
         serial_pattern=pattern, checks=spec.checks, content_hash=content.hexdigest(),
         product_id=spec.product_id, lot=spec.lot, encryption=spec.config.encryption,
         keys_partition=spec.config.keys_partition, partitions=_partitions(regions),
-        flash_size=spec.flash_size,
+        flash_size=spec.flash_size, origin=found.origin,
     )
 
 

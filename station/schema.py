@@ -23,8 +23,9 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict,
 
 T = TypeVar("T")
 
-# every table refuses keys it does not declare: a typo is an error, not a silent default
-SCHEMA = ConfigDict(extra="forbid")
+# every table refuses keys it does not declare: a typo is an error, not a silent default;
+# a field's docstring is its description (the README's key reference is made from them)
+SCHEMA = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 MAX_FILE_BYTES = 1 << 20  # a profile or station.toml is a few kilobytes; a bigger file is a mistake
 
 # a field the station sets, not a key of the file (the file naming it is an unknown key)
@@ -282,3 +283,115 @@ def _unwrap(t: Any) -> Any:
                 return t
         else:
             return t
+
+
+# -- the key reference (README) -------------------------------------------------------------
+
+REFERENCE_BEGIN = "<!-- profile keys: made by `python -m station.schema README.md` from station/profile.py; do not edit -->"
+REFERENCE_END = "<!-- end of profile keys -->"
+
+
+def _type_words(t: Any) -> str:
+    """A field's type as a person writes it in TOML."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return ", ".join(describe(a) for a in args)
+    if origin in (list, tuple):
+        inner = _unwrap(args[0])
+        return "list of tables" if dataclasses.is_dataclass(inner) else f"list of {_type_words(args[0])}"
+    if origin is dict:
+        inner = _unwrap(args[1])
+        return "a table per name" if dataclasses.is_dataclass(inner) else f"table: name = {_type_words(args[1])}"
+    if dataclasses.is_dataclass(t):
+        return "table"
+    if origin is Annotated:
+        base, meta = args[0], args[1:]
+        if typing.get_origin(base) is typing.Literal:
+            return _type_words(base)
+        if any(getattr(m, "func", None) is parse_offset for m in meta):
+            return 'offset ("0x10000")'
+        limits = {k: getattr(x, k) for m in meta for x in (m, *getattr(m, "metadata", ()))  # Field(...) nests them
+                  for k in ("ge", "le", "max_length", "pattern") if getattr(x, k, None) is not None}
+        if limits.get("pattern") == SHA256_PATTERN:
+            return "SHA-256 (64 hex digits)"
+        if base is float:
+            return f"seconds ({limits.get('ge', 0):g} to {limits.get('le')})"
+        if base is int:
+            return f"whole number ({limits.get('ge')} to {limits.get('le')})"
+        if base is str and any(getattr(m, "func", None) is _no_nul for m in meta):
+            return "file path"
+        return _type_words(base) + (" (not empty)" if base is str and "max_length" in limits else "")
+    if t is str:
+        return "text"
+    if t is bool:
+        return "true or false"
+    if t is int:
+        return "whole number"
+    return getattr(t, "__name__", str(t))
+
+
+def _default_words(f: dataclasses.Field) -> str:
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        return "required"
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is None or value == () or value == {} or dataclasses.is_dataclass(value):
+        return ""
+    return describe(value)
+
+
+def reference_rows(schema: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every key of the file `schema` declares, tables' keys after the table.
+
+    ValueError names a field without a docstring: every key the file takes is described.
+    """
+    hints = typing.get_type_hints(schema, include_extras=True)
+    described = getattr(schema, "__pydantic_fields__", {})
+    rows = []
+    for f in dataclasses.fields(schema):
+        if not f.init or f.metadata == NOT_IN_FILE:
+            continue
+        key, t = prefix + f.name, hints[f.name]
+        doc = described[f.name].description if f.name in described else None
+        if not doc:
+            raise ValueError(f"{schema.__name__}.{f.name} ({key}) has no docstring: the key reference needs one")
+        rows.append((key, _type_words(t), _default_words(f), doc))
+        inner = _unwrap(t)
+        origin = typing.get_origin(inner)
+        if dataclasses.is_dataclass(inner):
+            rows += reference_rows(inner, key + ".")
+        elif origin in (list, tuple) and dataclasses.is_dataclass(_unwrap(typing.get_args(inner)[0])):
+            rows += reference_rows(_unwrap(typing.get_args(inner)[0]), key + "[].")
+        elif origin is dict and dataclasses.is_dataclass(_unwrap(typing.get_args(inner)[1])):
+            rows += reference_rows(_unwrap(typing.get_args(inner)[1]), key + ".NAME.")
+    return rows
+
+
+def reference_table(schema: Any) -> str:
+    """The Markdown table of every key, between the markers the README keeps it in."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [REFERENCE_BEGIN, "", "| Key | Type | Default | Meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {cell(t)} | {cell(d)} | {cell(m)} |" for k, t, d, m in reference_rows(schema)]
+    return "\n".join(lines + ["", REFERENCE_END])
+
+
+def readme_with_reference(readme: str, table: str) -> str:
+    """The README's text with the table between its markers replaced (ValueError: the markers are missing)."""
+    start, end = readme.find(REFERENCE_BEGIN), readme.find(REFERENCE_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no {REFERENCE_BEGIN!r} ... {REFERENCE_END!r} block")
+    return readme[:start] + table + readme[end + len(REFERENCE_END):]
+
+
+if __name__ == "__main__":  # python -m station.schema README.md: rewrite the README's profile key reference
+    import sys
+
+    from station import schema  # this file runs as __main__: its types are the imported module's
+    from station.profile import ProfileFile
+
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    target.write_text(schema.readme_with_reference(target.read_text(), schema.reference_table(ProfileFile)))
+    print(f"{target}: profile key reference rewritten")

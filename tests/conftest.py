@@ -39,6 +39,17 @@ def no_thread_outlives_its_test():
                     f"{', '.join(sorted(t.name for t in left))}", pytrace=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_user_folders(tmp_path_factory):
+    """The user's config and data folders (platformdirs honours XDG_*) are the run's own: no test reads or
+    writes the real ones, and a station.toml there cannot change what a test sees."""
+    home = tmp_path_factory.mktemp("user")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CONFIG_HOME", str(home / "config"))
+        mp.setenv("XDG_DATA_HOME", str(home / "data"))
+        yield home
+
+
 @pytest.fixture
 def make_bench(tmp_path):
     benches: list[VirtualBench] = []
