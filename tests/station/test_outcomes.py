@@ -23,20 +23,16 @@ from station.events import StepFinished, StepStarted
 from station.pipeline import ABORTED_TEXT, STEPS, UnitJob, provision_unit
 from station.runner import open_station
 from station.smoke import make_reach
-from station.tui import Confirm, SlotCard, StationApp
+from station.tui import Confirm, StationApp
 
 from .conftest import json_lines, run_station
+from .test_tui import card_text
 
 HOLD_S = 60.0  # a test that fails before it releases its hold still ends: the unit thread waits no longer
 
 
 def ctx_for(env):
     return open_station("relay", env / "station.toml")
-
-
-def card_text(app, i) -> str:
-    card = app.query_one(f"#slot-{i}", SlotCard)
-    return " ".join(str(w.render()) for w in card.query("Static, Label"))
 
 
 async def until(pilot, cond, timeout=30.0):
