@@ -451,17 +451,27 @@ def _checkpoint(ctx, reason: str) -> None:
         _err(f"{reason}: no checkpoint written ({getattr(exc, 'message', exc)})")
 
 
-def cmd_profile_check(args: argparse.Namespace) -> int:
+def _open_profile(args: argparse.Namespace):
+    """station.toml and the profile `args.profile` names, or their problems on stderr and Exit.USAGE."""
     from station.config import ConfigError, StationConfig
-    from station.profile import check_profile, load_profile
+    from station.profile import load_profile
 
     try:
         station = StationConfig.load(args.config)
-        prof = load_profile(args.profile, station.profiles_dir)
+        return station, load_profile(args.profile, station.profiles_dir)
     except ConfigError as exc:
         for p in getattr(exc, "problems", None) or [exc]:
             _err(str(p))
         return Exit.USAGE
+
+
+def cmd_profile_check(args: argparse.Namespace) -> int:
+    from station.profile import check_profile
+
+    opened = _open_profile(args)
+    if opened is Exit.USAGE:
+        return opened
+    station, prof = opened
     problems = check_profile(prof, store_path=station.secrets_file)
     for p in problems:
         _err(str(p))
@@ -570,16 +580,11 @@ def cmd_profile_list(args: argparse.Namespace) -> int:
 def cmd_profile_show(args: argparse.Namespace) -> int:
     """The resolved profile: where it came from, regions, partitions, config keys (secrets by name only)."""
     from flashing.images import ImageError, check_image_bytes, chip_facts
-    from station.config import ConfigError, StationConfig
-    from station.profile import load_profile
 
-    try:
-        station = StationConfig.load(args.config)
-        prof = load_profile(args.profile, station.profiles_dir)
-    except ConfigError as exc:
-        for p in getattr(exc, "problems", None) or [exc]:
-            _err(str(p))
-        return Exit.USAGE
+    opened = _open_profile(args)
+    if opened is Exit.USAGE:
+        return opened
+    station, prof = opened
     flash = f"{prof.flash_size} (declared)" if prof.flash_size else "not declared"
     boot = next((r for r in prof.regions if r.offset == chip_facts(prof.chip).bootloader_offset), None)
     if not prof.flash_size and boot is not None:

@@ -78,7 +78,7 @@ def _build_dir(path: Path) -> Path:
 
 def read_build(path: Path, chip: str | None = None) -> IdfBuild:
     """Read an ESP-IDF build folder; ConfigError names every problem (file, key, what is wrong)."""
-    from .profile import FlasherArgs  # the same reader a profile's flasher_args key goes through
+    from .profile import FlasherArgs, region_names  # the same reader a profile's flasher_args key goes through
 
     build = _build_dir(path)
     fa_path = build / "flasher_args.json"
@@ -111,13 +111,7 @@ def read_build(path: Path, chip: str | None = None) -> IdfBuild:
         raise ConfigError([Problem(str(build), chip_from, f"{chosen!r} is not a chip the station supports "
                                    f"({', '.join(SUPPORTED_CHIPS)})")])
 
-    names = {}  # "bootloader": {"offset": "0x1000", ...} names its region
-    for key, entry in raw.items():
-        if isinstance(entry, dict) and isinstance(entry.get("offset"), str):
-            try:
-                names[int(entry["offset"], 0)] = key
-            except ValueError:
-                pass
+    names = region_names(raw)
     files, problems = [], []
     for offset, rel in sorted(args.flash_files.items()):
         f = build / rel

@@ -279,6 +279,19 @@ class ProfileFile:
     """What is checked after flashing: [checks]."""
 
 
+
+def region_names(raw: dict) -> dict[int, str]:
+    """Offsets a flasher_args.json names: its "bootloader": {"offset": "0x1000", ...} entries."""
+    names: dict[int, str] = {}
+    for key, entry in raw.items():
+        if isinstance(entry, dict) and isinstance(entry.get("offset"), str):
+            try:
+                names[int(entry["offset"], 0)] = key
+            except ValueError:
+                pass
+    return names
+
+
 @schema(frozen=True, config=ConfigDict(extra="ignore"))  # ESP-IDF's file: its other keys are esptool's
 class FlasherArgs:
     flash_files: Annotated[dict[Offset, FileName], Field(min_length=1)]
@@ -453,13 +466,7 @@ def _regions(fw: FirmwareTable, path: Path) -> tuple[Region, ...]:
     args, problems = validate(FlasherArgs, raw, str(fa_path))
     if args is None:
         raise ConfigError(problems)
-    names: dict[int, str] = {}  # "bootloader": {"offset": "0x1000", ...} names its region
-    for key, entry in raw.items():
-        if isinstance(entry, dict) and isinstance(entry.get("offset"), str):
-            try:
-                names[int(entry["offset"], 0)] = key
-            except ValueError:
-                pass
+    names = region_names(raw)
     regions = []
     for offset, rel in args.flash_files.items():
         if rel not in fw.sha256:
