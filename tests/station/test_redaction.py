@@ -121,7 +121,10 @@ def test_no_secret_reaches_the_record_exports_json_or_stderr_on_any_failure(secr
     finished = {e["port"]: e for e in json_lines(outputs[0][1]) if e["event"] == "unit_finished"}
     assert set(finished) == set(ports_of["healthcheck"]), (sorted(finished), outputs[0][1][-3000:], outputs[1][1][-2000:])
     finished = [finished[port] for port in ports_of["healthcheck"]]
-    assert [e["failed_step"] for e in finished] == ["smoke"] * 4 + ["boot"], finished
+    # the last board's crash comes 0.05 s into its boot: in the boot check's log, or, when a loaded host
+    # runs the board's timer late, in the smoke test's (a CI run saw it there); the boot log is the detail
+    assert [e["failed_step"] for e in finished][:4] == ["smoke"] * 4, finished
+    assert finished[4]["failed_step"] in ("boot", "smoke") and "crashed" in finished[4]["error"], finished[4]
     # positive controls: the words where each secret would have been are there, redacted
     errors = [e["error"] for e in finished]
     assert "no answer from the pairing server" in errors[0] and "did not answer within 2 s" in errors[1]
