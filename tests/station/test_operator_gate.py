@@ -10,7 +10,6 @@ import asyncio
 import getpass
 import json
 import threading
-import time
 
 from flashing.virtual.bench import VirtualBench
 from station.events import StepStarted
@@ -19,6 +18,7 @@ from station.runner import open_station
 from station.tui import StationApp, TextPrompt
 
 from .conftest import run_station
+from .test_tui import until
 
 HOLD_S = 60.0
 
@@ -29,14 +29,6 @@ def ctx_for(env):
 
 def header_text(app) -> str:
     return str(app.query_one("#header").render())
-
-
-async def until(pilot, cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached: {[(s.status, s.step) for s in pilot.app.line.slots]}")
-        await pilot.pause(0.05)
 
 
 def recorded(env) -> tuple[list[dict], list[dict]]:

@@ -26,21 +26,13 @@ from station.smoke import make_reach
 from station.tui import Confirm, StationApp
 
 from .conftest import json_lines, run_station
-from .test_tui import card_text
+from .test_tui import card_text, until
 
 HOLD_S = 60.0  # a test that fails before it releases its hold still ends: the unit thread waits no longer
 
 
 def ctx_for(env):
     return open_station("relay", env / "station.toml")
-
-
-async def until(pilot, cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached: {[(s.status, s.step) for s in pilot.app.line.slots]}")
-        await pilot.pause(0.05)
 
 
 def checks(env, **values) -> None:
