@@ -143,10 +143,11 @@ class MqttClient:
             return data[1]
         sock.settimeout(None)
         self.sock = sock
-        self._threads = [threading.Thread(target=self._reader, daemon=True, name=f"mqtt-{self.client_id}"),
-                         threading.Thread(target=self._pinger, daemon=True, name=f"mqtt-{self.client_id}-ping")]
-        for t in self._threads:
+        threads = [threading.Thread(target=self._reader, daemon=True, name=f"mqtt-{self.client_id}"),
+                   threading.Thread(target=self._pinger, daemon=True, name=f"mqtt-{self.client_id}-ping")]
+        for t in threads:
             t.start()
+        self._threads = threads  # only started threads: a close() from another thread joins them
         return 0
 
     def _send(self, data: bytes) -> None:
