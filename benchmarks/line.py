@@ -6,9 +6,10 @@ process driving every port. Prints per port count: aggregate throughput, mean
 whole-unit cycle, the cycle the timing model says is the minimum, units per hour,
 station CPU and peak memory, and the record's time per unit (the write-ahead start
 commit in the serial step, the finish). Then fast rework against a full flash of the same unit,
-and (with --soak N) memory growth of the station process across N units.
+and (with --soak N) memory growth of the station process across N units. Last, how long
+the operator's abort of one slot mid-write takes (the screen's F8), four ports at once.
 
-    python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000]
+    python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000] [--aborts 5]
 """
 
 from __future__ import annotations
@@ -165,10 +166,52 @@ def soak(units: int, tmp: Path) -> list[tuple[int, float]]:
         proc.wait()
 
 
+def abort_latency(rounds: int, tmp: Path) -> list[float]:
+    """Seconds from the abort of slot 3 mid-write to its slot reading ABORTED, the other three writing on.
+
+    The tests check that an abort cuts the write off (`test_abort_one_slot_cuts_its_write_off…`); the
+    time it takes is this number.
+    """
+    from station.line import Line
+
+    (tmp / "abort").mkdir()
+    ctx = station_ctx(tmp / "abort", smoke="none")
+    proc, boards, control = start_boards(4, tmp / "run-abort")
+    control = ControlClient(control)
+    took = []
+    try:
+        for _ in range(rounds):
+            for i in range(4):
+                control.request("swap", i)  # blank boards: the duplicate guard would refuse the last round's
+            line = Line(ctx, [b["url"] for b in boards], lambda i: None, operator="bench")
+            try:
+                line.poll()
+                deadline = time.monotonic() + 60
+                while not all(s.step == "flash" and s.done > 0 for s in line.slots):
+                    assert time.monotonic() < deadline, [(s.status, s.step) for s in line.slots]
+                    time.sleep(0.01)
+                t0 = time.monotonic()
+                line.abort(2)
+                while line.slots[2].status != "aborted":
+                    assert time.monotonic() < deadline, line.slots[2].status
+                    time.sleep(0.005)
+                took.append(time.monotonic() - t0)
+                assert [s.status for i, s in enumerate(line.slots) if i != 2] == ["running"] * 3
+                while any(s.status == "running" for s in line.slots):
+                    time.sleep(0.05)
+            finally:
+                line.close()
+    finally:
+        proc.terminate()
+        proc.wait()
+    return took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ports", default="1,4,8,16")
     ap.add_argument("--soak", type=int, default=0, help="units for the memory soak (e.g. 1000)")
+    ap.add_argument("--aborts", type=int, default=5, help="rounds of the abort-latency measurement")
     args = ap.parse_args()
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "bench-tok1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +245,10 @@ def main() -> None:
             print("  " + "  ".join(f"{n}: {mb - start:+.1f}" for n, mb in samples[1:]) + " MB")
             print(f"  largest growth {max(mb for _, mb in samples) - start:+.1f} MB, "
                   f"at the end {samples[-1][1] - start:+.1f} MB")
+        if args.aborts:
+            took = abort_latency(args.aborts, tmp)
+            print(f"abort of one slot mid-write, 4 ports (the target: under 2 s): median {statistics.median(took):.3f} s, "
+                  f"largest {max(took):.3f} s over {len(took)} aborts")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ def test_a_hung_port_while_seven_others_finish(station_env):
     assert bad["failed_step"] == "flash" and bad["durations"]["flash"] >= 12  # it really sat out its timeout
 
 
-def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
+def test_abort_one_slot_cuts_its_write_off_while_others_continue(station_env):
+    # how long an abort takes is measured by benchmarks/line.py; here: it does not wait for the write
     ctx = ctx_for(station_env)
     with VirtualBench(4, "esp32", run_dir=station_env / "run", realtime=True) as bench:
         changed = threading.Event()
@@ -127,16 +128,18 @@ def test_abort_one_slot_within_2_seconds_while_others_continue(station_env):
         while not all(s.step == "flash" for s in line.slots):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        t = time.monotonic()
         line.abort(2)
         while line.slots[2].status != "aborted":
-            assert time.monotonic() - t < 2.0, "abort took longer than 2 s"
+            assert time.monotonic() < deadline
             time.sleep(0.02)
+        cut_at = bench[2].device.bytes_since_plug
         assert [s.status for i, s in enumerate(line.slots) if i != 2] == ["running"] * 3
         while any(s.status == "running" for s in line.slots):
             assert time.monotonic() < deadline + 60
             time.sleep(0.1)
         assert [s.status for s in line.slots] == ["passed", "passed", "aborted", "passed"]
+        # the aborted board got less than half of what a whole unit sends: esptool was cut off mid-write
+        assert cut_at < bench[0].device.bytes_since_plug / 2, (cut_at, bench[0].device.bytes_since_plug)
     line.close()
 
 

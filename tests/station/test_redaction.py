@@ -196,8 +196,9 @@ def test_no_secret_on_the_screen(secret_env):
                 line = app.line
                 while line.slots[0].status not in ("passed", "failed"):
                     await pilot.pause(0.1)
-                await pilot.pause(0.3)  # the last change reaches the card
                 card = app.query_one("#slot-0", SlotCard)
+                while card.view_shown is None or card.view_shown.status != line.slots[0].status:
+                    await pilot.pause(0.05)  # the last change reaches the card (and the log, in the same call)
                 texts = [str(w.render()) for w in card.query("Static, Label")]
                 # a card lays its text out in lines: the sentences on one line, and its texts before layout
                 texts += [" ".join(t.split()) for t in texts] + [str(v) for v in vars(card.view_shown).values()]

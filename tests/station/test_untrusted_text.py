@@ -80,8 +80,9 @@ def test_board_and_people_text_is_shown_literally_on_the_screen(station_env):
                 while app.line.slots[0].status != "passed":
                     assert app.line.slots[0].status not in ("failed", "error"), app.line.slots[0].result
                     await pilot.pause(0.1)
-                await pilot.pause(0.3)  # the last change reaches the card
                 card = app.query_one("#slot-0", SlotCard)
+                while card.view_shown is None or card.view_shown.status != "passed":
+                    await pilot.pause(0.05)  # the last change reaches the card (and the log, in the same call)
                 seen = {"card": " ".join(str(w.render()) for w in card.query("Static, Label")),
                         "header": str(app.query_one("#header").render()),
                         "log": "\n".join(strip.text for strip in app.query_one("#log").lines),
@@ -91,7 +92,7 @@ def test_board_and_people_text_is_shown_literally_on_the_screen(station_env):
                     await pilot.pause(0.1)
                 table = app.screen.query_one("DataTable")
                 seen["history"] = " | ".join(str(c) for c in table.get_row_at(0))
-                await pilot.pause(0.2)
+                await pilot.pause()  # the table's rows drawn
                 seen["history svg"] = app.export_screenshot()
                 return seen
 
