@@ -207,7 +207,8 @@ class DirectReach:
         ip = boot.sta_ip or boot.ap_ip
         if not ip:
             raise SmokeFailure("the boot log shows no IP address for the device",
-                               "check that the firmware starts its access point or joins the network")
+                               "check that the firmware starts its access point or joins the network",
+                               boot.text[-2000:])
         return f"http://{ip}:{boot.http_port or self.settings.port}"
 
     def close(self) -> None:
