@@ -37,7 +37,7 @@ class Stopped(Exception):
 
 
 def learn(count: int, poll: Callable[[], list[SerialPort]], say: Callable[[str], None],
-          vid_pids: tuple[str, ...] = (), timeout_s: float = 120.0, interval_s: float = POLL_S,
+          vid_pids: tuple[str, ...] = (), timeout_s: float = 120.0, interval_s: float | None = None,
           cancelled: Callable[[], bool] = lambda: False) -> dict[int, str]:
     """Slot number -> USB location for slots 1..count, from the ports that appear as the operator plugs boards.
 
@@ -45,6 +45,7 @@ def learn(count: int, poll: Callable[[], list[SerialPort]], say: Callable[[str],
     unplugging and plugging it again), has a USB location, is one of the fixture's bridges
     (`vid_pids`, when given) and is not bound to an earlier slot.
     """
+    interval_s = POLL_S if interval_s is None else interval_s
     wanted = {vp.lower() for vp in vid_pids}
     bound: dict[int, str] = {}
     before = {p.location for p in poll()}
@@ -106,6 +107,8 @@ def with_slots(text: str, slots: dict[int, str], path: Path) -> str:
     lines = text.splitlines(keepends=True)
     body = [f'{n} = "{loc}"\n' for n, loc in sorted(slots.items())]
     at = next((i for i, line in enumerate(lines) if _SLOTS_HEADER.match(line.rstrip("\r\n"))), None)
+    if at is None and "slots" in parse_toml(text, path).get("ports", {}):
+        raise _cannot_rewrite(path)
     if at is None:
         tail = "" if not text or text.endswith("\n") else "\n"
         out = text + tail + "\n[ports.slots]\n# slot = USB location of its socket's port (`station ports learn`)\n"
@@ -131,8 +134,12 @@ def _same_but_slots(old: str, new: str, slots: dict[int, str], path: Path) -> No
         if d.get("ports") == {}:
             del d["ports"]
     if got != want or before != after:
-        raise ConfigError([Problem(str(path), "ports.slots", "cannot be rewritten in place (is it written inline, "
-                                   "`slots = { ... }`?): write it as its own [ports.slots] table and run again")])
+        raise _cannot_rewrite(path)
+
+
+def _cannot_rewrite(path: Path) -> ConfigError:
+    return ConfigError([Problem(str(path), "ports.slots", "cannot be rewritten in place (is it written inline, "
+                                "`slots = { ... }`?): write it as its own [ports.slots] table and run again")])
 
 
 def write_slots(path: Path, slots: dict[int, str]) -> None:
