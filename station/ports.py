@@ -12,7 +12,6 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -21,15 +20,6 @@ from flashing.ports import SerialPort
 from .schema import ConfigError, Problem, parse_toml
 
 POLL_S = 0.25  # how often the port list is read while waiting for a board
-
-
-@dataclass(frozen=True)
-class Learned:
-    """What one step of `learn` saw: a slot bound, or a port that did not count, in words of the line."""
-
-    slot: int | None
-    port: SerialPort | None
-    text: str
 
 
 class Stopped(Exception):

@@ -8,9 +8,7 @@ interfaces, so its location carries the interface, "1-1.4.1:1.0").
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
 from serial.tools import list_ports
@@ -21,7 +19,7 @@ from flashing.virtual.bench import VirtualBench
 from station import ports as station_ports
 from station.config import ConfigError, StationConfig
 from station.pipeline import UnitJob, provision_unit
-from station.ports import Stopped, learn, with_slots, write_slots
+from station.ports import Stopped, learn, with_slots
 from station.runner import open_station
 from tests.station.conftest import json_lines, run_station
 
@@ -271,3 +269,13 @@ def test_a_port_whose_lines_do_not_reach_the_board_says_it_cannot_reset(station_
     assert r.outcome == "failed" and r.failed_step == "boot", r.error
     assert "this port cannot reset the board" in r.error and "replace" not in r.remedy
     assert "DTR/RTS wiring" in r.remedy
+
+
+def test_the_readme_describes_the_ports_keys_as_the_schema_does():
+    from station.config import Ports
+    from station.schema import reference_rows
+    from tests.station.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for key, kind, default, meaning in reference_rows(Ports, "ports."):
+        assert f"| `{key}` | {kind} | {default} | {meaning} |" in readme
