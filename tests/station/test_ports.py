@@ -279,3 +279,61 @@ def test_the_readme_describes_the_ports_keys_as_the_schema_does():
     readme = (REPO / "README.md").read_text()
     for key, kind, default, meaning in reference_rows(Ports, "ports."):
         assert f"| `{key}` | {kind} | {default} | {meaning} |" in readme
+
+
+class NetworkPort:
+    """A raw TCP serial server (as ser2net gives) in front of a board's pty: bytes only, no modem lines."""
+
+    def __init__(self, pty_path: str):
+        import select
+        import socket
+        import threading
+
+        import serial
+
+        self._select = select.select
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"socket://127.0.0.1:{self.server.getsockname()[1]}"
+        self.tty = serial.Serial(pty_path, 115200, timeout=0)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="network-port")
+        self.thread.start()
+
+    def _run(self) -> None:
+        conns = []
+        while not self.stop.is_set():
+            ready, _, _ = self._select([self.server, self.tty.fileno(), *conns], [], [], 0.05)
+            for r in ready:
+                if r is self.server:
+                    conns = [self.server.accept()[0]]  # one client at a time, the latest
+                elif r == self.tty.fileno():
+                    data = self.tty.read(4096)
+                    for c in conns:
+                        c.sendall(data)
+                else:
+                    data = r.recv(4096)
+                    if data:
+                        self.tty.write(data)
+                    else:
+                        conns = []
+        for c in conns:
+            c.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.server.close()
+        self.tty.close()
+
+
+def test_a_network_port_says_it_cannot_reset_the_board(station_env):
+    ctx = open_station("relay", station_env / "station.toml", baud=115200)  # the pty's rate: no baud change
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:  # behind its pty, in download mode
+        net = NetworkPort(bench[0].pty.path)
+        try:
+            r = provision_unit(UnitJob(net.url), ctx, lambda e: None)
+        finally:
+            net.close()
+    ctx.close()
+    assert r.outcome == "failed" and r.failed_step == "boot", r.error
+    assert "this port cannot reset the board" in r.error and "replace" not in r.remedy
