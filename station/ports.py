@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from flashing.ports import SerialPort
+from flashing.ports import LOCATION, SerialPort
 
 from .schema import ConfigError, Problem, parse_toml
 
@@ -71,7 +71,7 @@ def _kind(port: SerialPort) -> str:
 
 
 def _refuse(port: SerialPort, wanted: set[str], bound: dict[int, str]) -> str | None:
-    if not port.location:
+    if not port.location or not LOCATION.match(port.location):
         return f"{port.device} has no USB location: it cannot be a fixture slot"
     for n, loc in bound.items():
         if loc == port.location:

@@ -14,7 +14,7 @@ import pytest
 from serial.tools import list_ports
 from serial.tools.list_ports_common import ListPortInfo
 
-from flashing.ports import fixture_slots, serial_ports, udev_rules
+from flashing.ports import fixture_ports, fixture_slots, serial_ports, udev_rules
 from flashing.virtual.bench import VirtualBench
 from station import ports as station_ports
 from station.config import ConfigError, StationConfig
@@ -71,6 +71,7 @@ def test_without_a_binding_the_slots_are_the_bridges_in_natural_order():
     # ttyUSB2 before ttyUSB10 (a string sort puts 10 first); the ESP's own USB is not in these filters
     assert [(s.number, s.name) for s in slots] == [(1, "/dev/ttyUSB0"), (2, "/dev/ttyUSB2"), (3, "/dev/ttyUSB10")]
     assert all(s.location is None for s in slots)
+    assert fixture_ports(("10c4:ea60", "1a86:7523", "0403:6001"), comports=lambda: listed) == [s.name for s in slots]
     capped = fixture_slots(serial_ports(lambda: listed), FILTERS, None, 2)
     assert [s.name for s in capped] == ["/dev/ttyACM0", "/dev/ttyUSB0"]
 
@@ -125,7 +126,10 @@ def test_station_ports_lists_what_each_port_is(station_env, monkeypatch, capsys)
     assert rows["/dev/ttyUSB0"]["bridge"] == "FTDI FT232R" and rows["/dev/ttyUSB0"]["slot"] is None
     assert rows["/dev/ttyS0"]["location"] is None and not rows["/dev/ttyS0"]["native_usb"]
     assert rows[None]["slot"] == 3 and rows[None]["location"] == "1-1.4.5"  # bound, nothing there
+    listed.append(linux_port("/dev/ttyUSB9", 0x10C4, 0xEA60, "\x1b]0;owned\x07\x1b[2J", "1-2", "\x1b[31m",
+                             "[b]bridge[/b]"))  # descriptor strings are the device's words: data
     rc, out, err = run_station(capsys, "ports")
+    assert "\x1b" not in out and "\x07" not in out
     lines = out.splitlines()
     assert lines[0].split() == ["SLOT", "PORT", "VID:PID", "LOCATION", "SERIAL", "BRIDGE", "NATIVE", "USB"]
     assert lines[1].split()[:4] == ["1", "/dev/ttyACM0", "303a:1001", "1-1.4.1:1.0"] and lines[1].endswith("yes")
