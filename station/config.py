@@ -129,7 +129,7 @@ def _vid_pid(vp: str) -> str:
 
 
 def _slot_number(key: object) -> object:
-    if isinstance(key, str) and key.strip().isdigit():
+    if isinstance(key, str) and key.isascii() and key.isdigit():
         return int(key)
     raise ValueError(f"{describe(key)} is not a slot number: name the slots 1, 2, 3, ...")
 

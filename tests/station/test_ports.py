@@ -244,6 +244,7 @@ def test_station_ports_learn_writes_station_toml(station_env, monkeypatch, capsy
     ('1 = "1-1.1"\n3 = "1-1.3"\n', "ports.slots: slot 2 is missing: number the slots 1 to 3 without gaps"),
     ('1 = "1-1.1"\n2 = "1-1.1"\n', 'ports.slots: slots 1 and 2 are both bound to "1-1.1": one socket each'),
     ('one = "1-1.1"\n', 'ports.slots.one: "one" is not a slot number'),
+    ('1 = "1-1.1"\n"\u0661" = "1-1.2"\n', 'is not a slot number'),  # an Arabic-Indic one: not a second slot 1
     ('1 = "1-1.1\\"\\nRUN+=\\"/bin/sh"\n', "is not a USB location such as"),
     ('1 = 11\n', "ports.slots.1: expected text in quotes, got 11"),
 ])
