@@ -49,7 +49,7 @@ class BootLog:
 
     def remedy(self) -> str:
         """What the operator does about `problem()`."""
-        if not self.banners and not self.app_started:
+        if self.problem() == NO_RESET:
             return NO_RESET_REMEDY
         return "replace the board if a retry fails the same way"
 

@@ -893,9 +893,6 @@ def cmd_ports(args: argparse.Namespace) -> int:
     return _ports_list(station, args.json)
 
 
-PORT_COLUMNS = ("slot", "port", "vid_pid", "location", "serial_number", "bridge", "native_usb")
-
-
 def _ports_list(station, as_json: bool) -> int:
     from flashing.ports import fixture_slots, serial_ports
 
