@@ -30,6 +30,8 @@ from flashing.images import (
 from flashing.virtual.boot import boot_from_flash
 from flashing.virtual.chips import CHIPS
 from tests.conftest import esptool_cli
+from tests.station.conftest import json_lines, run_station, station_env  # noqa: F401  (a station's files in tmp)
+from tests.station.test_pipeline_refusals import write_profile
 
 OTA_TABLE = [
     Partition("nvs", 0x01, 0x02, 0x9000, 0x4000),
@@ -200,3 +202,17 @@ def test_partition_usage_as_the_bootloader_prints_it():
         "11 custom           unknown          40 01 00330000 00001000",
     ]
     assert struct.calcsize("<I20sII") == 32  # esp_ota_select_entry_t
+
+
+def test_a_profile_shipping_otadata_for_ota_1_is_ready_and_its_units_boot_ota_1(station_env, capsys):
+    _, b = two_apps()
+    # no image for ota_0 at all: only otadata makes this profile's firmware bootable
+    name = write_profile(station_env, "node-ota", "esp32", [
+        ("bootloader", 0x1000, b.bootloader), ("partition-table", 0x8000, b.partition_table),
+        ("otadata", 0xD000, build_otadata(2)), ("app", 0x110000, b.app)])
+    rc, out, err = run_station(capsys, "profile", "check", name)
+    assert rc == 0 and "is ready" in out + err, out + err
+    rc, out, err = run_station(capsys, "flash", "--profile", name, "--virtual", "1", "--json")
+    assert rc == 0, err[-2000:]
+    done = [e for e in json_lines(out) if e["event"] == "unit_finished"]
+    assert done[0]["outcome"] == "passed" and done[0]["firmware_version"] == "2.0.0", done
