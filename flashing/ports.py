@@ -88,11 +88,6 @@ class SerialPort:
     def native_usb(self) -> bool:
         return (self.vid, self.pid) in NATIVE_USB
 
-    @property
-    def stable_name(self) -> str:
-        """The name that keeps meaning this socket across replugs: the slot's udev name, else its by-path link."""
-        return next((x for x in self.links if "/station/" in x), next(iter(self.links), self.device))
-
 
 def _links(dev: Path) -> dict[str, list[str]]:
     """Real device path -> the udev links to it (the slot names first, then by-path)."""
@@ -149,12 +144,19 @@ def fixture_slots(ports: list[SerialPort], vid_pids: Iterable[str], bound: Mappi
     plugged): it is watched under its udev name, which `udev_rules` makes.
     """
     if bound:
-        return [FixtureSlot(n, loc, p := at_location(ports, loc),
-                            p.stable_name if p else str(dev / UDEV_NAME.format(n=n)))
+        return [FixtureSlot(n, loc, p := at_location(ports, loc), _slot_name(n, p, dev))
                 for n, loc in sorted(bound.items())]
     wanted = {tuple(int(x, 16) for x in vp.split(":")) for vp in vid_pids}
     mine = [p for p in ports if (p.vid, p.pid) in wanted]
     return [FixtureSlot(i, None, p, p.device) for i, p in enumerate(mine[:count], 1)]
+
+
+def _slot_name(n: int, port: SerialPort | None, dev: Path) -> str:
+    """Slot n's udev name when it is there or nothing is, else the port's by-path link, else its device."""
+    own = str(dev / UDEV_NAME.format(n=n))
+    if port is None or own in port.links:
+        return own
+    return next((x for x in port.links if f"/{BY_PATH}/" in x), port.device)
 
 
 def fixture_ports(vid_pids: tuple[str, ...], bound: Mapping[int, str] | None = None, count: int | None = None,

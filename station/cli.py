@@ -898,10 +898,16 @@ def _ports_list(station, as_json: bool) -> int:
 
     ports = serial_ports()
     slots = fixture_slots(ports, station.usb_ports, station.ports.slots, station.slots)
-    slot_of = {s.port.device: s.number for s in slots if s.port}
-    rows = [dict(slot=slot_of.get(p.device), port=p.device, vid_pid=p.vid_pid, location=p.location,
-                 serial_number=p.serial_number, bridge=p.bridge, native_usb=p.native_usb,
-                 stable_name=p.stable_name if p.stable_name != p.device else None) for p in ports]
+    slot_of = {s.port.device: s for s in slots if s.port}
+
+    def row(p) -> dict:
+        s = slot_of.get(p.device)
+        name = s.name if s else next(iter(p.links), p.device)  # what the station opens for it
+        return dict(slot=s.number if s else None, port=p.device, vid_pid=p.vid_pid, location=p.location,
+                    serial_number=p.serial_number, bridge=p.bridge, native_usb=p.native_usb,
+                    stable_name=None if name == p.device else name)
+
+    rows = [row(p) for p in ports]
     rows += [dict(slot=s.number, port=None, vid_pid="", location=s.location, serial_number=None, bridge="",
                   native_usb=False, stable_name=s.name) for s in slots if not s.here]
     rows.sort(key=lambda r: (r["slot"] is None, r["slot"] or 0))
