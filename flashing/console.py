@@ -23,6 +23,11 @@ MQTT_REFUSED = re.compile(r"broker refused login for this device: ([^\n;]+)")
 IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
 
 
+NO_RESET = "this port cannot reset the board: nothing was printed after the reset (no boot log)"
+NO_RESET_REMEDY = ("power-cycle the board to check it boots; on the fixture, check the DTR/RTS wiring to EN and IO0, "
+                   "or switch the boot check off for ports that cannot reset")
+
+
 @dataclass(frozen=True)
 class BootLog:
     text: str
@@ -42,6 +47,12 @@ class BootLog:
     def boot_loop(self) -> bool:
         return self.banners > 1
 
+    def remedy(self) -> str:
+        """What the operator does about `problem()`."""
+        if self.problem() == NO_RESET:
+            return NO_RESET_REMEDY
+        return "replace the board if a retry fails the same way"
+
     def problem(self) -> str | None:
         """What is wrong with this boot, in the words of the line; None if it is clean."""
         if self.panic:
@@ -54,7 +65,8 @@ class BootLog:
         if self.boot_loop:
             return "the board restarts again and again (boot loop)"
         if not self.banners:
-            return "no boot log: the board did not restart or nothing reached the port"
+            # the station just spoke to the chip on this port: a reset that reached EN prints a ROM banner
+            return NO_RESET
         if not self.app_started:
             return "the app did not start within the boot timeout"
         return None

@@ -3,13 +3,16 @@
 Used by the virtual device's boot path (the checks a ROM and bootloader make) and
 by the station (profile checks, the example firmware). Follows ESP-IDF's app image
 format: 8-byte header, 16-byte extended header, segments, a checksum byte at the
-next 16-byte boundary, then an optional SHA-256 of everything before it.
+next 16-byte boundary, then an optional SHA-256 of everything before it. Also the
+2nd-stage bootloader's choice of app: otadata's two `esp_ota_select_entry_t` sectors,
+read as ESP-IDF's bootloader_utility.c reads them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +42,11 @@ class ChipFacts:
     name: str  # esptool's CHIP_NAME
     image_chip_id: int
     bootloader_offset: int
+    mapped: tuple[tuple[int, int], ...] = ()  # the flash-mapped (IROM, DROM) address ranges, [start, end)
+
+    def is_mapped(self, addr: int) -> bool:
+        """Is this load address one the cache maps from flash (a segment the bootloader maps, not loads)?"""
+        return any(start <= addr < end for start, end in self.mapped)
 
 
 def chip_facts(key: str) -> ChipFacts:
@@ -46,7 +54,8 @@ def chip_facts(key: str) -> ChipFacts:
     from esptool.targets import CHIP_DEFS
 
     c = CHIP_DEFS[key]
-    return ChipFacts(key, c.CHIP_NAME, c.IMAGE_CHIP_ID, c.BOOTLOADER_FLASH_OFFSET)
+    return ChipFacts(key, c.CHIP_NAME, c.IMAGE_CHIP_ID, c.BOOTLOADER_FLASH_OFFSET,
+                     ((c.IROM_MAP_START, c.IROM_MAP_END), (c.DROM_MAP_START, c.DROM_MAP_END)))
 
 
 class ImageError(Exception):
@@ -70,6 +79,19 @@ class AppDescription:
 
 
 @dataclass(frozen=True)
+class BootloaderDescription:
+    """esp_bootloader_desc_t (ESP-IDF 5.1 and later), at the start of the bootloader's first DRAM segment."""
+
+    version: int
+    idf_version: str
+    date_time: str
+
+
+BOOTLOADER_DESC_MAGIC = 0x50
+BOOTLOADER_DESC_FMT = "<B3sI32s24s16s"  # as esptool's image-info reads it (80 bytes)
+
+
+@dataclass(frozen=True)
 class ImageInfo:
     chip_id: int
     entry: int
@@ -80,6 +102,7 @@ class ImageInfo:
     length: int  # bytes including checksum and hash
     hash_appended: bool
     app: AppDescription | None
+    bootloader: BootloaderDescription | None = None
 
     @property
     def flash_size_name(self) -> str:
@@ -112,11 +135,38 @@ def parse_app_description(segment: bytes) -> AppDescription | None:
     )
 
 
+def _text_field(raw: bytes) -> str | None:
+    """A NUL-terminated printable ASCII field, or None (filler that happens to carry a magic byte)."""
+    text, nul, _ = raw.partition(b"\0")
+    if not nul or not text or not all(0x20 <= c < 0x7F for c in text):
+        return None
+    return text.decode("ascii")
+
+
+def parse_bootloader_description(segment: bytes) -> BootloaderDescription | None:
+    if len(segment) < struct.calcsize(BOOTLOADER_DESC_FMT):
+        return None
+    magic, _, version, idf, date_time, _ = struct.unpack_from(BOOTLOADER_DESC_FMT, segment)
+    idf_text, date_text = _text_field(idf), _text_field(date_time)
+    if magic != BOOTLOADER_DESC_MAGIC or idf_text is None or date_text is None:
+        return None
+    return BootloaderDescription(version, idf_text, date_text)
+
+
+def bootloader_description(idf_version: str, date_time: str, version: int = 1) -> bytes:
+    """The 80 bytes of an esp_bootloader_desc_t, to open a bootloader's first DRAM segment."""
+    return struct.pack(BOOTLOADER_DESC_FMT, BOOTLOADER_DESC_MAGIC, b"", version, idf_version.encode()[:31],
+                       date_time.encode()[:23], b"")
+
+
 def check_image(read: Callable[[int, int], bytes], offset: int, limit: int,
-                chip_id: int | None = None) -> ImageInfo:
+                chip_id: int | None = None,
+                on_segment: Callable[[int, int, int, int], None] | None = None) -> ImageInfo:
     """Check an image in flash as the ROM/bootloader does; raise ImageError if bad.
 
-    `read(offset, length)` reads flash; `limit` is how many bytes the image may span.
+    `read(offset, length)` reads flash; `limit` is how many bytes the image may span;
+    `on_segment(index, data offset in the image, load address, length)` hears each segment as
+    it is read, before the checksum is known (the bootloader logs them so).
     """
     head = read(offset, 24)
     magic, count, mode, size_freq, entry = struct.unpack("<BBBBI", head[:8])
@@ -133,7 +183,7 @@ def check_image(read: Callable[[int, int], bytes], offset: int, limit: int,
     pos = 24
     checksum = CHECKSUM_SEED
     segments = []
-    app = None
+    app = boot_desc = None
     for i in range(count):
         if pos + 8 > limit:
             raise ImageError(f"image at 0x{offset:x} runs past its partition")
@@ -146,6 +196,9 @@ def check_image(read: Callable[[int, int], bytes], offset: int, limit: int,
         data = read(offset + pos, length)
         if i == 0:
             app = parse_app_description(data)
+            boot_desc = parse_bootloader_description(data)
+        if on_segment:
+            on_segment(i, pos, load_addr, length)
         segments.append((pos, load_addr, length))
         checksum = _xor(data, checksum)
         pos += length
@@ -165,7 +218,7 @@ def check_image(read: Callable[[int, int], bytes], offset: int, limit: int,
     return ImageInfo(
         chip_id=image_chip_id, entry=entry, flash_mode=mode,
         flash_size_code=size_freq >> 4, flash_freq_code=size_freq & 0xF,
-        segments=tuple(segments), length=pos, hash_appended=hash_appended, app=app,
+        segments=tuple(segments), length=pos, hash_appended=hash_appended, app=app, bootloader=boot_desc,
     )
 
 
@@ -193,8 +246,12 @@ def _xor(data: bytes, seed: int) -> int:
 # -- building ---------------------------------------------------------------------
 
 
-def app_description(project_name: str, version: str, idf_version: str = "v5.1.2",
-                    date: str = "Nov 26 2026", time: str = "12:00:00",
+# what the station's generated firmware (flashing/firmware.py) says it was built with
+GENERATED_IDF_VERSION, GENERATED_DATE, GENERATED_TIME = "v5.1.2", "Nov 26 2026", "12:00:00"
+
+
+def app_description(project_name: str, version: str, idf_version: str = GENERATED_IDF_VERSION,
+                    date: str = GENERATED_DATE, time: str = GENERATED_TIME,
                     secure_version: int = 0) -> bytes:
     return struct.pack(
         APP_DESC_FMT, APP_DESC_MAGIC, secure_version, b"", version.encode()[:31],
@@ -285,11 +342,135 @@ def build_partition_table(parts: list[Partition]) -> bytes:
     return bytes(out)
 
 
-def boot_partition(parts: list[Partition]) -> Partition | None:
-    """The app the bootloader starts: factory if present, else ota_0 (otadata unread)."""
-    apps = [p for p in parts if p.type == 0]
-    for wanted in (0x00, 0x10):
-        for p in apps:
-            if p.subtype == wanted:
-                return p
-    return apps[0] if apps else None
+def partition_usage(p: Partition) -> str:
+    """The "Usage" column of the bootloader's partition table print (bootloader_utility.c)."""
+    if p.type == 0:
+        if p.subtype in (0x00, 0x20):
+            return "factory app" if p.subtype == 0x00 else "test app"
+        return "OTA app" if p.subtype & 0xF0 == 0x10 else "Unknown app"
+    if p.type == 1:
+        return {0x00: "OTA data", 0x01: "RF data", 0x02: "WiFi data", 0x04: "NVS keys",
+                0x05: "efuse"}.get(p.subtype, "Unknown data")
+    return "unknown"
+
+
+# -- otadata: which app the bootloader starts ------------------------------------------
+
+SECTOR = 0x1000
+OTADATA_SIZE = 2 * SECTOR  # two sectors, one esp_ota_select_entry_t at the start of each
+OTA_SELECT_FMT = "<I20sII"  # ota_seq, seq_label[20], ota_state, crc
+FACTORY_INDEX, TEST_APP_INDEX = -1, -2
+OTA_IMG_NEW, OTA_IMG_PENDING_VERIFY, OTA_IMG_VALID, OTA_IMG_INVALID, OTA_IMG_ABORTED = 0, 1, 2, 3, 4
+OTA_IMG_UNDEFINED = 0xFFFFFFFF
+
+
+def ota_select_crc(seq: int) -> int:
+    """bootloader_common_ota_select_crc: the ROM's crc32_le(UINT32_MAX, &ota_seq, 4)."""
+    return zlib.crc32(struct.pack("<I", seq), 0xFFFFFFFF)
+
+
+def ota_select_entry(seq: int, state: int = OTA_IMG_VALID) -> bytes:
+    """One esp_ota_select_entry_t (32 bytes) as esp_ota_set_boot_partition writes it."""
+    return struct.pack(OTA_SELECT_FMT, seq, b"\xff" * 20, state, ota_select_crc(seq))
+
+
+def build_otadata(seq: int, state: int = OTA_IMG_VALID) -> bytes:
+    """An otadata partition selecting OTA slot (seq - 1) % slots: the entry in sector 0, sector 1 erased."""
+    return ota_select_entry(seq, state).ljust(SECTOR, b"\xff") + b"\xff" * SECTOR
+
+
+@dataclass(frozen=True)
+class OtaEntry:
+    seq: int
+    state: int
+    crc: int
+
+    @property
+    def invalid(self) -> bool:
+        """bootloader_common_ota_select_invalid: blank, or marked invalid or aborted."""
+        return self.seq == 0xFFFFFFFF or self.state in (OTA_IMG_INVALID, OTA_IMG_ABORTED)
+
+    @property
+    def valid(self) -> bool:
+        return not self.invalid and self.crc == ota_select_crc(self.seq)
+
+    @property
+    def initial(self) -> bool:
+        """Blank or with a wrong CRC: what a fresh ota_data_initial.bin leaves."""
+        return self.seq == 0xFFFFFFFF or self.crc != ota_select_crc(self.seq)
+
+
+def parse_otadata(data: bytes) -> tuple[OtaEntry, OtaEntry]:
+    """The two entries of an otadata partition (its first two sectors)."""
+    size = struct.calcsize(OTA_SELECT_FMT)
+    entries = []
+    for sector in (0, 1):
+        seq, _, state, crc = struct.unpack(OTA_SELECT_FMT, data[sector * SECTOR:sector * SECTOR + size])
+        entries.append(OtaEntry(seq, state, crc))
+    return entries[0], entries[1]
+
+
+@dataclass(frozen=True)
+class BootSelection:
+    """The bootloader's choice before it loads anything: an index (FACTORY_INDEX or an OTA slot) and its words."""
+
+    index: int | None  # None: the otadata partition itself is unusable; the bootloader resets
+    info: str | None = None  # what it logs at I level
+    error: str | None = None  # what it logs at E level
+    initial: bool = False  # no factory, otadata blank: ota_0 is tried and otadata[0] set to it
+
+
+def ota_slots(parts: list[Partition]) -> dict[int, Partition]:
+    """OTA app partitions by slot number (ota_0 = 0, ota_1 = 1, ...)."""
+    return {p.subtype & 0x0F: p for p in parts if p.type == 0 and p.subtype & 0xF0 == 0x10}
+
+
+def select_boot(parts: list[Partition], otadata: bytes | None) -> BootSelection:
+    """bootloader_utility_get_selected_boot_partition, without rollback or anti-rollback (IDF's defaults).
+
+    `otadata`: the otadata partition's bytes, None when the table has no otadata partition.
+    """
+    ota_info = next((p for p in parts if p.type == 1 and p.subtype == 0x00), None)
+    if ota_info is None or otadata is None:
+        return BootSelection(FACTORY_INDEX)
+    if ota_info.size < OTADATA_SIZE:
+        return BootSelection(None, error=f"ota_info partition size {ota_info.size} is too small "
+                                         f"(minimum {OTADATA_SIZE} bytes)")
+    first, second = parse_otadata(otadata)
+    app_count = len(ota_slots(parts))
+    has_factory = any(p.type == 0 and p.subtype == 0x00 for p in parts)
+    if (first.invalid and second.invalid) or app_count == 0:
+        if has_factory:
+            return BootSelection(FACTORY_INDEX, info="Defaulting to factory image")
+        return BootSelection(0, info="No factory image, trying OTA 0", initial=first.initial and second.initial)
+    valid = [e for e in (first, second) if e.valid]
+    if valid:
+        active = max(valid, key=lambda e: e.seq)  # both valid: the higher sequence number (the later update)
+        return BootSelection((active.seq - 1) % app_count)
+    if has_factory:
+        return BootSelection(FACTORY_INDEX, error="ota data partition invalid, falling back to factory")
+    return BootSelection(FACTORY_INDEX, error="ota data partition invalid and no factory, will try all partitions")
+
+
+def boot_order(parts: list[Partition], index: int) -> list[tuple[int, Partition]]:
+    """The partitions bootloader_utility_load_boot_image tries: from `index` back to factory, then the later slots."""
+    slots = ota_slots(parts)
+    app_count = len(slots)
+    factory = next((p for p in parts if p.type == 0 and p.subtype == 0x00), None)
+
+    def at(i: int) -> Partition | None:
+        if i == FACTORY_INDEX:
+            return factory
+        return slots.get(i) if 0 <= i < app_count else None
+
+    order = [(i, at(i)) for i in range(index, FACTORY_INDEX - 1, -1)]
+    order += [(i, at(i)) for i in range(index + 1, app_count)]
+    order.append((TEST_APP_INDEX, next((p for p in parts if p.type == 0 and p.subtype == 0x20), None)))
+    return [(i, p) for i, p in order if p is not None and p.size]
+
+
+def boot_partition(parts: list[Partition], otadata: bytes | None = None) -> Partition | None:
+    """The app the bootloader tries first: as otadata selects it; without otadata, factory, else ota_0."""
+    choice = select_boot(parts, otadata)
+    order = boot_order(parts, choice.index) if choice.index is not None else []
+    return order[0][1] if order else None

@@ -321,16 +321,33 @@ def _env_baud() -> int | None:
     return None
 
 
-def _fixture_ports(station) -> list[str]:
-    """The fixture's ports as the screen finds them: station.toml's USB VID:PID filters, at most `slots`."""
-    from flashing.ports import fixture_ports
+def _fixture_ports(station, every_slot: bool = False) -> list[str]:
+    """The fixture's ports in slot order: bound to USB locations ([ports.slots]), else the USB VID:PID filters'
+    in natural order (at most `slots`). every_slot: also the bound slots with nothing there now (the screen
+    watches them, so that slot N stays the Nth card)."""
+    from flashing.ports import fixture_slots, serial_ports
 
-    return fixture_ports(station.usb_ports)[: station.slots]
+    slots = fixture_slots(serial_ports(), station.usb_ports, station.ports.slots, station.slots)
+    for s in slots:
+        if not s.here:
+            _info(f"slot {s.number} ({s.location}): no port there now" +
+                  (f"; watched as {s.name} (a name the rules of `station ports udev-rules` make)" if every_slot
+                   else ""))
+    return [s.name for s in slots if s.here or every_slot]
 
 
 def _no_fixture_ports(station) -> str:
+    if station.ports.slots:
+        return (f"no port in any of the {len(station.ports.slots)} slots station.toml [ports.slots] binds "
+                "(`station ports` lists what is there); plug in the fixture, or give -p PORT")
     filters = ", ".join(station.usb_ports) or "none in station.toml [ports] usb"
     return f"no fixture ports found (USB VID:PID {filters}); plug in the fixture, or give -p PORT"
+
+
+def _where_ports(station) -> str:
+    if station.ports.slots:
+        return "slots bound in station.toml [ports.slots]"
+    return f"USB VID:PID {', '.join(station.usb_ports)}"
 
 
 def _unopenable(ports: list[str]) -> str | None:
@@ -361,7 +378,7 @@ def cmd_flash(args: argparse.Namespace) -> int:
             ports = _fixture_ports(station)
             if not ports:
                 raise _Usage(f"{_no_fixture_ports(station)}, $ESPPORT or --virtual N")
-            _info(f"station flash: fixture ports (USB VID:PID {', '.join(station.usb_ports)}): {' '.join(ports)}")
+            _info(f"station flash: fixture ports ({_where_ports(station)}): {' '.join(ports)}")
     if args.realtime and not args.virtual:
         raise _Usage("--realtime is for virtual boards: give --virtual N")
     baud = args.baud or _env_baud()
@@ -857,6 +874,101 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+# -- station ports ------------------------------------------------------------------------
+
+def cmd_ports(args: argparse.Namespace) -> int:
+    """The serial ports here and the fixture slot each is; `learn` binds slots; `udev-rules` names them."""
+    from station.config import ConfigError, StationConfig
+
+    try:
+        station = StationConfig.load(args.config)
+    except ConfigError as exc:
+        for p in getattr(exc, "problems", None) or [exc]:
+            _err(f"station ports: {p}")
+        return Exit.USAGE
+    if args.ports_action == "udev-rules":
+        return _ports_udev_rules(station)
+    if args.ports_action == "learn":
+        return _ports_learn(station, args)
+    return _ports_list(station, args.json)
+
+
+def _ports_list(station, as_json: bool) -> int:
+    from flashing.ports import fixture_slots, serial_ports
+
+    ports = serial_ports()
+    slots = fixture_slots(ports, station.usb_ports, station.ports.slots, station.slots)
+    slot_of = {s.port.device: s for s in slots if s.port}
+
+    def row(p) -> dict:
+        s = slot_of.get(p.device)
+        name = s.name if s else next(iter(p.links), p.device)  # what the station opens for it
+        return dict(slot=s.number if s else None, port=p.device, vid_pid=p.vid_pid, location=p.location,
+                    serial_number=p.serial_number, bridge=p.bridge, native_usb=p.native_usb,
+                    stable_name=None if name == p.device else name)
+
+    rows = [row(p) for p in ports]
+    rows += [dict(slot=s.number, port=None, vid_pid="", location=s.location, serial_number=None, bridge="",
+                  native_usb=False, stable_name=s.name) for s in slots if not s.here]
+    rows.sort(key=lambda r: (r["slot"] is None, r["slot"] or 0))
+    if as_json:
+        for r in rows:
+            _out(json.dumps(r))
+    else:
+        head = ("SLOT", "PORT", "VID:PID", "LOCATION", "SERIAL", "BRIDGE", "NATIVE USB")
+        table = [head] + [(str(r["slot"] or "-"), r["port"] or "(nothing there)", r["vid_pid"] or "-",
+                           r["location"] or "-", r["serial_number"] or "-", r["bridge"] or "-",
+                           "yes" if r["native_usb"] else "no") for r in rows]
+        widths = [max(len(safe_text(row[i])) for row in table) for i in range(len(head))]
+        for row in table:
+            _out("  ".join(safe_text(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+    if station.ports.slots:
+        _info(f"slots bound to USB locations by {station.source or 'station.toml'} [ports.slots]")
+    else:
+        _info("no [ports.slots] in station.toml: the slots are the fixture's ports (USB VID:PID "
+              f"{', '.join(station.usb_ports) or 'none'}) in natural order, which changes when boards are "
+              "replugged; `station ports learn` binds each slot to its socket")
+    return Exit.OK
+
+
+def _ports_udev_rules(station) -> int:
+    from flashing.ports import udev_rules
+
+    if not station.ports.slots:
+        raise _Usage("no [ports.slots] in station.toml to make rules from: run `station ports learn` first")
+    sys.stdout.write(udev_rules(station.ports.slots, str(station.source or "station.toml")))
+    return Exit.OK
+
+
+def _ports_learn(station, args: argparse.Namespace) -> int:
+    from flashing.ports import serial_ports
+    from station.config import ConfigError
+    from station.ports import Stopped, learn, write_slots
+
+    if station.source is None:
+        raise _Usage("no station.toml to write the slots into: give --config FILE (or create ./station.toml)")
+    count = args.slots or len(station.ports.slots) or station.slots
+    _info(f"station ports learn: {count} slots; plug one board at a time; a port already there is learned by "
+          "unplugging and plugging it again; Ctrl-C stops without writing anything")
+    try:
+        slots = learn(count, serial_ports, _info, station.usb_ports, args.timeout)
+    except KeyboardInterrupt:
+        _err("station ports learn: stopped; station.toml is unchanged")
+        return Exit.SIGINT
+    except Stopped as exc:
+        _err(f"station ports learn: {exc}; station.toml is unchanged")
+        return Exit.UNIT_FAILED
+    try:
+        write_slots(station.source, slots)
+    except (ConfigError, OSError) as exc:
+        _err(f"station ports learn: {exc}")
+        return Exit.USAGE
+    for n, loc in sorted(slots.items()):
+        _out(f"{n} = {json.dumps(loc)}")
+    _info(f"written to {station.source} [ports.slots]; `station ports udev-rules` makes a udev rules file for them")
+    return Exit.OK
+
+
 # -- station demo -------------------------------------------------------------------------
 
 def _demo_station(args):
@@ -955,7 +1067,7 @@ def cmd_tui(args: argparse.Namespace) -> int:
         for p in getattr(exc, "problems", None) or [exc]:
             _err(f"station: {p}")
         return Exit.USAGE
-    ports = args.port or _env_ports() or _fixture_ports(ctx.station)
+    ports = args.port or _env_ports() or _fixture_ports(ctx.station, every_slot=True)
     if not ports:
         ctx.close()
         raise _Usage(_no_fixture_ports(ctx.station) + " or $ESPPORT")
@@ -1233,6 +1345,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--smoke", default="pair", choices=["none", "healthcheck", "pair"],
                    help="smoke-test level (default pair)")
     d.set_defaults(func=cmd_demo)
+
+    po = command(sub, "ports", "the serial ports here: VID:PID, USB location, bridge, native USB, fixture slot")
+    po.add_argument("--json", action="store_true", help="one JSON object per port per line")
+    po.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+    po.set_defaults(func=cmd_ports, ports_action=None)
+    pos = po.add_subparsers(dest="ports_action", metavar="ACTION")
+    pl = command(pos, "learn", "bind each slot to its socket: plug a board into slot 1, 2, ... as asked; "
+                 "writes [ports.slots] into station.toml")
+    pl.add_argument("--slots", type=_boards, metavar="N", help="how many slots (default: those bound, else slots)")
+    pl.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for each board "
+                    "(default 120)")
+    pl.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+    pl.set_defaults(func=cmd_ports)
+    pu = command(pos, "udev-rules", "print a udev rules file naming each bound slot /dev/station/slot-N")
+    pu.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+    pu.set_defaults(func=cmd_ports)
 
     c = command(sub, "virtual-ctl", "act on a running `station virtual` board")
     c.add_argument("--control", required=True, type=Path, metavar="SOCKET", help="the control socket it printed")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic.dataclasses import dataclass
 
 from .schema import (
@@ -128,11 +128,47 @@ def _vid_pid(vp: str) -> str:
     return vp
 
 
+def _slot_number(key: object) -> object:
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    raise ValueError(f"{describe(key)} is not a slot number: name the slots 1, 2, 3, ...")
+
+
+def _location(loc: str) -> str:
+    from flashing.ports import LOCATION
+
+    if not LOCATION.match(loc):
+        raise ValueError(f"{describe(loc)} is not a USB location such as \"1-1.4.2\" or \"1-1.4.2:1.0\" "
+                         "(`station ports` shows each port's)")
+    return loc
+
+
+def _slot_map(slots: dict[int, str]) -> dict[int, str]:
+    missing = [n for n in range(1, max(slots, default=0) + 1) if n not in slots]
+    if missing:
+        raise ValueError(f"slot {missing[0]} is missing: number the slots 1 to {max(slots)} without gaps "
+                         "(`station ports learn` writes them so)")
+    seen: dict[str, int] = {}
+    for n, loc in sorted(slots.items()):
+        if loc in seen:
+            raise ValueError(f"slots {seen[loc]} and {n} are both bound to {describe(loc)}: one socket each")
+        seen[loc] = n
+    return slots
+
+
+SlotNumber = Annotated[int, BeforeValidator(_slot_number), Field(ge=1, le=64)]
+Location = Annotated[Text, AfterValidator(_location)]
+
+
 @dataclass(frozen=True, config=SCHEMA)
 class Ports:
-    """[ports]: which serial ports are the fixture's."""
+    """[ports]: which serial ports are the fixture's, and which socket each one is."""
 
-    usb: tuple[Annotated[Text, AfterValidator(_vid_pid)], ...] = ()  # USB "vid:pid" filters
+    usb: tuple[Annotated[Text, AfterValidator(_vid_pid)], ...] = ()
+    """USB "vid:pid" of the fixture's bridges; without [ports.slots] their ports are the slots, in natural order."""
+    slots: Annotated[dict[SlotNumber, Location], AfterValidator(_slot_map)] = dataclasses.field(
+        default_factory=dict)
+    """Slot number = USB location of its socket's port ("1-1.4.2"); replaces `slots` and the natural order."""
 
 
 @dataclass(frozen=True, config=SCHEMA)

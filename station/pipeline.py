@@ -334,7 +334,7 @@ def boot(run: UnitRun) -> None:
         run.emit(LogLine(run.port, "boot", line))
     problem = log.problem()
     if problem:
-        raise StepFailure(problem, "replace the board if a retry fails the same way", log.text[-2000:])
+        raise StepFailure(problem, log.remedy(), log.text[-2000:])
     run.attempt.firmware_version = log.version
     want = run.ctx.app_version
     if want and log.version and log.version != want:

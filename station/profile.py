@@ -28,6 +28,7 @@ from pydantic.dataclasses import dataclass as schema
 from flashing.firmware import read_manifest
 from flashing.images import (
     FLASH_SIZES,
+    OTADATA_SIZE,
     SUPPORTED_CHIPS,
     ImageError,
     Partition,
@@ -602,7 +603,10 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             except ImageError as exc:
                 problems.append(Problem(f, f"firmware region 0x{p.offset:x}",
                                         f"not a valid {chip.name} app image: {exc}"))
-    app = boot_partition(parts) if parts else None
+    # the app the bootloader starts: as the profile's own otadata selects it, when it ships one
+    ota = next((p for p in parts if p.type == 1 and p.subtype == 0x00), None)
+    otadata = images.get(ota.offset) if ota is not None else None
+    app = boot_partition(parts, None if otadata is None else otadata.ljust(OTADATA_SIZE, b"\xff")) if parts else None
     if app is not None and app.offset not in images:
         problems.append(Problem(f, "firmware", "no app image for the partition the bootloader starts"))
 

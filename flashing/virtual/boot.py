@@ -2,8 +2,10 @@
 
 Runs the checks a ROM and ESP-IDF's 2nd-stage bootloader make (bootloader image
 magic, chip id, checksum and appended SHA-256; the partition table at 0x8000 with
-its MD5 entry; the app partition's image) and renders the serial log a real board
-prints at 115200: ROM banner, bootloader lines, app start — or the real failure text.
+its MD5 entry; otadata's choice of app, then each app image in the order the
+bootloader tries them) and renders the serial log a real board prints at 115200:
+ROM banner, bootloader lines (its own IDF version and compile time), app start — or
+the real failure text.
 """
 
 from __future__ import annotations
@@ -12,13 +14,26 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..images import (
+    FACTORY_INDEX,
+    GENERATED_DATE,
+    GENERATED_IDF_VERSION,
+    GENERATED_TIME,
+    OTA_IMG_VALID,
+    OTADATA_SIZE,
     PARTITION_TABLE_OFFSET,
     PARTITION_TABLE_SIZE,
+    SECTOR,
+    TEST_APP_INDEX,
     AppDescription,
     ImageError,
+    Partition,
+    boot_order,
     check_image,
-    boot_partition,
+    chip_facts,
+    ota_select_entry,
     parse_partition_table,
+    partition_usage,
+    select_boot,
 )
 from .chips import ChipModel
 
@@ -46,6 +61,10 @@ class _Log:
         self.ms += step
         self.lines.append(f"I ({self.ms}) {tag}: {msg}")
 
+    def w(self, tag: str, msg: str, step: int = 4) -> None:
+        self.ms += step
+        self.lines.append(f"W ({self.ms}) {tag}: {msg}")
+
     def e(self, tag: str, msg: str, step: int = 4) -> None:
         self.ms += step
         self.lines.append(f"E ({self.ms}) {tag}: {msg}")
@@ -55,7 +74,12 @@ class _Log:
 
 
 def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_size: int,
-                    reset_cause: str) -> BootResult:
+                    reset_cause: str, write: Callable[[int, bytes], None] | None = None) -> BootResult:
+    """Boot from flash as the ROM and the 2nd-stage bootloader do; the log they print and the app that runs.
+
+    `write(offset, sector)` erases and programs one flash sector: the bootloader sets otadata[0]
+    when it starts ota_0 with blank otadata and no factory app (without it, that write is skipped).
+    """
     log = _Log()
     log.raw(chip.banner(reset_cause, chip.flash_boot).rstrip("\n"))
     # ROM: load the 2nd-stage bootloader
@@ -81,9 +105,10 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
         for _, addr, length in bl.segments:
             log.raw(f"load:0x{addr:08x},len:0x{length:x}")
     log.raw(f"entry 0x{bl.entry:08x}")
-    # 2nd stage bootloader
-    log.i("boot", "ESP-IDF v5.1.2 2nd stage bootloader", 0)
-    log.i("boot", "compile time Nov 26 2026 12:00:00", 0)
+    # 2nd stage bootloader: its banner is its own esp_bootloader_desc_t (IDF 5.1 on)
+    desc = bl.bootloader
+    log.i("boot", f"ESP-IDF {desc.idf_version if desc else GENERATED_IDF_VERSION} 2nd stage bootloader", 0)
+    log.i("boot", f"compile time {desc.date_time if desc else f'{GENERATED_DATE} {GENERATED_TIME}'}", 0)
     if chip.key == "esp32":
         log.i("boot", "Multicore bootloader")
         log.i("boot", "chip revision: v3.0")
@@ -104,36 +129,78 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.i("boot", "Partition Table:")
     log.i("boot", "## Label            Usage          Type ST Offset   Length")
     for n, p in enumerate(parts):
-        usage = {(1, 2): "WiFi data", (1, 1): "RF data", (1, 0): "OTA data",
-                 (0, 0): "factory app", (0, 0x10): "OTA app"}.get((p.type, p.subtype), "Unknown data")
-        log.i("boot", f"{n:2d} {p.name:<16} {usage:<14} {p.type:02x} {p.subtype:02x} "
+        log.i("boot", f"{n:2d} {p.name:<16} {partition_usage(p):<16} {p.type:02x} {p.subtype:02x} "
                       f"{p.offset:08x} {p.size:08x}", 1)
     log.i("boot", "End of partition table")
-    part = boot_partition(parts)
-    if part is None:
-        log.e("boot", "No bootable app partitions in the partition table")
-        return BootResult(log.text(), None, None, "no bootable app partition")
-    if part.offset + part.size > flash_size:
-        log.e("boot", f"partition {part.name} at 0x{part.offset:x} is beyond the flash size")
-        return BootResult(log.text(), None, None, "app partition beyond flash size")
-    try:
-        app = check_image(read, part.offset, part.size, chip.image_chip_id)
-    except ImageError as exc:
-        msg = str(exc)
-        if msg.startswith("invalid header"):
-            msg = f"image at 0x{part.offset:x} has invalid magic byte (nothing flashed here?)"
-        log.e("esp_image", msg)
-        log.e("boot", f"{'Factory' if part.subtype == 0 else 'OTA'} app partition is not bootable")
-        log.e("boot", "No bootable app partitions in the partition table")
-        return BootResult(log.text(), None, None, msg)
-    for _, addr, length in app.segments:
-        log.i("esp_image", f"segment: paddr={part.offset:08x} vaddr={addr:08x} size={length:05x}h ({length:6d}) load", 2)
-    log.i("boot", f"Loaded app from partition at offset 0x{part.offset:x}")
+    return _load_app(chip, read, write, flash_size, parts, log)
+
+
+def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None] | None,
+              flash_size: int, parts: list[Partition], log: _Log) -> BootResult:
+    """otadata's choice, then each candidate app in the bootloader's order until one loads."""
+    ota_info = next((p for p in parts if p.type == 1 and p.subtype == 0x00), None)
+    otadata = None
+    if ota_info is not None:
+        fits = ota_info.size >= OTADATA_SIZE and ota_info.offset + OTADATA_SIZE <= flash_size
+        otadata = read(ota_info.offset, OTADATA_SIZE) if fits else b""
+    choice = select_boot(parts, otadata)
+    if choice.info:
+        log.i("boot", choice.info)
+    if choice.error:
+        log.e("boot", choice.error)
+    if choice.index is None:
+        return BootResult(log.text(), None, None, choice.error)
+    facts = chip_facts(chip.key)
+    first_error = None
+    for index, part in boot_order(parts, choice.index):
+        if part.offset + part.size > flash_size:
+            msg = f"partition {part.name} at 0x{part.offset:x} is beyond the flash size"
+            log.e("boot", msg)
+            first_error = first_error or "app partition beyond flash size"
+            _not_bootable(log, index)
+            continue
+
+        def segment(i: int, pos: int, addr: int, length: int, base: int = part.offset) -> None:
+            how = "map" if facts.is_mapped(addr) else ("load" if addr >= 0x10000000 else "")
+            log.i("esp_image", f"segment {i}: paddr={base + pos:08x} vaddr={addr:08x} size={length:05x}h "
+                               f"({length:6d}) {how}", 2)
+
+        try:
+            app = check_image(read, part.offset, part.size, chip.image_chip_id, on_segment=segment)
+        except ImageError as exc:
+            msg = str(exc)
+            if msg.startswith("invalid header"):
+                msg = f"image at 0x{part.offset:x} has invalid magic byte (nothing flashed here?)"
+            log.e("esp_image", msg)
+            first_error = first_error or msg
+            _not_bootable(log, index)
+            continue
+        if index == TEST_APP_INDEX:
+            log.w("boot", "Falling back to test app as only bootable partition")
+        log.i("boot", f"Loaded app from partition at offset 0x{part.offset:x}")
+        if choice.initial and index > FACTORY_INDEX and write is not None and ota_info is not None:
+            write(ota_info.offset, ota_select_entry(index + 1, OTA_IMG_VALID).ljust(SECTOR, b"\xff"))
+            log.i("boot", f"Set actual ota_seq={index + 1} in otadata[0]")
+        return _app_start(app.app, part, log)
+    log.e("boot", "No bootable app partitions in the partition table")
+    return BootResult(log.text(), None, None, first_error or "no bootable app partition")
+
+
+def _not_bootable(log: _Log, index: int) -> None:
+    """log_invalid_app_partition's words."""
+    if index == FACTORY_INDEX:
+        log.e("boot", "Factory app partition is not bootable")
+    elif index == TEST_APP_INDEX:
+        log.e("boot", "Factory test app partition is not bootable")
+    else:
+        log.e("boot", f"OTA app partition slot {index} is not bootable")
+
+
+def _app_start(desc: AppDescription | None, part: Partition, log: _Log) -> BootResult:
     log.i("boot", "Disabling RNG early entropy source...")
     log.i("cpu_start", "Pro cpu up.", 20)
     log.i("cpu_start", "Pro cpu start user code", 10)
     log.i("cpu_start", "cpu freq: 160000000 Hz")
-    desc = app.app
     if desc is not None:
         log.i("app_init", "Application information:")
         log.i("app_init", f"Project name:     {desc.project_name}", 1)
