@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
@@ -139,25 +139,20 @@ class _DynsecBroker(Broker):
                 await handler.writer.close()
 
 
-@dataclass
 class DemoBroker:
     """The broker on `host`, a free port when `port` is 0; `accounts` user -> password.
 
     `admin` (user, password) may send dynamic-security commands; `monitor` names the
-    account that reads every topic.
+    account that reads every topic. Listening when the constructor returns.
     """
 
-    host: str = "127.0.0.1"
-    port: int = 0
-    accounts: dict[str, str] = field(default_factory=dict)
-    admin: tuple[str, str] | None = None
-    monitor: str | None = None
-
-    def __post_init__(self) -> None:
-        passwords = dict(self.accounts)
-        if self.admin:
-            passwords[self.admin[0]] = self.admin[1]
-        self._accounts = Accounts(passwords, self.admin[0] if self.admin else None, self.monitor)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, accounts: dict[str, str] | None = None,
+                 admin: tuple[str, str] | None = None, monitor: str | None = None):
+        self.host, self.port = host, port
+        passwords = dict(accounts or {})
+        if admin:
+            passwords[admin[0]] = admin[1]
+        self._accounts = Accounts(passwords, admin[0] if admin else None, monitor)
         log = logging.getLogger("amqtt")  # its records name clients and topics: not the station's log
         log.propagate = False
         log.addHandler(logging.NullHandler())
