@@ -5,6 +5,10 @@
     python3 tasks.py test    # the test suite (what CI runs)
     python3 tasks.py coverage  # the test suite under coverage, then the per-module report
     python3 tasks.py bench   # the benchmark scripts (slow; prints the numbers we quote)
+    python3 tasks.py lock    # refresh requirements.lock from pyproject.toml (after changing a dependency)
+
+The environment is installed from requirements.lock (every package pinned, with its hashes:
+pip refuses any other file), then the station itself without dependencies.
 
 Each creates or updates the local virtual environment `.venv` first; the `station`
 command is then .venv/bin/station (`source .venv/bin/activate` puts it on PATH).
@@ -23,12 +27,17 @@ ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("STATION_VENV", ROOT / ".venv"))
 PY = VENV / "bin" / "python"
 STAMP = VENV / ".installed"
+LOCK = ROOT / "requirements.lock"
+# the one command that writes the lock: pinned versions with hashes, for Python 3.11+ on Linux
+LOCK_COMMAND = ["-m", "piptools", "compile", "-q", "--generate-hashes", "--extra", "test", "--strip-extras",
+                "--no-emit-index-url", "--no-emit-find-links", "--allow-unsafe",
+                "--custom-compile-command", "python3 tasks.py lock", "-o", LOCK.name, "pyproject.toml"]
 
 
 def ensure_venv() -> None:
     if sys.version_info < (3, 11):
         sys.exit("The station needs Python 3.11 or newer.")
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + LOCK.read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == want and PY.exists():
         return
     if not PY.exists():
@@ -39,8 +48,8 @@ def ensure_venv() -> None:
             sys.exit(f"could not create a virtual environment ({exc}); "
                      "install your distribution's python3-venv package")
     print("installing the station and its dependencies ...", file=sys.stderr)
-    subprocess.run([PY, "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
-    subprocess.run([PY, "-m", "pip", "install", "-q", "-e", f"{ROOT}[test]"], check=True)
+    subprocess.run([PY, "-m", "pip", "install", "-q", "--require-hashes", "-r", LOCK], check=True)
+    subprocess.run([PY, "-m", "pip", "install", "-q", "--no-deps", "-e", ROOT], check=True)
     STAMP.write_text(want)
     # the venv's bin is not on the caller's PATH: say how, once, when the environment is made
     print(f"`station` is {VENV / 'bin' / 'station'}; to have it on your PATH: source {VENV / 'bin' / 'activate'}",
@@ -50,10 +59,13 @@ def ensure_venv() -> None:
 def main() -> int:
     task = sys.argv[1] if len(sys.argv) > 1 else "help"
     extra = sys.argv[2:]
-    if task not in ("demo", "test", "coverage", "bench"):
+    if task not in ("demo", "test", "coverage", "bench", "lock"):
         print(__doc__)
         return 0 if task == "help" else 2
     ensure_venv()
+    if task == "lock":
+        subprocess.run([PY, "-m", "pip", "install", "-q", "pip-tools>=7.4,<8"], check=True)
+        return subprocess.call([PY, *LOCK_COMMAND], cwd=ROOT)
     if task == "demo":
         return subprocess.call([PY, "-m", "station", "demo", *extra], cwd=ROOT)
     if task == "test":

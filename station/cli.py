@@ -976,8 +976,8 @@ def _demo_station(args):
     import dataclasses
     import os
 
-    from flashing.mqtt import EmbeddedBroker
     from station.config import StationConfig
+    from station.demo_broker import DemoBroker
 
     # the example profile's vendor token and the factory broker's accounts: demo values
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "demo-tok42")
@@ -986,10 +986,11 @@ def _demo_station(args):
     station = StationConfig.load(args.config)
     smoke = station.smoke
     # each unit's own test account is made on it, as on the factory's Mosquitto
-    broker = EmbeddedBroker(accounts={smoke.monitor_user: os.environ[smoke.monitor_password_env]},
-                            admin=(smoke.broker_admin_user, os.environ[smoke.broker_admin_password_env]))
+    broker = DemoBroker(accounts={smoke.monitor_user: os.environ[smoke.monitor_password_env]},
+                        admin=(smoke.broker_admin_user, os.environ[smoke.broker_admin_password_env]),
+                        monitor=smoke.monitor_user)
     station = dataclasses.replace(station, smoke=dataclasses.replace(
-        smoke, broker_host=broker.host, broker_port=broker.port, reach="direct", url=""))
+        smoke, broker_host=broker.host, broker_port=broker.port, broker_tls=False, reach="direct", url=""))
     return station, broker
 
 

@@ -25,6 +25,7 @@ from .schema import (
     SCHEMA,
     ConfigError,
     FilePath,
+    Flag,
     Name,
     Problem,
     Seconds,
@@ -114,6 +115,10 @@ class SmokeDefaults:
     test_token_env: Text = "STATION_TEST_TOKEN"  # no longer read: each unit pairs with its own account
     broker_host: Text = "127.0.0.1"
     broker_port: Port = 1883
+    # TLS to the test broker (its mqtts port): the station checks the broker's certificate and host
+    # name against broker_ca_file (unset: the system's CA store); the device is paired with mqtts_port
+    broker_tls: Flag = False
+    broker_ca_file: FilePath | None = None
     monitor_user: Text = "station-monitor"
     monitor_password_env: Text = "STATION_MONITOR_PASSWORD"
     # the broker's dynamic-security admin, which creates and deletes each unit's test account
@@ -221,4 +226,6 @@ class StationConfig:
 def _under(config: StationConfig, base: Path) -> StationConfig:
     """Every relative path of the configuration taken as relative to `base` (an absolute one stays)."""
     paths = {f.name: base / v for f in dataclasses.fields(config) if isinstance(v := getattr(config, f.name), Path)}
+    if config.smoke.broker_ca_file is not None:
+        paths["smoke"] = dataclasses.replace(config.smoke, broker_ca_file=base / config.smoke.broker_ca_file)
     return dataclasses.replace(config, **paths)

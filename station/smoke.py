@@ -27,6 +27,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import stat
 import string
 import subprocess
@@ -38,7 +39,7 @@ from urllib.parse import urlencode, urlsplit
 
 from flashing.console import MQTT_REFUSED, BootLog, parse_boot_log
 from flashing.errors import UnitError
-from flashing.mqtt import CONNACK_CODES, Message, MqttClient, MqttError
+from flashing.mqtt_client import BrokerTls, Message, MqttClient, MqttError
 
 from .config import SmokeDefaults
 
@@ -163,18 +164,15 @@ class UnitAccounts:
             if len(answers) == len(commands):
                 done.set()
 
-        admin = MqttClient(s.broker_host, s.broker_port, f"station-accounts-{tag}", self.accounts.admin_user,
-                           self.accounts.admin_password, timeout=s.timeout_s)
+        admin = broker_client(s, f"station-accounts-{tag}", self.accounts.admin_user, self.accounts.admin_password)
         try:
-            rc = admin.connect()
+            refused = admin.connect()
         except (OSError, MqttError) as exc:
-            raise UnitAccountError(f"the test broker {s.broker_host}:{s.broker_port} is unreachable while {doing} "
-                                   f"({exc})", "start the factory test broker, or check station.toml [smoke]") from None
+            raise UnitAccountError(*_unreachable(s, exc, f" while {doing}")) from None
         try:
-            if rc != 0:
+            if refused:
                 raise UnitAccountError(f"the test broker refused the station's admin login while {doing} "
-                                       f"({CONNACK_CODES.get(rc, rc)})",
-                                       "check [smoke] broker_admin_user and its password on the broker")
+                                       f"({refused})", "check [smoke] broker_admin_user and its password on the broker")
             admin.subscribe(f"{DYNSEC}/response", on_response)
             admin.publish(DYNSEC, json.dumps({"commands": commands}))
             if not done.wait(s.timeout_s):
@@ -191,6 +189,26 @@ class UnitAccounts:
         if errors:
             raise UnitAccountError(f"the test broker refused {doing} ({'; '.join(errors)})",
                                    "check the broker's dynamic-security configuration and the admin's role")
+
+
+def broker_client(s: SmokeDefaults, client_id: str, user: str, password: str) -> MqttClient:
+    """A login to the factory test broker as station.toml [smoke] describes it (TLS or not)."""
+    tls = BrokerTls(str(s.broker_ca_file) if s.broker_ca_file else None) if s.broker_tls else None
+    return MqttClient(s.broker_host, s.broker_port, client_id, user, password, timeout=s.timeout_s, tls=tls)
+
+
+def _unreachable(s: SmokeDefaults, exc: BaseException, doing: str = "") -> tuple[str, str]:
+    """The message and remedy for a test broker the station could not log in to."""
+    where = f"{s.broker_host}:{s.broker_port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the test broker {where} presented a certificate the station does not trust{doing} "
+                f"({exc.verify_message})", "check [smoke] broker_ca_file, and that the broker's certificate "
+                "names broker_host")
+    if isinstance(exc, ssl.SSLError):
+        return (f"no TLS session with the test broker {where}{doing} ({exc.reason or exc})",
+                "check that broker_port is the broker's TLS (mqtts) port, or set broker_tls = false")
+    return (f"the test broker {where} is unreachable{doing} ({exc})",
+            "start the factory test broker, or check station.toml [smoke]")
 
 
 # -- reaching the device ---------------------------------------------------------------------
@@ -415,20 +433,25 @@ def pair_and_wait(base: str, device_class: str, device_id: str, settings: SmokeD
         if not msg.retain and msg.payload == b"ready":  # a retained one is from an earlier run
             ready.set()
 
-    monitor = MqttClient(settings.broker_host, settings.broker_port,
-                         f"station-smoke-{device_id}", accounts.monitor_user, accounts.monitor_password)
+    monitor = broker_client(settings, f"station-smoke-{device_id}", accounts.monitor_user,
+                            accounts.monitor_password)
     try:
-        rc = monitor.connect()
+        refused = monitor.connect()
     except (OSError, MqttError) as exc:
-        raise SmokeFailure(f"the test broker {settings.broker_host}:{settings.broker_port} is unreachable "
-                           f"({exc})", "start the factory test broker, or check station.toml [smoke]") from None
-    if rc != 0:
-        raise SmokeFailure(f"the test broker refused the station's monitor login ({CONNACK_CODES.get(rc, rc)})",
+        raise SmokeFailure(*_unreachable(settings, exc)) from None
+    if refused:
+        raise SmokeFailure(f"the test broker refused the station's monitor login ({refused})",
                            "check the monitor account in station.toml [smoke]")
     try:
-        monitor.subscribe(topic, on_state)
+        try:
+            monitor.subscribe(topic, on_state)
+        except MqttError as exc:
+            raise SmokeFailure(f"the test broker would not let the monitor watch this unit ({exc})",
+                               "check the monitor account's rights on the broker") from None
         params = {"wsp": unit.email, "token": unit.token,
                   "host": settings.broker_host, "brport": str(settings.broker_port)}
+        if settings.broker_tls:  # the SDK's TLS port: the device logs in over TLS too
+            params["mqtts_port"] = str(settings.broker_port)
         if device_class == "wifi":
             params = {"ssid": accounts.test_ssid, "psk": accounts.test_psk, **params}
         t0 = time.monotonic()

@@ -134,13 +134,8 @@ def _dynsec_plugin() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory):
-    """A real Mosquitto on a free loopback port, its accounts in the dynamic-security plugin.
-
-    Only the station's admin (which makes each unit's own test account) and the monitor
-    (which reads every device topic) exist at start; nothing may publish by default.
-    """
+def _start_mosquitto(d: Path, listener: str):
+    """Mosquitto with the dynamic-security plugin and its test accounts, on `listener` (its config lines)."""
     exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
     plugin = _dynsec_plugin()
     if not exe or not plugin:
@@ -148,7 +143,6 @@ def mosquitto(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"{what}; .ci/run installs it (apt-get install mosquitto)")
         pytest.skip(f"{what} (apt-get install mosquitto)")
-    d = tmp_path_factory.mktemp("mosquitto")
     admin_acls = [_acl(t, "$CONTROL/dynamic-security/#") for t in
                   ("publishClientSend", "publishClientReceive", "subscribePattern")]
     monitor_acls = [_acl("subscribePattern", "#"), _acl("publishClientReceive", "#")]
@@ -162,7 +156,7 @@ def mosquitto(tmp_path_factory):
     }, indent=1))
     port = _free_port()
     (d / "mosquitto.conf").write_text(
-        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous false\nplugin {plugin}\n"
+        f"user root\nlistener {port} 127.0.0.1\n{listener}allow_anonymous false\nplugin {plugin}\n"
         f"plugin_opt_config_file {d / 'dynsec.json'}\npersistence false\nlog_dest file {d / 'log'}\n")
     proc = subprocess.Popen([exe, "-c", str(d / "mosquitto.conf")], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -175,6 +169,79 @@ def mosquitto(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mosquitto did not start: {proc.stderr.read().decode()}")
             time.sleep(0.05)
+    return proc, port
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory):
+    """A real Mosquitto on a free loopback port, its accounts in the dynamic-security plugin.
+
+    Only the station's admin (which makes each unit's own test account) and the monitor
+    (which reads every device topic) exist at start; nothing may publish by default.
+    """
+    proc, port = _start_mosquitto(tmp_path_factory.mktemp("mosquitto"), "")
     yield Broker("127.0.0.1", port)
+    proc.terminate()
+    proc.wait(5)
+
+
+@dataclass(frozen=True)
+class BrokerCa:
+    """A CA made at test time and a broker certificate it signed for 127.0.0.1 and localhost."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_test_ca(d: Path, name: str = "Station Test CA") -> BrokerCa:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    out = BrokerCa(d / "ca.pem", d / "broker.pem", d / "broker.key")
+    out.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return out
+
+
+@dataclass
+class TlsBroker(Broker):
+    ca: BrokerCa | None = None
+
+
+@pytest.fixture(scope="session")
+def mosquitto_tls(tmp_path_factory):
+    """A second real Mosquitto whose only listener is TLS (the SDK's mqtts port), its certificate from a test CA."""
+    d = tmp_path_factory.mktemp("mosquitto-tls")
+    ca = make_test_ca(d / "ca")
+    proc, port = _start_mosquitto(d, f"cafile {ca.ca_file}\ncertfile {ca.cert_file}\nkeyfile {ca.key_file}\n")
+    yield TlsBroker("127.0.0.1", port, ca=ca)
     proc.terminate()
     proc.wait(5)

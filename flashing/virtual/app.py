@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlparse
 
 from ..images import PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE, ImageError, parse_partition_table
-from ..mqtt import CONNACK_CODES, MqttClient, MqttError
+from ..mqtt_client import BrokerTls, MqttClient, MqttError
 from ..nvs import NvsEntry, NvsError, build_partition, read_keys_partition, read_partition
 
 if TYPE_CHECKING:
@@ -321,6 +321,9 @@ class TwoSmartApp:
             token += "!"  # a token the broker does not know
         host = str(self.config.get("host", "cloud.2smart.com"))
         port = int(str(self.config.get("brport", "1883")) or 1883)
+        tls = None
+        if str(self.config.get("mqtts_port", "")).isdigit():  # the SDK logs in over TLS when paired with it
+            port, tls = int(str(self.config["mqtts_port"])), BrokerTls(self.dev.broker_ca_file)
         root = f"{user}/sweet-home/{self.device_id}"
         while not self.stopped.is_set():
             try:
@@ -328,21 +331,21 @@ class TwoSmartApp:
                 if not ipaddress.ip_address(addr).is_loopback:
                     raise OSError(f"{host} is outside the virtual network (it reaches this machine only)")
                 self.log("I", "mqtt", f"connecting to {host}:{port}")
-                client = MqttClient(addr, port, self.device_id, user, token,
+                client = MqttClient(host if tls else addr, port, self.device_id, user, token,  # TLS checks the name
                                     keepalive=max(10, int(self.dev.heartbeat_s * 3)),
-                                    will=(f"{root}/$state", b"lost", True))
+                                    will=(f"{root}/$state", b"lost", True), tls=tls)
                 self.mqtt = client  # stop() closes it, also while it is still connecting
                 if self.stopped.is_set():
                     break
-                rc = client.connect()
+                refused = client.connect()
             except (OSError, MqttError) as exc:
                 self.log("E", "mqtt", f"cannot reach broker {host}:{port}: {exc}; retrying in "
                          f"{self.dev.mqtt_retry_s:g} s")
                 self.stopped.wait(self.dev.mqtt_retry_s)
                 continue
-            if rc != 0:
-                self.log("E", "mqtt", f"broker refused login for this device: {CONNACK_CODES.get(rc, rc)} "
-                         f"(rc={rc}); retrying in {self.dev.mqtt_retry_s:g} s")
+            if refused:
+                self.log("E", "mqtt", f"broker refused login for this device: {refused}; "
+                         f"retrying in {self.dev.mqtt_retry_s:g} s")
                 self.stopped.wait(self.dev.mqtt_retry_s)
                 continue
             if self.stopped.is_set():

@@ -149,6 +149,7 @@ class VirtualDevice:
         self.net_ip, self.http_port = _virtual_address()
         self.heartbeat_s = 10.0
         self.mqtt_retry_s = 5.0
+        self.broker_ca_file: str | None = None  # the CA its firmware trusts for mqtts (None: the system's store)
         self.runtime: TwoSmartApp | None = None
         self._stopped_apps: list[TwoSmartApp] = []  # their threads may still be ending
         self.boot_time = time.monotonic()

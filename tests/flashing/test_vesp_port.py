@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import struct
 import sys
@@ -12,10 +13,10 @@ import pytest
 import serial
 
 from flashing.firmware import build_firmware
-from flashing.mqtt import EmbeddedBroker
 from flashing.nvs import NvsEntry, build_partition
 from flashing.virtual.bench import ControlClient, VirtualBench
 from flashing.virtual.slip import encode
+from station.demo_broker import DemoBroker
 from tests.flashing.test_virtual_board import flash_firmware
 
 REOPENS = 50
@@ -133,7 +134,7 @@ def test_close_from_another_thread_wakes_a_waiting_read(make_bench):
 
 def test_closing_a_bench_leaves_no_thread_behind(tmp_path):
     before = set(threading.enumerate())
-    broker = EmbeddedBroker()
+    broker = DemoBroker(accounts={hashlib.sha256(b"unit@example.com").hexdigest(): "t1"})
     bench = VirtualBench(2, "esp32", run_dir=tmp_path / "run", seed=7)
     held = None
     control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
