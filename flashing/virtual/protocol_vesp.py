@@ -100,8 +100,12 @@ class Serial(SerialBase):
         with _open_lock:
             _open_ports[self._fd] = self
         self.is_open = True
-        self._reconfigure_port()
-        self._send_lines()  # open asserts DTR and RTS, as pyserial's POSIX open does
+        try:
+            self._reconfigure_port()
+            self._send_lines()  # open asserts DTR and RTS, as pyserial's POSIX open does
+        except SerialException:
+            self.close()  # the board hung up at once: an open that fails holds nothing
+            raise
 
     @staticmethod
     def _path_from_url(url: str) -> str:
