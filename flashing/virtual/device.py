@@ -177,6 +177,7 @@ class VirtualDevice:
         self.download_flag = False  # USB-Serial/JTAG: boot into download mode at the next USB reset
         self.flash_attached = False  # the ROM's SPI flash answers only after SPI_ATTACH
         self._wdt_armed: int | None = None  # token of the RTC watchdog's pending reset
+        self._wdt_deadline: float | None = None
         self.rx_clock = self.tx_clock = self.flash_ready_at = 0.0
         self.bytes_in = self.bytes_out = 0
         self.bytes_since_plug = 0
@@ -338,6 +339,7 @@ class VirtualDevice:
             "app_mode": self.runtime.mode if self.runtime else None,
             "flash_file": str(self.flash.path) if self.flash.path else None,
             "usb_serial_jtag": self.usb_serial_jtag,
+            "watchdog_armed": self._wdt_armed is not None,
         }
 
     def usb_descriptor(self) -> dict:
@@ -447,9 +449,15 @@ class VirtualDevice:
         self.boot_time = time.monotonic()
         self.boots += 1
         self.console.clear()
-        self._reset_registers()
+        # the USB controller resets the digital core only: the RTC domain and its watchdog run on
+        rtc = self._rtc_domain() if cause == "usb" else {}
+        wdt_deadline = self._wdt_deadline if cause == "usb" else None
         self.flash_attached = False
-        self._wdt_armed = None
+        self._wdt_armed = self._wdt_deadline = None
+        self._reset_registers()
+        self.regs.update(rtc)
+        if wdt_deadline is not None:
+            self._arm_wdt(wdt_deadline)
         reset_text = {"poweron": self.chip.poweron_reset, "wdt": self.chip.wdt_reset,
                       "sw": self.chip.sw_reset, "usb": self.chip.usb_reset}[cause]
         if download:
@@ -701,15 +709,23 @@ class VirtualDevice:
         """Enabled with a stage-0 action, the RTC watchdog resets the whole chip when its count runs out."""
         config0 = self.regs.get(wdt.config0, 0)
         if not (config0 >> 31 and (config0 >> 28) & 0x7):
-            self._wdt_armed = None
+            self._wdt_armed = self._wdt_deadline = None
             return
-        token = self._wdt_armed = next(self._seq)
         ticks = self.regs.get(wdt.config1, 0) or 200_000  # the register's reset value
+        self._arm_wdt(time.monotonic() + ticks / wdt.slow_clock_hz)
+
+    def _arm_wdt(self, deadline: float) -> None:
+        token = self._wdt_armed = next(self._seq)
+        self._wdt_deadline = deadline
 
         def expire() -> None:
             if self._wdt_armed == token:
                 self._wdt_reset()
-        self.schedule(ticks / wdt.slow_clock_hz, expire)
+        self.schedule(max(0.0, deadline - time.monotonic()), expire)
+
+    def _rtc_domain(self) -> dict[int, int]:
+        wdt = self.chip.rtc_wdt
+        return {a: self.regs[a] for a in wdt.registers if a in self.regs} if wdt else {}
 
     def _wdt_reset(self) -> None:
         """A system reset: the chip samples its strapping pins again, as at power-on."""

@@ -105,3 +105,28 @@ def test_usb_identity_of_virtual_ports(make_bench):
 def test_native_usb_is_for_chips_that_have_it(make_bench):
     with pytest.raises(ValueError, match="no USB-Serial/JTAG"):
         make_bench(1, "esp32", usb_serial_jtag=True)
+
+
+def test_rtc_watchdog_outlives_a_usb_reset_until_esptool_disarms_it(make_bench):
+    # the USB controller resets the digital core only: an armed RTC watchdog fires in download mode,
+    # which is why esptool disables it after connecting through USB-Serial/JTAG
+    bench = make_bench(1, "esp32c3", usb_serial_jtag=True)
+    dev = bench[0].device
+    wdt = dev.chip.rtc_wdt
+
+    def arm(esp, seconds: float) -> None:
+        esp.write_reg(wdt.wprotect, wdt.wkey)
+        esp.write_reg(wdt.config1, int(seconds * wdt.slow_clock_hz))
+        esp.write_reg(wdt.config0, 1 << 31 | 5 << 28)
+        esp.write_reg(wdt.wprotect, 0)
+
+    with serial.serial_for_url(bench[0].url, baudrate=115200, timeout=0.5) as port:
+        arm(cmds.detect_chip(port, connect_mode="no-reset"), 0.5)
+        USBJTAGSerialReset(port).reset()
+        assert "waiting for download" in dev.console_text()
+        wait_for(dev, lambda s: f"rst:{dev.chip.wdt_reset}" in dev.console_text())
+        arm(cmds.detect_chip(port), 5.0)  # default reset: the USB sequence into download mode
+        assert dev.state()["watchdog_armed"]
+        esp = cmds.detect_chip(port)  # connects, then writes the watchdog off
+        assert esp.read_reg(wdt.config0) == 0
+        assert not dev.state()["watchdog_armed"]
