@@ -731,11 +731,7 @@ class VirtualDevice:
         """A system reset: the chip samples its strapping pins again, as at power-on."""
         self._chip_reset()
         self.download_flag = False
-        if self.reset_capable_hosts == 0 and not self.usb_serial_jtag:
-            download = True  # the jig still holds IO0 low
-        else:
-            download = self.io0_low and not self.usb_serial_jtag
-        self._start(download, "wdt")
+        self._power_up("wdt")
 
     def _spi_command(self) -> None:
         spi = self.chip.spi

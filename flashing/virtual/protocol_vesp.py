@@ -172,10 +172,11 @@ class Serial(SerialBase):
                 | (termios.TIOCM_RTS if self._modem_rts else 0)
             out = _TIOCM.pack(bits)
             if isinstance(arg, (bytes, str)) or not mutate:
-                return out
+                return out  # an immutable argument: the result comes back as bytes
             memoryview(arg).cast("B")[: _TIOCM.size] = out
             return 0
-        (bits,) = _TIOCM.unpack(bytes(arg)[: _TIOCM.size])
+        raw = arg.encode() if isinstance(arg, str) else bytes(arg)
+        (bits,) = _TIOCM.unpack(raw[: _TIOCM.size])
         dtr, rts = bool(bits & termios.TIOCM_DTR), bool(bits & termios.TIOCM_RTS)
         if request == termios.TIOCMSET:
             self._modem_dtr, self._modem_rts = dtr, rts
