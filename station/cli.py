@@ -407,8 +407,9 @@ def flash(run: FlashRun, station) -> int:
     if run.virtual:
         from flashing.virtual.bench import VirtualBench
 
+        # the profile's boards on their own USB port get virtual boards wired the same way
         bench = VirtualBench(run.virtual, ctx.profile.chip, ctx.profile.board_flash_bytes(), control=False,
-                             realtime=run.realtime)
+                             realtime=run.realtime, usb_serial_jtag=ctx.profile.connection == "usb-serial-jtag")
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
         ports += [slot.url for slot in bench.slots]
