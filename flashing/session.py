@@ -284,7 +284,8 @@ class UnitSession:
         except (OSError, serial.SerialException):
             self.can_reset = False
             return
-        self._reset(HardReset(s, uses_usb=self.native_usb))
+        # esptool's own choice: uses_usb is for USB-OTG ports that re-enumerate; USB-Serial/JTAG does not
+        self._reset(HardReset(s))
 
     # -- esptool ----------------------------------------------------------------------------
     def connect(self, expected_chip: str | None = None, resets: int = 3) -> ChipIdentity:
