@@ -1,16 +1,17 @@
 """One esptool session per unit: reset, connect, identify, write, boot the app.
 
 The real esptool does all the protocol work through its Python API; this module
-owns the port (so the station drives the reset lines itself and works with any
-fixture wiring), routes esptool's logger output per thread to the unit it belongs
-to, and turns esptool's errors into messages an operator can act on.
+owns the port, resets the board with esptool's own reset strategies (the dev-board
+DTR/RTS circuit behind a USB-UART bridge, or the USB-Serial/JTAG controller of a
+chip on its own USB port), reads what the ROM printed, routes esptool's logger
+output per thread to the unit it belongs to, and turns esptool's errors into
+messages an operator can act on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import struct
 import threading
 import time
 import zlib
@@ -24,12 +25,15 @@ import esptool.loader
 from esptool import cmds
 from esptool.loader import ESPLoader
 from esptool.logger import TemplateLogger, log
+from esptool.reset import DEFAULT_RESET_DELAY, ClassicReset, HardReset, ResetStrategy, UnixTightReset, \
+    USBJTAGSerialReset
 from esptool.util import FatalError, NotImplementedInROMError, UnsupportedCommandError
 
 import flashing  # noqa: F401  (registers vesp://)
 
 from .console import BANNER, BootLog, read_boot_log
 from .errors import UnitError
+from .usb import usb_identity
 
 ROM_BAUD = 115200
 
@@ -195,33 +199,19 @@ def flash_size_bytes(name: str | None) -> int:
     return int(name.upper().removesuffix("MB")) * 1024 * 1024
 
 
-def _tiocmset(port: serial.SerialBase, dtr: bool, rts: bool) -> bool:
-    """Both modem lines in one ioctl on a POSIX tty; False where that is not possible."""
-    try:
-        import fcntl
-        import termios
-
-        fd = port.fileno()
-        bits = struct.unpack("I", fcntl.ioctl(fd, termios.TIOCMGET, struct.pack("I", 0)))[0]
-        bits = (bits | termios.TIOCM_DTR) if dtr else (bits & ~termios.TIOCM_DTR)
-        bits = (bits | termios.TIOCM_RTS) if rts else (bits & ~termios.TIOCM_RTS)
-        fcntl.ioctl(fd, termios.TIOCMSET, struct.pack("I", bits))
-    except (ImportError, AttributeError, OSError, ValueError, serial.SerialException):
-        return False  # Windows, a pty, a network port: the caller sets them one by one
-    return True
-
-
 class UnitSession:
     """The serial port of one fixture slot and the esptool session on it."""
 
     def __init__(self, port: str, sink: EsptoolSink | None = None,
-                 cancelled: Callable[[], bool] = lambda: False):
+                 cancelled: Callable[[], bool] = lambda: False, native_usb: bool | None = None):
         self.port_name = port
         self.sink = sink
         self.cancelled = cancelled
         self.serial: serial.SerialBase | None = None
         self.esp: ESPLoader | None = None
         self.can_reset = True
+        self._native_usb = native_usb  # the fixture or profile says so; None: the port's VID:PID tells
+        self.native_usb = bool(native_usb)
 
     # -- port ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -236,6 +226,9 @@ class UnitSession:
         self.serial = s
         # a network port (socket://) carries no modem lines: nothing can reset the board
         self.can_reset = not self.port_name.startswith(NO_RESET_SCHEMES)
+        if self._native_usb is None:
+            identity = usb_identity(self.port_name)
+            self.native_usb = bool(identity and identity.native_usb)
 
     def close(self) -> None:
         if self.serial is not None:
@@ -251,49 +244,48 @@ class UnitSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _lines(self, dtr: bool, rts: bool) -> None:
-        """Set DTR and RTS together where the port allows it.
-
-        Set one after the other, the dev-board circuit passes through "both asserted"
-        (EN released with IO0 high) in between; a host busy with 16 ports can take longer
-        than the EN capacitor holds, and the chip boots its app instead of the loader.
-        A tty takes both lines in one TIOCMSET (esptool's tight reset does the same);
-        the virtual board's bridge has `set_dtr_rts`; anything else gets the two setters.
-        """
-        try:
-            tight = getattr(self.serial, "set_dtr_rts", None)
-            if tight is not None:
-                tight(dtr, rts)
-            elif not _tiocmset(self.serial, dtr, rts):
-                self.serial.dtr = dtr
-                self.serial.rts = rts
-        except (OSError, serial.SerialException):
-            self.can_reset = False  # a pty or a fixture without reset wiring
-
     # -- reset ----------------------------------------------------------------------------
+    def _reset(self, *strategies: ResetStrategy) -> bool:
+        """Run the first of esptool's reset sequences the port can carry; False if it carries none."""
+        for strategy in strategies:
+            try:
+                strategy.reset()  # the sequence alone: esptool's retry loop would swallow a port without lines
+                return True
+            except (OSError, serial.SerialException, NotImplementedError):
+                continue  # a pty or a network port has no modem lines; Windows has no TIOCMSET
+        self.can_reset = False
+        return False
+
     def enter_download_mode(self) -> str:
-        """Pulse EN with IO0 held low through the dev-board circuit; return the ROM banner."""
+        """Reset the board into its ROM loader as esptool does; return what the ROM printed."""
         s = self.serial
         s.baudrate = ROM_BAUD
-        self._lines(False, True)  # EN low, IO0 high: chip in reset
-        if not self.can_reset:
-            return ""
-        time.sleep(0.1)
         s.reset_input_buffer()
-        self._lines(True, False)  # IO0 low while EN rises
-        time.sleep(0.05)
-        self._lines(False, False)  # release IO0
+        if self.native_usb:
+            done = self._reset(USBJTAGSerialReset(s))
+        else:
+            # both lines in one TIOCMSET: set one after the other, the dev-board circuit passes through
+            # "both asserted" (EN released with IO0 high), and a host busy with 16 ports can take longer
+            # than the EN capacitor holds, so the chip boots its app instead of the loader
+            done = self._reset(UnixTightReset(s, DEFAULT_RESET_DELAY), ClassicReset(s, DEFAULT_RESET_DELAY))
+        if not done:
+            return ""
         time.sleep(0.02)
         return s.read(s.in_waiting).decode("ascii", "replace")
 
     def reset_into_app(self) -> None:
+        """Pulse EN (or reset through the USB controller) with the boot pin released: the app boots."""
         s = self.serial
         s.baudrate = ROM_BAUD
         s.reset_input_buffer()
-        self._lines(False, True)  # EN low (DTR released first: both asserted holds EN high)
-        time.sleep(0.1)
-        s.reset_input_buffer()
-        self._lines(False, False)  # EN high with IO0 high: boot from flash
+        try:
+            if s.dtr:
+                s.dtr = False  # esptool's hard reset pulses RTS alone; with DTR asserted EN never falls
+        except (OSError, serial.SerialException):
+            self.can_reset = False
+            return
+        # esptool's own choice: uses_usb is for USB-OTG ports that re-enumerate; USB-Serial/JTAG does not
+        self._reset(HardReset(s))
 
     # -- esptool ----------------------------------------------------------------------------
     def connect(self, expected_chip: str | None = None, resets: int = 3) -> ChipIdentity:
@@ -305,6 +297,12 @@ class UnitSession:
             if not (m and "DOWNLOAD" not in m.group(2)):
                 break
         if m and "DOWNLOAD" not in m.group(2):
+            if "USB_UART_CHIP_RESET" in banner and not self.native_usb:
+                raise SessionError(
+                    f"the board booted its firmware ({m.group(2)}) instead of download mode: it is on the "
+                    "chip's own USB port, which the bridge's reset does not drive",
+                    "set the fixture's ports to native USB (USB-Serial/JTAG), or check that the port "
+                    "reports VID:PID 303a:1001")
             raise SessionError(
                 f"the board booted its firmware ({m.group(2)}) instead of download mode",
                 "check the fixture's BOOT/IO0 wiring, or hold BOOT while the board is reset")

@@ -127,7 +127,7 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     state_dir, run_dir = (d.resolve() if d else None for d in (args.state_dir, args.run_dir))
     try:
         bench = VirtualBench(args.count, args.chip, args.flash_size, state_dir=state_dir,
-                             run_dir=run_dir, realtime=args.realtime)
+                             run_dir=run_dir, realtime=args.realtime, usb_serial_jtag=args.usb_serial_jtag)
     except ValueError as exc:
         _err(f"station virtual: {exc}")
         return Exit.USAGE
@@ -424,8 +424,9 @@ def flash(run: FlashRun, station) -> int:
     if run.virtual:
         from flashing.virtual.bench import VirtualBench
 
+        # the profile's boards on their own USB port get virtual boards wired the same way
         bench = VirtualBench(run.virtual, ctx.profile.chip, ctx.profile.board_flash_bytes(), control=False,
-                             realtime=run.realtime)
+                             realtime=run.realtime, usb_serial_jtag=ctx.profile.connection == "usb-serial-jtag")
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
         ports += [slot.url for slot in bench.slots]
@@ -1204,6 +1205,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--run-dir", type=Path, metavar="DIR", help="where the boards' sockets go")
     v.add_argument("--realtime", action="store_true",
                    help="timing model: wire at baud/10 bytes/s, flash erase/program latency")
+    v.add_argument("--usb-serial-jtag", action="store_true",
+                   help="esp32c3/esp32s3 on the chip's own USB port (VID:PID 303a:1001), not a USB-UART bridge")
     v.add_argument("--json", action="store_true", help="one JSON object per board per line")
     v.set_defaults(func=cmd_virtual)
 

@@ -377,6 +377,9 @@ STEPS: tuple[Step, ...] = (
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS) + ("record",)
 
 
+NATIVE_USB = {"auto": None, "usb-serial-jtag": True, "uart-bridge": False}  # None: the port's VID:PID tells
+
+
 def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                    cancel: threading.Event | None = None) -> UnitResult:
     """Provision the board on `job.port` once; never raises for a unit's failure."""
@@ -391,7 +394,7 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
                       lot=job.lot or ctx.station.lot or profile.lot,
                       rework=job.rework, firmware_hashes=dict(ctx.firmware_hashes), baud=profile.baud)
     sink = _UnitSink(job.port, emit)
-    session = UnitSession(job.port, sink, cancelled=cancel.is_set)
+    session = UnitSession(job.port, sink, cancelled=cancel.is_set, native_usb=NATIVE_USB[profile.connection])
     run = UnitRun(job, ctx, emit, cancel, attempt, session, sink, redact=redact)
     current = STEPS[0].name
     watcher_stop = threading.Event()

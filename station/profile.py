@@ -69,6 +69,8 @@ SMOKE_LEVELS = ("none", "healthcheck", "pair")
 UNIT_SOURCES = ("serial", "device_id", "mac")
 ENCRYPTIONS = ("none", "per-unit", "per-lot")
 BAUDS = (115200, 230400, 460800, 921600, 1500000, 2000000)  # the rates esptool uses
+CONNECTIONS = ("auto", "usb-serial-jtag", "uart-bridge")
+USB_SERIAL_JTAG_CHIPS = ("esp32c3", "esp32s3")  # the chips with their own USB-Serial/JTAG controller
 NVS_TYPES = ("string", *INT_TYPES)
 # the 2Smart SDK's stored-config limits (it copies without bounds checks)
 SDK_LIMITS = {"ssid": 32, "psk": 64, "password": 64, "email": 64, "token": 10, "host": 64,
@@ -268,6 +270,8 @@ class ProfileFile:
     """The default production lot."""
     baud: Annotated[Literal[BAUDS], BeforeValidator(whole_number)] = 921600  # type: ignore[valid-type]
     """The highest rate the station tries for flashing (it falls back to slower ones)."""
+    connection: Literal[CONNECTIONS] = "auto"  # type: ignore[valid-type]
+    """How units reach their port: auto (its USB VID:PID tells), usb-serial-jtag (the chip's own USB, esp32c3/esp32s3) or uart-bridge."""
     flash_size: Literal[tuple(FLASH_SIZES)] | None = None  # type: ignore[valid-type]
     """The module's flash (default: the size in the bootloader image's header); virtual boards get this size."""
     config: ConfigTable = dataclasses.field(default_factory=ConfigTable)
@@ -279,6 +283,12 @@ class ProfileFile:
     checks: Checks = dataclasses.field(default_factory=Checks)
     """What is checked after flashing: [checks]."""
 
+    @model_validator(mode="after")
+    def _native_usb_needs_the_controller(self) -> "ProfileFile":
+        if self.connection == "usb-serial-jtag" and self.chip not in USB_SERIAL_JTAG_CHIPS:
+            raise ValueError(f'connection = "usb-serial-jtag" is for {" and ".join(USB_SERIAL_JTAG_CHIPS)}: '
+                             f"{self.chip} has no USB-Serial/JTAG controller")
+        return self
 
 
 def region_names(raw: dict) -> dict[int, str]:
@@ -339,6 +349,7 @@ class Profile:
     keys_partition: str = "nvs_keys"
     partitions: tuple[Partition, ...] = dataclasses.field(default=())
     flash_size: str | None = None  # as declared; None: the bootloader header's
+    connection: str = "auto"  # auto | usb-serial-jtag | uart-bridge
     origin: str = "path"  # where the name led: path, profiles_dir or packaged example
 
     @property
@@ -453,7 +464,7 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
         serial_pattern=pattern, checks=spec.checks, content_hash=content.hexdigest(),
         product_id=spec.product_id, lot=spec.lot, encryption=spec.config.encryption,
         keys_partition=spec.config.keys_partition, partitions=_partitions(regions),
-        flash_size=spec.flash_size, origin=found.origin,
+        flash_size=spec.flash_size, origin=found.origin, connection=spec.connection,
     )
 
 

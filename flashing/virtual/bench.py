@@ -1,7 +1,8 @@
 """A bench of virtual boards, and the control interface other processes use.
 
 `VirtualBench` starts N boards, each with a `vesp://` socket and a pty, optionally
-keeping their flash and MAC in a state directory. `ControlServer` answers JSON
+keeping their flash and MAC in a state directory; `usb_serial_jtag=True` wires
+ESP32-C3/S3 boards through the chip's own USB port instead of a USB-UART bridge. `ControlServer` answers JSON
 lines on a Unix socket (`<run dir>/control.sock`):
 
     {"device": 0, "op": "reset", "mode": "download"}   -> {"ok": true, "state": {...}}
@@ -41,13 +42,15 @@ class BenchSlot:
         d = self.device.state()
         return {"index": d["index"], "chip": d["chip"], "mac": d["mac"],
                 "flash_size": d["flash_size"], "pty": self.pty.path, "url": self.url,
-                "pairing": d["pairing_url"], "mode": d["mode"], "flash_file": d["flash_file"]}
+                "pairing": d["pairing_url"], "mode": d["mode"], "flash_file": d["flash_file"],
+                "usb_serial_jtag": d["usb_serial_jtag"]}
 
 
 class VirtualBench:
     def __init__(self, count: int = 1, chip: str = "esp32", flash_size: str | int = "4MB",
                  state_dir: Path | str | None = None, run_dir: Path | str | None = None,
-                 realtime: bool = False, control: bool = True, seed: int | None = None):
+                 realtime: bool = False, control: bool = True, seed: int | None = None,
+                 usb_serial_jtag: bool = False):
         self.state_dir = Path(state_dir) if state_dir else None
         self._tmp = None
         if run_dir is None:
@@ -62,7 +65,7 @@ class VirtualBench:
         size = parse_size(flash_size)
         for i in range(count):
             dev = VirtualDevice(chip, index=i, flash_size=size, state_dir=self.state_dir,
-                                realtime=realtime,
+                                realtime=realtime, usb_serial_jtag=usb_serial_jtag,
                                 seed=None if seed is None else seed + i)
             sock = SocketPort(dev, self.run_dir / f"board-{i}.sock")
             self.slots.append(BenchSlot(dev, sock, PtyPort(dev)))

@@ -38,6 +38,21 @@ class SpiRegisters:
 
 
 @dataclass(frozen=True)
+class RtcWatchdog:
+    """The RTC watchdog's registers (esptool's targets/esp32c3.py, esp32s3.py)."""
+
+    config0: int
+    config1: int
+    wprotect: int
+    wkey: int = 0x50D83AA1
+    slow_clock_hz: int = 136_000  # RC_SLOW_CLK: config1 counts its cycles
+
+    @property
+    def registers(self) -> tuple[int, int, int]:
+        return self.config0, self.config1, self.wprotect
+
+
+@dataclass(frozen=True)
 class ChipModel:
     key: str  # esptool's --chip name
     name: str  # esptool's CHIP_NAME
@@ -57,6 +72,13 @@ class ChipModel:
     sw_reset: str
     idf_target: str
     extra_registers: dict[int, int] = field(default_factory=dict)
+    usb_reset: str | None = None  # reset cause after the USB-Serial/JTAG controller reset the chip
+    rtc_wdt: RtcWatchdog | None = None  # the RTC watchdog esptool's --after watchdog-reset arms
+    unattached_flash_id: int = 0xFFFFFF  # what a SPI command reads before SPI_ATTACH
+
+    @property
+    def has_usb_serial_jtag(self) -> bool:
+        return self.usb_reset is not None
 
     def efuse_registers(self, mac: bytes) -> dict[int, int]:
         """The eFuse words esptool reads for MAC, package and revision."""
@@ -138,6 +160,9 @@ ESP32C3 = ChipModel(
     wdt_reset="0x10 (RTCWDT_RTC_RST)",
     sw_reset="0x3 (RTC_SW_SYS_RST)",
     idf_target="esp32c3",
+    usb_reset="0x15 (USB_UART_CHIP_RESET)",
+    rtc_wdt=RtcWatchdog(0x60008090, 0x60008094, 0x600080A8),
+    unattached_flash_id=0x000000,
 )
 
 ESP32S3 = ChipModel(
@@ -158,6 +183,9 @@ ESP32S3 = ChipModel(
     wdt_reset="0x10 (RTCWDT_RTC_RST)",
     sw_reset="0x3 (RTC_SW_SYS_RST)",
     idf_target="esp32s3",
+    usb_reset="0x15 (USB_UART_CHIP_RESET)",
+    rtc_wdt=RtcWatchdog(0x60008098, 0x6000809C, 0x600080B0),
+    unattached_flash_id=0x000000,
 )
 
 CHIPS: dict[str, ChipModel] = {c.key: c for c in (ESP32, ESP32C3, ESP32S3)}

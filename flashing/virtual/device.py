@@ -3,10 +3,15 @@
 The device runs on its own thread and owns all its state; transports (the
 reset-capable socket link and the pty) hand it bytes, line changes and the host's
 baud rate through a queue. It is reached like any board: through a serial port.
+A board is wired one of two ways: a USB-UART bridge (CP2102N) with the dev-board
+DTR/RTS auto-reset circuit, or (ESP32-C3/S3) the chip's own USB-Serial/JTAG
+controller, whose DTR/RTS act as its reference manual's table says and whose
+CDC-ACM link carries any baud rate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
 import json
@@ -42,6 +47,7 @@ def _virtual_address() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind((ip, 0))
         return ip, s.getsockname()[1]
+USB_WIRE_BAUD = 10_000_000  # full-speed USB bulk moves ~1 MB/s whatever the line coding says
 BAUD_TOLERANCE = 0.03  # a UART still decodes within about 3 %
 GARBLE_RATE = 0.01  # byte error rate on a link driven above what it can carry
 
@@ -124,8 +130,12 @@ class VirtualDevice:
     def __init__(self, chip: str | ChipModel = "esp32", *, index: int = 0,
                  flash_size: int = 4 * 1024 * 1024, mac: bytes | None = None,
                  state_dir: Path | None = None, realtime: bool = False,
-                 seed: int | None = None):
+                 seed: int | None = None, usb_serial_jtag: bool = False):
         self.chip = chip if isinstance(chip, ChipModel) else chip_by_name(chip)
+        if usb_serial_jtag and not self.chip.has_usb_serial_jtag:
+            raise ValueError(f"{self.chip.name} has no USB-Serial/JTAG controller: "
+                             "native USB is for esp32c3 and esp32s3")
+        self.usb_serial_jtag = usb_serial_jtag
         # a real stub greets within milliseconds of MEM_END; learn the stubs now, not then
         known_stubs(self.chip.key)
         self.index = index
@@ -165,6 +175,10 @@ class VirtualDevice:
         self.en_low = False
         self.io0_low = False
         self.strap_at: float | None = None
+        self.download_flag = False  # USB-Serial/JTAG: boot into download mode at the next USB reset
+        self.flash_attached = False  # the ROM's SPI flash answers only after SPI_ATTACH
+        self._wdt_armed: int | None = None  # token of the RTC watchdog's pending reset
+        self._wdt_deadline: float | None = None
         self.rx_clock = self.tx_clock = self.flash_ready_at = 0.0
         self.bytes_in = self.bytes_out = 0
         self.bytes_since_plug = 0
@@ -325,7 +339,21 @@ class VirtualDevice:
             "pairing_url": f"http://{self.net_ip}:{self.http_port}",
             "app_mode": self.runtime.mode if self.runtime else None,
             "flash_file": str(self.flash.path) if self.flash.path else None,
+            "usb_serial_jtag": self.usb_serial_jtag,
+            "watchdog_armed": self._wdt_armed is not None,
         }
+
+    def usb_descriptor(self) -> dict:
+        """What the host's USB stack reports for this board's port (pyserial's ListPortInfo fields)."""
+        slot = f"1-1.{self.index + 1}"
+        if self.usb_serial_jtag:
+            # the controller's CDC-ACM and JTAG interfaces: pyserial names the location by interface
+            return {"vid": 0x303A, "pid": 0x1001, "serial_number": self.mac_text.upper(),
+                    "manufacturer": "Espressif", "product": "USB JTAG/serial debug unit",
+                    "location": f"{slot}:1.0", "interface": None}
+        return {"vid": 0x10C4, "pid": 0xEA60, "serial_number": hashlib.md5(self.mac).hexdigest(),
+                "manufacturer": "Silicon Labs", "product": "CP2102N USB to UART Bridge Controller",
+                "location": slot, "interface": None}
 
     def _mode_name(self) -> str:
         if self.mode == "rom" and self.loader and self.loader.stub:
@@ -422,9 +450,17 @@ class VirtualDevice:
         self.boot_time = time.monotonic()
         self.boots += 1
         self.console.clear()
+        # the USB controller resets the digital core only: the RTC domain and its watchdog run on
+        rtc = self._rtc_domain() if cause == "usb" else {}
+        wdt_deadline = self._wdt_deadline if cause == "usb" else None
+        self.flash_attached = False
+        self._wdt_armed = self._wdt_deadline = None
         self._reset_registers()
+        self.regs.update(rtc)
+        if wdt_deadline is not None:
+            self._arm_wdt(wdt_deadline)
         reset_text = {"poweron": self.chip.poweron_reset, "wdt": self.chip.wdt_reset,
-                      "sw": self.chip.sw_reset}[cause]
+                      "sw": self.chip.sw_reset, "usb": self.chip.usb_reset}[cause]
         if download:
             self.mode = "rom"
             self.app = None
@@ -489,6 +525,7 @@ class VirtualDevice:
         self.powered = True
         self.bytes_since_plug = 0
         self.dtr = self.rts = False
+        self.download_flag = False
         self.en_low = self.io0_low = False
         self.strap_at = None
         for link in self.links:
@@ -498,6 +535,9 @@ class VirtualDevice:
     # -- the auto-reset circuit ---------------------------------------------------------
     def _on_lines(self, dtr: bool, rts: bool, t: float) -> None:
         if not self.powered or self.faults.no_answer:
+            return
+        if self.usb_serial_jtag:
+            self._on_usb_lines(dtr, rts)
             return
         if self.strap_at is not None and t >= self.strap_at:
             self._resolve_strap()
@@ -513,6 +553,22 @@ class VirtualDevice:
             self.en_low = False
             self.strap_at = t + STRAP_DELAY
             self.schedule(max(0.0, self.strap_at - time.monotonic()), self._strap_timer)
+
+    def _on_usb_lines(self, dtr: bool, rts: bool) -> None:
+        """The USB-Serial/JTAG controller's use of DTR/RTS (ESP32-C3/S3 TRM, "CDC-ACM Settings with RTS and DTR").
+
+        RTS 0 DTR 0 clears the download-mode flag, RTS 0 DTR 1 sets it, RTS 1 DTR 0 resets the chip
+        (into download mode if the flag is set, else from flash), RTS 1 DTR 1 does nothing. A host
+        request that repeats the lines already set is no change and resets nothing.
+        """
+        if (dtr, rts) == (self.dtr, self.rts):
+            return
+        self.dtr, self.rts = dtr, rts
+        if not rts:
+            self.download_flag = dtr and not self.faults.no_download_mode
+        elif not dtr:
+            self._chip_reset()
+            self._start(self.download_flag, "usb")
 
     def _strap_timer(self) -> None:
         if self.strap_at is not None and time.monotonic() >= self.strap_at:
@@ -544,7 +600,8 @@ class VirtualDevice:
                 self.mode, self.loader = "halted", None  # a hung chip: only a reset brings it back
             return
         if self.realtime:
-            arrive = max(t, self.rx_clock) + len(data) * 10 / self.host_baud
+            arrive = max(t, self.rx_clock) + len(data) * 10 / (USB_WIRE_BAUD if self.usb_serial_jtag
+                                                                  else self.host_baud)
             self.rx_clock = arrive
             self._sleep_until(arrive)
         if self.mode != "rom" or self.loader is None:
@@ -562,6 +619,8 @@ class VirtualDevice:
         noise = self._noise.get(wire)
         if noise is None:
             noise = self._noise[wire] = WireNoise(f"{self._noise_seed}:{wire}")
+        if self.usb_serial_jtag:
+            sender = receiver = None  # CDC-ACM frames carry bytes, not bit times: no rate to miss
         if sender and receiver and abs(sender / receiver - 1) > BAUD_TOLERANCE:
             # wrong rate: framing errors; fewer or more bytes, none of them right
             n = max(1, int(len(data) * receiver / sender))
@@ -587,7 +646,8 @@ class VirtualDevice:
         dev_baud = self.baud or 115200
         self.bytes_out += len(data)
         if self.realtime:
-            done = max(time.monotonic(), self.tx_clock) + len(data) * 10 / dev_baud
+            wire = USB_WIRE_BAUD if self.usb_serial_jtag else dev_baud
+            done = max(time.monotonic(), self.tx_clock) + len(data) * 10 / wire
             self.tx_clock = done
             self._sleep_until(done)
         for sink in list(self.sinks):
@@ -633,12 +693,46 @@ class VirtualDevice:
         return self.regs.get(addr, 0)
 
     def write_register(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
+        wdt = self.chip.rtc_wdt
+        if wdt and addr in wdt.registers[:2] and self.regs.get(wdt.wprotect, 0) != wdt.wkey:
+            return  # write-protected: esptool unlocks with the key first
         old = self.regs.get(addr, 0)
         self.regs[addr] = (old & ~mask) | (value & mask)
+        if wdt and addr == wdt.config0:
+            self._rtc_watchdog(wdt)
+            return
         spi = self.chip.spi
         if addr == spi.cmd and self.regs[addr] & (1 << 18):
             self._spi_command()
             self.regs[addr] &= ~(1 << 18)
+
+    def _rtc_watchdog(self, wdt) -> None:
+        """Enabled with a stage-0 action, the RTC watchdog resets the whole chip when its count runs out."""
+        config0 = self.regs.get(wdt.config0, 0)
+        if not (config0 >> 31 and (config0 >> 28) & 0x7):
+            self._wdt_armed = self._wdt_deadline = None
+            return
+        ticks = self.regs.get(wdt.config1, 0) or 200_000  # the register's reset value
+        self._arm_wdt(time.monotonic() + ticks / wdt.slow_clock_hz)
+
+    def _arm_wdt(self, deadline: float) -> None:
+        token = self._wdt_armed = next(self._seq)
+        self._wdt_deadline = deadline
+
+        def expire() -> None:
+            if self._wdt_armed == token:
+                self._wdt_reset()
+        self.schedule(max(0.0, deadline - time.monotonic()), expire)
+
+    def _rtc_domain(self) -> dict[int, int]:
+        wdt = self.chip.rtc_wdt
+        return {a: self.regs[a] for a in wdt.registers if a in self.regs} if wdt else {}
+
+    def _wdt_reset(self) -> None:
+        """A system reset: the chip samples its strapping pins again, as at power-on."""
+        self._chip_reset()
+        self.download_flag = False
+        self._power_up("wdt")
 
     def _spi_command(self) -> None:
         spi = self.chip.spi
@@ -653,6 +747,8 @@ class VirtualDevice:
                 addr >>= 32 - addr_len
         if self.faults.flash_dead:
             result = 0xFFFFFFFF  # MISO floats high
+        elif not self.flash_attached:
+            result = self.chip.unattached_flash_id  # the ROM has not routed the flash pins yet
         elif opcode == 0x9F:
             result = self.flash.part.rdid
         elif opcode == 0x5A:

@@ -3,6 +3,8 @@
 `SocketPort` listens on a Unix socket for the `vesp://` pyserial URL scheme
 (`flashing.virtual.protocol_vesp`), which carries data, DTR/RTS and the host's
 baud rate, so esptool's own reset sequences drive the board's auto-reset circuit.
+Next to the socket, `<socket>.usb` holds the port's USB identity while the board is
+plugged in, as sysfs holds a USB tty's.
 `PtyPort` gives every board a pseudo-terminal that any serial program can open as
 a plain port; a pty has no modem lines, so behind it the board sits in a jig that
 holds IO0 low. The host's baud rate is read from the pty's termios settings.
@@ -10,6 +12,7 @@ holds IO0 low. The host's baud rate is read from the pty's termios settings.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import socket
@@ -32,6 +35,12 @@ LINES = struct.Struct("<BBd")
 OPEN_OK, OPEN_BUSY = b"\x01", b"\x00"
 HANDOVER_S = 10.0  # bounds the wait for a hung-up host's last messages to reach the board
 JOIN_S = 5.0  # how long close() waits for a port's threads
+
+def usb_descriptor_path(socket_path: str | Path) -> Path:
+    """Where a plugged-in board's port keeps its USB identity (VID:PID, serial number, location)."""
+    path = Path(socket_path)
+    return path.with_name(path.name + ".usb")
+
 
 _SPEEDS = {getattr(termios, n): int(n[1:]) for n in dir(termios)
            if n.startswith("B") and n[1:].isdigit()}
@@ -79,6 +88,10 @@ class SocketPort:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(self.path))
         s.listen(4)
+        descriptor = usb_descriptor_path(self.path)
+        tmp = descriptor.with_name(descriptor.name + ".tmp")
+        tmp.write_text(json.dumps(self.device.usb_descriptor()))
+        os.replace(tmp, descriptor)  # a reader never sees half of it
         self._listener = s
         self._start(self._accept_loop, s, name=f"vdev-{self.device.index}-sock")
 
@@ -170,10 +183,11 @@ class SocketPort:
             except OSError:
                 pass
             listener.close()
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        for gone in (self.path, usb_descriptor_path(self.path)):
+            try:
+                gone.unlink()
+            except FileNotFoundError:
+                pass
         conn = self._conn
         if conn is not None:
             try:

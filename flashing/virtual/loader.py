@@ -208,6 +208,7 @@ class Loader:
     def _spi_attach(self, op, data, chk):
         if len(data) not in (4, 8):
             raise CommandError(ROM_INVALID_MSG, STUB_BAD_DATA_LEN)
+        self.dev.flash_attached = True
         self.reply(op)
 
     def _change_baud(self, op, data, chk):
@@ -251,6 +252,7 @@ class Loader:
             return
         self.stub = stub
         self.write = None
+        self.dev.flash_attached = True  # the stub attaches the flash as it starts
         self.dev.send_frame(b"OHAI")
 
     def _recognise_stub(self, entry: int) -> KnownStub | None:

@@ -166,3 +166,16 @@ def test_closing_a_bench_leaves_no_thread_behind(tmp_path):
             held.close()
         control.close()
     assert [t.name for t in threading.enumerate() if t not in before] == []
+
+
+def test_a_failed_esptool_connect_frees_the_port_at_once(make_bench):
+    from esptool import cmds
+    from esptool.util import FatalError
+
+    bench = make_bench(1)
+    bench[0].device.reset("app")  # a blank board out of download mode: nothing answers a sync
+    with pytest.raises(FatalError, match="Failed to connect") as failed:
+        cmds.detect_chip(bench[0].url, connect_mode="no-reset", connect_attempts=1)
+    # the traceback still holds esptool's loader and its port object: only a real close frees the port
+    assert failed.traceback
+    serial.serial_for_url(bench[0].url, timeout=0.1).close()

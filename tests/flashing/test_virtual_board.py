@@ -102,21 +102,24 @@ def test_hard_reset_does_nothing_while_dtr_is_asserted(make_bench):
 def test_baud_change_holds_until_reset_and_wrong_rate_garbles(make_bench):
     bench = make_bench(1, "esp32s3")
     slot = bench[0]
-    esp = cmds.run_stub(cmds.detect_chip(slot.url, connect_mode="no-reset"))
-    esp.change_baud(921600)
-    esp._port.close()
+
+    def port(baud: int = 115200) -> serial.Serial:
+        # the test owns each port: one that esptool fails on is closed here, never by the garbage collector
+        return serial.serial_for_url(slot.url, baudrate=baud, timeout=0.5)
+
+    with port() as p:
+        esp = cmds.run_stub(cmds.detect_chip(p, connect_mode="no-reset"))
+        esp.change_baud(921600)
     assert slot.device.state()["baud"] == 921600
     # a new session at 115200 talks to a stub that still listens at 921600: no sync
-    with pytest.raises(FatalError, match="Failed to connect"):
-        cmds.detect_chip(slot.url, connect_mode="no-reset", connect_attempts=1)
+    with port() as p, pytest.raises(FatalError, match="Failed to connect"):
+        cmds.detect_chip(p, connect_mode="no-reset", connect_attempts=1)
     # at the stub's rate the stub answers, and esptool finds it already running
-    esp = cmds.detect_chip(slot.url, baud=921600, connect_mode="no-reset")
-    assert esp.sync_stub_detected
-    esp._port.close()
+    with port(921600) as p:
+        assert cmds.detect_chip(p, baud=921600, connect_mode="no-reset").sync_stub_detected
     slot.device.reset("download")
-    esp = cmds.detect_chip(slot.url, connect_mode="no-reset")
-    assert not esp.sync_stub_detected
-    esp._port.close()
+    with port() as p:
+        assert not cmds.detect_chip(p, connect_mode="no-reset").sync_stub_detected
 
 
 # -- persistence -------------------------------------------------------------------------
@@ -312,7 +315,8 @@ def test_fault_unplug_gives_pyserials_words_through_esptool(make_bench, tmp_path
     slot.device.unplug()
     r = esptool_cli("--port", slot.url, "read-mac")
     assert r.returncode == 2
-    assert f"could not open port {slot.url}: [Errno 2] No such file or directory" in r.stderr
+    # pyserial names the port by its device node, as for a tty: the socket's path
+    assert f"could not open port {slot.socket.path}: [Errno 2] No such file or directory" in r.stderr
     slot.device.replug()
     args = ("--port", slot.url, "--before", "no-reset", "--after", "no-reset",
             "read-flash", "0", "0x40000", str(tmp_path / "read.bin"))
