@@ -76,12 +76,15 @@ class SlotCard(Vertical):
         super().__init__(id=f"slot-{index}", classes="card")
         self.index = index
         self.redact = redact
+        # made here, not found by a query: the line's timer may show a slot before the card's children
+        # are mounted (or after they are gone); the body keeps the view and draws it once it is there
+        self.body = CardBody("", classes="body")
 
     def words(self, text: str | None) -> str:
         return one_line(self.redact(text or ""))
 
     def compose(self) -> ComposeResult:
-        yield CardBody("", classes="body")
+        yield self.body
 
     def view(self, slot: Slot, selected: bool, labels_needed: bool, paused: bool = False) -> SlotView:
         """The slot as data, its texts redacted and on one line (a board's text never adds lines)."""
@@ -110,15 +113,15 @@ class SlotCard(Vertical):
     @property
     def view_shown(self) -> SlotView | None:
         """The view the card shows now (before it is laid out in lines)."""
-        return self.query_one(CardBody).view
+        return self.body.view
 
     def show(self, slot: Slot, selected: bool, labels_needed: bool, paused: bool = False) -> None:
         self.set_class(selected, "selected")
         for status in WORDS:
             self.set_class(slot.status == status, status)
-        body = self.query_one(CardBody)
-        body.view = self.view(slot, selected, labels_needed, paused)
-        body.refresh()
+        self.body.view = self.view(slot, selected, labels_needed, paused)
+        if self.body.is_attached:
+            self.body.refresh()
 
 
 class TextPrompt(ModalScreen[str | None]):

@@ -557,3 +557,12 @@ def test_snapshot_sixteen_slots(fixed_station, snap_compare, size):
         assert app.compact
 
     assert snap_compare(app, terminal_size=size, run_before=before)
+
+
+def test_a_card_shown_before_its_body_is_mounted_keeps_the_view():
+    # the line's timer showed a running slot between a card's mount and its body's (16 slots, an idle run
+    # on three workers): the card keeps the view for its body instead of failing the screen
+    card = SlotCard(4)
+    slot = station.line.Slot(4, "/dev/ttyUSB4", status="running", step="flash")
+    card.show(slot, selected=False, labels_needed=False)
+    assert card.view_shown is not None and (card.view_shown.status, card.view_shown.number) == ("running", 5)
