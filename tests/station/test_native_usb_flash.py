@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from flashing.firmware import build_firmware, twosmart_manifest
 from flashing.virtual.bench import VirtualBench
 from tests.station.conftest import run_station
-from tests.station.test_pipeline_refusals import finished, write_profile
+from tests.station.test_pipeline_refusals import c3_profile, finished
 
 
 def test_station_flash_on_a_native_usb_c3_boots_the_app(station_env, capsys):
-    fw = build_firmware("esp32c3", project="node", version="1.0.0", app_size=100_000,
-                        manifest=twosmart_manifest("other"))
-    name = write_profile(station_env, "node-c3", "esp32c3", [
-        ("bootloader", fw.bootloader_offset, fw.bootloader), ("partition-table", 0x8000, fw.partition_table),
-        ("app", 0x10000, fw.app)])
+    name = c3_profile(station_env)
     with VirtualBench(1, "esp32c3", run_dir=station_env / "run", usb_serial_jtag=True) as bench:
         rc, out, err = run_station(capsys, "flash", "--profile", name, "--port", bench[0].url, "--json")
         assert rc == 0, err
@@ -31,11 +26,7 @@ def test_station_virtual_refuses_native_usb_on_an_esp32(station_env, capsys):
 
 
 def test_the_profile_says_how_units_are_connected(station_env, capsys):
-    fw = build_firmware("esp32c3", project="node", version="1.0.0", app_size=100_000,
-                        manifest=twosmart_manifest("other"))
-    name = write_profile(station_env, "node-c3", "esp32c3", [
-        ("bootloader", fw.bootloader_offset, fw.bootloader), ("partition-table", 0x8000, fw.partition_table),
-        ("app", 0x10000, fw.app)])
+    name = c3_profile(station_env)
     path = station_env / "profiles" / name / "profile.toml"
     text = path.read_text()
     # usb-serial-jtag: `--virtual` boards are wired through the chip's own USB port too

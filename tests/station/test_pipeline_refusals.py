@@ -35,16 +35,21 @@ def write_profile(env: Path, name: str, chip: str, regions: list[tuple[str, int,
     return name
 
 
+def c3_profile(env: Path) -> str:
+    """An ESP32-C3 'other' device's profile: bootloader, partition table and a 100 KB app."""
+    fw = build_firmware("esp32c3", project="node", version="1.0.0", app_size=100_000,
+                        manifest=twosmart_manifest("other"))
+    return write_profile(env, "node-c3", "esp32c3", [
+        ("bootloader", fw.bootloader_offset, fw.bootloader), ("partition-table", 0x8000, fw.partition_table),
+        ("app", 0x10000, fw.app)])
+
+
 def blank_at(bench: VirtualBench, offset: int, size: int = 4096) -> bool:
     return bench[0].device.flash.read(offset, size) == b"\xff" * size
 
 
 def test_secure_download_mode_fails_at_connect(station_env, capsys):
-    fw = build_firmware("esp32c3", project="node", version="1.0.0", app_size=100_000,
-                        manifest=twosmart_manifest("other"))
-    name = write_profile(station_env, "node-c3", "esp32c3", [
-        ("bootloader", fw.bootloader_offset, fw.bootloader), ("partition-table", 0x8000, fw.partition_table),
-        ("app", 0x10000, fw.app)])
+    name = c3_profile(station_env)
     with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
         bench[0].device.set_fault("secure_download")
         rc, out, err = run_station(capsys, "flash", "--profile", name, "--port", bench[0].url, "--json")
