@@ -20,6 +20,16 @@ SHARED = Path(os.environ.get("STATION_SHARED_DIR", REPO.parent / "shared"))
 THREAD_GRACE_S = 5.0  # a closed owner joins its threads; this only covers ones in their last steps
 
 
+def wait_until(cond, what: str, timeout: float = 15.0, poke=None) -> None:
+    """Wait for a condition, polling it, up to a deadline (never a fixed sleep); `poke` runs between polls."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"not reached: {what}"
+        if poke:
+            poke()
+        time.sleep(0.05)
+
+
 @pytest.fixture(autouse=True)
 def no_thread_outlives_its_test():
     """Fail a test that leaves a thread running: whatever it opened, it must close.

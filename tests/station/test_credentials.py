@@ -15,7 +15,6 @@ import hashlib
 import json
 import secrets
 import threading
-import time
 
 import pytest
 
@@ -29,7 +28,7 @@ from station.profile import load_profile
 from station.record import Record
 from station.runner import open_station
 from station.smoke import DYNSEC, FactoryAccounts, SmokeFailure, UnitAccounts, pair_and_wait
-from tests.conftest import ADMIN_PASSWORD, MONITOR_PASSWORD, TEST_EMAIL
+from tests.conftest import ADMIN_PASSWORD, MONITOR_PASSWORD, TEST_EMAIL, wait_until
 from tests.station.conftest import TOKEN
 from tests.station.test_smoke import smoke_config
 
@@ -99,13 +98,6 @@ def assert_own_config(env, device, row) -> None:
     image, values = config_on_board(device, load_profile(env / "profiles/relay"))
     assert hashlib.sha256(image).hexdigest() == row["config_sha256"]
     assert values["email"] == VENDOR_EMAIL and values["token"] == TOKEN and "ssid" not in values
-
-
-def wait_until(cond, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"not reached: {what}"
-        time.sleep(0.05)
 
 
 class _DropsTheDevicesPublishes(UnitAccounts):

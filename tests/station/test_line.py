@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 from flashing.nvs import read_partition
 from flashing.virtual.bench import VirtualBench
@@ -13,6 +12,7 @@ from station.pipeline import UnitJob, provision_unit
 from station.keys import TOKEN_FINGERPRINT, derive
 from station.record import fingerprint
 from station.runner import open_station
+from tests.conftest import wait_until
 from tests.station.conftest import TOKEN, json_lines, run_station_process
 
 
@@ -124,19 +124,12 @@ def test_abort_one_slot_cuts_its_write_off_while_others_continue(station_env):
         changed = threading.Event()
         line = Line(ctx, [s.url for s in bench.slots], lambda i: changed.set(), operator="Anna")
         line.poll()
-        deadline = time.monotonic() + 30
-        while not all(s.step == "flash" for s in line.slots):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: all(s.step == "flash" for s in line.slots), "every slot flashing", 30)
         line.abort(2)
-        while line.slots[2].status != "aborted":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_until(lambda: line.slots[2].status == "aborted", "slot 3 aborted", 30)
         cut_at = bench[2].device.bytes_since_plug
         assert [s.status for i, s in enumerate(line.slots) if i != 2] == ["running"] * 3
-        while any(s.status == "running" for s in line.slots):
-            assert time.monotonic() < deadline + 60
-            time.sleep(0.1)
+        wait_until(lambda: not any(s.status == "running" for s in line.slots), "the others finished", 90)
         assert [s.status for s in line.slots] == ["passed", "passed", "aborted", "passed"]
         # the aborted board got less than half of what a whole unit sends: esptool was cut off mid-write
         assert cut_at < bench[0].device.bytes_since_plug / 2, (cut_at, bench[0].device.bytes_since_plug)
@@ -153,11 +146,8 @@ def test_demo_line_swaps_each_finished_board_for_a_new_one_some_faulty(station_e
         # every new board faulty; seed 7 draws a dead flash and no download mode: both fail
         demo = DemoLine(bench, line, swap_after=0.2, faulty_share=1.0, seed=7).start()
         try:
-            deadline = time.monotonic() + 60
-            while len(ctx.record.attempts()) < 4:  # two boards, then the two that replaced them
-                assert time.monotonic() < deadline, [s.status for s in line.slots]
-                line.poll()  # the screen's hot-plug poll
-                time.sleep(0.1)
+            # two boards, then the two that replaced them; between polls, the screen's hot-plug poll
+            wait_until(lambda: len(ctx.record.attempts()) >= 4, "four attempts", 60, poke=line.poll)
         finally:
             demo.stop()
             line.close()

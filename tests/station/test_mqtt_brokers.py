@@ -9,7 +9,6 @@ its dynamic-security plugin; the demo broker keeps Mosquitto's account rules; wi
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -17,7 +16,7 @@ from flashing.mqtt_client import Message, MqttClient
 from flashing.virtual.bench import VirtualBench
 from station.demo_broker import DYNSEC, DemoBroker
 from station.record import Record
-from tests.conftest import ADMIN_PASSWORD, ADMIN_USER, MONITOR_PASSWORD, MONITOR_USER, Broker, make_test_ca
+from tests.conftest import ADMIN_PASSWORD, ADMIN_USER, MONITOR_PASSWORD, MONITOR_USER, Broker, make_test_ca, wait_until
 from tests.station.test_credentials import accounts_for
 from tests.station.test_smoke import flash, smoke_config
 
@@ -36,13 +35,6 @@ def secrets_env(monkeypatch):
     monkeypatch.setenv("STATION_BROKER_ADMIN_PASSWORD", ADMIN_PASSWORD)
 
 
-def until(cond, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("kind", ["amqtt", "mosquitto"])
 def test_the_monitor_and_the_firmware_pair_through(kind, request, station_env, secrets_env, capsys):
     broker = request.getfixturevalue("amqtt_broker" if kind == "amqtt" else "mosquitto")
@@ -57,7 +49,7 @@ def test_the_monitor_and_the_firmware_pair_through(kind, request, station_env, s
             assert (rc, res[bench[0].url]["outcome"]) == (0, "passed"), res
             device_id = bench[0].device.mac_text.replace(":", "-")
         # an independent subscriber heard the device's live `ready` under a per-unit username
-        until(lambda: any(m.topic.endswith(f"/sweet-home/{device_id}/$state") and m.payload == b"ready"
+        wait_until(lambda: any(m.topic.endswith(f"/sweet-home/{device_id}/$state") and m.payload == b"ready"
                           for m in heard), f"no $state ready from {device_id}: {heard}")
     finally:
         watcher.close()
@@ -79,7 +71,7 @@ def test_the_demo_broker_keeps_mosquittos_account_rules(amqtt_broker, tmp_path, 
         device.publish(f"{unit.username}/sweet-home/other-device/$state", "ready")  # outside its role: dropped
         device.publish(DYNSEC, json.dumps({"commands": [{"command": "deleteRole", "rolename": unit.role}]}))
         device.publish(f"{unit.topic}/$state", "ready")  # its own topic, and ordered after the others
-        until(lambda: heard, "the device's own publish never arrived")
+        wait_until(lambda: heard, "the device's own publish never arrived")
         assert heard == [(f"{unit.topic}/$state", b"ready")]
         accounts.delete(unit)  # the role was still there: a non-admin's command did nothing
         assert device.wait_closed(5), "a deleted client stays connected"
@@ -105,7 +97,7 @@ def test_an_account_of_the_demo_broker_may_use_its_own_tree_only(tmp_path):
             plain.subscribe("other/#", lambda m: None)
         plain.publish("other/x", "1")
         plain.publish("plain/x", "2")
-        until(lambda: heard, "plain/x never arrived")
+        wait_until(lambda: heard, "plain/x never arrived")
         assert heard == ["plain/x"]
     finally:
         plain.close()

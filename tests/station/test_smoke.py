@@ -17,7 +17,7 @@ from flashing.virtual.bench import VirtualBench
 from station.config import SmokeDefaults
 from station.smoke import FactoryAccounts, UnitAccounts, WifiReach, soft_ap_bssid
 from flashing.console import parse_boot_log
-from tests.conftest import ADMIN_PASSWORD, MONITOR_PASSWORD, TEST_EMAIL
+from tests.conftest import ADMIN_PASSWORD, MONITOR_PASSWORD, TEST_EMAIL, wait_until
 from tests.station.conftest import json_lines, run_station
 
 
@@ -77,12 +77,7 @@ def test_a_board_that_prints_its_address_late_is_still_checked(station_env, caps
 
 
 def wait_for_line(lines: list[str], want, what: str, timeout: float = 10.0, poke=None) -> None:
-    deadline = time.monotonic() + timeout
-    while not want(lines):
-        assert time.monotonic() < deadline, f"{what}: not seen in {lines}"
-        if poke:
-            poke()
-        time.sleep(0.1)
+    wait_until(lambda: want(lines), f"{what} in {lines}", timeout, poke)
 
 
 def broker_accounts(broker, timeout: float = 5) -> UnitAccounts:
