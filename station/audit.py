@@ -425,7 +425,7 @@ def _check_segment(data: Path, manifest: dict) -> list[str]:
         if e["prev_hash"] != prev or e["id"] <= last_id:
             raise AuditError(f"{jpath.name}: entry {e['id']} does not follow the entry before it")
         prev, last_id = e["entry_hash"], e["id"]
-        if e["kind"] not in ("counter", "admin", "unit"):
+        if e["kind"] not in ("counter", "admin", "unit", "block"):
             latest[e["entry_hash"]] = json.loads(e["body"])
     if n != j["entries"] or prev != manifest["chain_head"]:
         raise AuditError(f"{jpath.name}: the segment does not end at the signed head {manifest['chain_head'][:16]}…")

@@ -813,6 +813,87 @@ def cmd_db_verify(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def cmd_central(args: argparse.Namespace) -> int:
+    """The plant's central record (station.toml [central]): status, push, verify, conflicts."""
+    import os
+
+    from station.audit import TrustStore
+    from station.central import Central, CentralError, central_password, conflicts, status, verify
+    from station.config import ConfigError, StationConfig
+    from station.secrets import Redactor
+
+    try:
+        station = StationConfig.load(args.config)
+    except ConfigError as exc:
+        _err(f"station central: {exc}")
+        return Exit.USAGE
+    if not station.central.enabled:
+        raise _Usage("station.toml has no [central] url: this station keeps its record alone (README: Several "
+                     "stations)")
+    password = central_password(station.secrets_file, os.environ)
+    _Words.redact = Redactor.from_values([password])
+    action = args.central_action
+    record = None
+    if action == "push" or (action in ("verify", "status") and station.database.exists()):
+        station, record = _open_record(args)
+    central = Central(station.central, password, record, station.station_id)
+    try:
+        if action == "push":
+            n = central.push()
+            _info(f"pushed {n} journal entries of station {station.station_id} to the central record")
+            return Exit.OK
+        with central.connect() as conn:
+            if action == "status":
+                rows = status(conn)
+                if getattr(args, "json", False):
+                    for r in rows:
+                        _out(json.dumps(r, default=str))
+                    return Exit.OK
+                for r in rows:
+                    _out(f"{r['station_id']:<20} {r['entries']:>8} entries  {r['attempts']:>7} attempts  "
+                         f"{r['leases']:>4} block(s)  last push {r['last_push'] or '-'}")
+                if record is not None:
+                    mine = next((r for r in rows if r["station_id"] == station.station_id), None)
+                    local = record.db().execute("select count(*) from journal where station_id = ?",
+                                                [station.station_id]).fetchone()[0]
+                    behind = local - (mine["entries"] if mine else 0)
+                    _out(f"this station ({station.station_id}): {behind} journal entries not yet central")
+                return Exit.OK
+            if action == "conflicts":
+                found = conflicts(conn)
+                as_json = getattr(args, "json", False)
+                for c in found:
+                    _out(json.dumps(c) if as_json else _conflict_words(c))
+                if not found and not as_json:
+                    _info("no conflicts: no board passed twice, no serial on two boards")
+                return Exit.UNIT_FAILED if found else Exit.OK
+            trust = TrustStore.for_station(station)
+            keys = {station.station_id: record._chain_key} if record is not None and record._chain_key else {}
+            problems, notes = verify(conn, trust.by_station(), keys)
+            for n in notes:
+                _out(n)
+            for p in problems:
+                _out(f"PROBLEM: {p}")
+            if problems:
+                _err("the central record does not verify (see above)")
+                return Exit.UNIT_FAILED
+            _info("the central record verifies: every station's chain is linked and extends its signed checkpoints")
+            return Exit.OK
+    except CentralError as exc:
+        _err(f"station central {action}: {exc.message} -> {exc.remedy}")
+        return Exit.STATION_ERROR
+    finally:
+        if record is not None:
+            record.close()
+
+
+def _conflict_words(c: dict) -> str:
+    if c["kind"] == "board passed twice":
+        return (f"board {c['mac']} passed more than once: at {', '.join(c['stations'])} with serial(s) "
+                f"{', '.join(s or '-' for s in c['serials'])}")
+    return f"serial {c['serial']} is on {len(c['macs'])} boards: {', '.join(c['macs'])} (at {', '.join(c['stations'])})"
+
+
 def cmd_secrets(args: argparse.Namespace) -> int:
     import getpass
     import os
@@ -1296,6 +1377,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="station database, which must exist (default: station.toml's)")
     dv.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
     dv.set_defaults(func=cmd_db_verify)
+
+    ce = command(sub, "central", "the plant's central record shared by several stations ([central] in station.toml)")
+    ces = ce.add_subparsers(dest="central_action", required=True, metavar="ACTION")
+    cs = command(ces, "status", "every station's entries, attempts and serial blocks in the central record")
+    cs.add_argument("--json", action="store_true", help="one JSON object per station")
+    cp = command(ces, "push", "push this station's journal now (the station also does it by itself while it runs)")
+    cv = command(ces, "verify", "walk every station's chain in the central copy against its signed checkpoints")
+    cc = command(ces, "conflicts", "boards that passed at more than one station, serials on two boards")
+    cc.add_argument("--json", action="store_true", help="one JSON object per conflict")
+    for c in (cs, cp, cv, cc):
+        c.add_argument("--db", type=Path, metavar="FILE", help="this station's database (default: station.toml's)")
+        c.add_argument("--config", type=Path, metavar="FILE", help="station.toml")
+        c.set_defaults(func=cmd_central)
 
     k = command(sub, "keys", "the station keys this machine trusts exports from")
     ks = k.add_subparsers(dest="keys_action", required=True, metavar="ACTION")

@@ -35,7 +35,7 @@ from .schema import (
     validate,
 )
 
-__all__ = ["ConfigError", "Problem", "SmokeDefaults", "Ports", "StationConfig", "ConfigSource", "find_config",
+__all__ = ["ConfigError", "Problem", "SmokeDefaults", "CentralSettings", "Ports", "StationConfig", "ConfigSource", "find_config",
            "source_checkout", "user_data_dir"]
 
 APP = "provisioning-station"  # the folder name under the user's config and data folders
@@ -126,6 +126,38 @@ class SmokeDefaults:
     broker_admin_password_env: Text = "STATION_BROKER_ADMIN_PASSWORD"
 
 
+def _central_url(url: str) -> str:
+    if url:
+        from .central import url_problem  # psycopg is imported only by a station that has a central record
+
+        problem = url_problem(url)
+        if problem:
+            raise ValueError(problem)
+    return url
+
+
+@dataclass(frozen=True, config=SCHEMA)
+class CentralSettings:
+    """[central]: the plant's PostgreSQL record that several stations share; without a url the station is alone."""
+
+    url: Annotated[Text, AfterValidator(_central_url)] = ""
+    """postgresql://user@host:5432/dbname; the password from $STATION_CENTRAL_PASSWORD or the secrets file (central_password)."""
+    block_size: Annotated[int, Field(strict=True, ge=1, le=10**9)] = 1000
+    """serials leased per block: a block lasts this many units without the network."""
+    low_water: Annotated[int, Field(strict=True, ge=0, le=10**9)] = 200
+    """lease the next block when fewer serials than this are left."""
+    timeout_s: Annotated[float, Field(ge=0.2, le=60, allow_inf_nan=False)] = 2.0
+    """the longest the duplicate guard waits for the central database before it asks the local record only."""
+    push_interval_s: Annotated[float, Field(ge=0.05, le=3600, allow_inf_nan=False)] = 1.0
+    """how often the station pushes its new journal entries (a finished unit pushes at once)."""
+    retry_s: Annotated[float, Field(ge=0.1, le=3600, allow_inf_nan=False)] = 10.0
+    """after a failure, how long the station works from its own record before it tries the central database again."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
 def _vid_pid(vp: str) -> str:
     parts = vp.split(":")
     if len(parts) != 2 or not all(1 <= len(p) <= 4 and all(c in string.hexdigits for c in p) for p in parts):
@@ -199,6 +231,7 @@ class StationConfig:
     secrets_file: FilePath = Path("var/secrets.enc")
     ports: Ports = dataclasses.field(default_factory=Ports)
     smoke: SmokeDefaults = dataclasses.field(default_factory=SmokeDefaults)
+    central: CentralSettings = dataclasses.field(default_factory=CentralSettings)
     source: Path | None = dataclasses.field(default=None, metadata=NOT_IN_FILE)  # the station.toml read
 
     @property

@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
 from flashing.errors import UnitError
@@ -64,6 +64,7 @@ class StationContext:
     # who else hears every unit's events (redacted), on the unit's own thread, after the front end:
     # a station-wide log, or a test holding a unit at a step (an observer that blocks holds the unit)
     observers: list[Emit] = field(default_factory=list)
+    central: object = None  # station/central.py Central: the plant's record, when station.toml has [central]
 
     def __post_init__(self) -> None:
         if not self.firmware:
@@ -94,6 +95,9 @@ class StationContext:
         for pool in pools:
             pool.shutdown(wait=True)
         self.record.release_session()  # every attempt of this context has its finish (or its spool line)
+        if self.central is not None:
+            self.central.close()  # one last push of what this context recorded, bounded by its timeout
+            self.central = None
         self.record.close()
 
 
@@ -285,11 +289,20 @@ def identify(run: UnitRun) -> None:
 
 
 def guard(run: UnitRun) -> None:
+    central = run.ctx.central
     if run.job.rework:
         return
-    prior = run.ctx.record.passed_unit(mac=run.attempt.mac)
+    if central is None:
+        prior = run.ctx.record.passed_unit(mac=run.attempt.mac)
+    else:  # the plant's record first: a board that passed at another station is refused here too
+        answer = central.passed_anywhere(run.attempt.mac)
+        prior, run.attempt.guard = answer.prior, answer.where
+        if answer.why:
+            run.emit(LogLine(run.port, "guard", f"local only: {answer.why}"))
     if prior:
-        raise StepFailure(f"this board ({run.attempt.mac}) already passed as {prior['serial']}",
+        where = prior.get("station_id")
+        elsewhere = f" at station {where}" if where and where != run.ctx.station.station_id else ""
+        raise StepFailure(f"this board ({run.attempt.mac}) already passed{elsewhere} as {prior['serial']}",
                           "put it with the finished units, or re-provision it on purpose (--rework)")
 
 
@@ -302,6 +315,10 @@ def reserve_serial(run: UnitRun) -> None:
         pattern = SerialPattern.parse(profile.serial_pattern)
         plan = SerialPlan(counter=f"{profile.name}:{pattern.counter_name(now)}",
                           render=lambda seq: pattern.render(seq, now), max_value=pattern.max_seq)
+        if run.ctx.central is not None:  # a serial block for today, and tomorrow's leased ahead
+            tomorrow = f"{profile.name}:{pattern.counter_name(now + timedelta(days=1))}"
+            run.ctx.central.need_serials(plan.counter, plan.max_value,
+                                         (tomorrow,) if tomorrow != plan.counter else ())
     else:
         plan = SerialPlan()
     run.ctx.record.start(run.attempt, plan)
@@ -448,6 +465,8 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
         t = time.monotonic()
         written = ctx.record.finish(attempt) if run.started else ctx.record.add(attempt)
         attempt.durations["record"] = round(time.monotonic() - t, 3)
+        if ctx.central is not None:
+            ctx.central.kick()  # the finish goes central now, not at the next interval
     recorded = "database" if written.attempt_id is not None else "spool" if written.spooled else "lost"
     if recorded == "lost" and run.started:
         # the record holds it as started, so it shows as interrupted: say so now, at the line

@@ -195,6 +195,7 @@ class Attempt:
     uid: str = field(default_factory=_new_uid)  # unique per attempt: what the spool replays by
     session: str = ""  # the station process that ran it (see the module docstring)
     quarantine: bool = False  # the factory's test credentials were left on the unit (smoke `pair`)
+    guard: str = ""  # with a central record: "central", or "local only" when it could not be asked (station/central.py)
 
     def row(self) -> dict:
         d = asdict(self)
@@ -423,6 +424,8 @@ class Record:
         self.replayed = 0
         self.rejected_lines = 0
         self.settled: list[dict] = []
+        # with a central record, serials come only from blocks leased there (station/central.py)
+        self.serial_blocks = False
         db = self.db()
         db.execute("PRAGMA journal_mode=WAL")
         token = _MIGRATION_KEY.set(key)
@@ -635,8 +638,17 @@ class Record:
                               "scan the board's label (or pass --serial)")
         conn.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [plan.counter])
         value = conn.execute("SELECT value FROM counters WHERE name = ?", [plan.counter]).fetchone()[0]
+        blocks = self._blocks(conn, plan.counter, value) if self.serial_blocks else None
         while True:
             value += 1
+            if blocks is not None:  # the next value inside a leased block: other stations hold the rest
+                while blocks and value > blocks[0][1]:
+                    blocks.pop(0)
+                if not blocks:
+                    raise RecordError(f"no serial block is left for {plan.counter!r}",
+                                      "the station leases one from the central database: check the network to "
+                                      "it (station central status); no board was touched")
+                value = max(value, blocks[0][0])
             if plan.max_value is not None and value > plan.max_value:
                 raise RecordError(f"the serial counter {plan.counter!r} is exhausted (last value {plan.max_value})",
                                   "call the station's engineer: widen the profile's serial pattern or start a "
@@ -651,6 +663,33 @@ class Record:
         _append(conn, self._writing_key(), a.station_id, "counter", a.uid, a.started_at,
                 {"name": plan.counter, "value": value})
         return serial
+
+    # -- serial blocks (a central record: station/central.py) --------------------------------------
+    @staticmethod
+    def _blocks(conn: sqlite3.Connection, counter: str, value: int) -> list[tuple[int, int]]:
+        return [tuple(r) for r in conn.execute("select first, last from blocks where counter = ? and last > ? "
+                                               "order by first", [counter, value])]
+
+    def counter_value(self, counter: str) -> int:
+        """The counter's last value used here (0: none)."""
+        row = self.db().execute("select value from counters where name = ?", [counter]).fetchone()
+        return row[0] if row else 0
+
+    def serials_left(self, counter: str) -> int:
+        """How many serials of `counter` are left in this station's blocks."""
+        value = self.counter_value(counter)
+        return sum(last - max(first - 1, value) for first, last in self._blocks(self.db().conn, counter, value))
+
+    def add_block(self, counter: str, first: int, last: int, lease_id: int, station_id: str) -> None:
+        """Record a block of serials leased centrally, journaled, before any serial of it is used."""
+        row = {"counter": counter, "first": first, "last": last, "lease_id": lease_id, "station_id": station_id,
+               "leased_at": now_iso()}
+        try:
+            with self.atomic() as conn:
+                _insert(conn, "blocks", row)
+                _append(conn, self._writing_key(), station_id, "block", "", row["leased_at"], row)
+        except (sqlite3.Error, OSError) as exc:
+            raise self._fault(exc, f"recording the serial block {first}-{last} of {counter!r}") from None
 
     def finish(self, a: Attempt) -> Written:
         """Record how a started attempt ended; spool it if the database cannot take it."""
@@ -924,7 +963,7 @@ class Record:
             body = json.loads(e["body"])
             if e["kind"] == "counter":
                 counters[body["name"]] = (body["value"], e)
-            elif e["kind"] not in ("admin", "unit"):
+            elif e["kind"] not in ("admin", "unit", "block"):
                 latest[e["attempt_uid"]] = e
             if e["unit"]:
                 unit = json.loads(e["unit"])
@@ -1113,3 +1152,12 @@ def fingerprint(key: bytes, secret: str) -> str:
 def m005_quarantine(db: Database) -> None:
     # an attempt after which the unit still holds the factory's test credentials (issue #13)
     db["attempts"].add_column("quarantine", int)
+
+
+@migrations()
+def m006_central(db: Database) -> None:
+    # issue #17: serial blocks leased from the central record, and how the duplicate guard was asked
+    db["blocks"].create({"id": int, "counter": str, "first": int, "last": int, "lease_id": int,
+                         "station_id": str, "leased_at": str}, pk="id", not_null={"counter", "first", "last"})
+    db["blocks"].create_index(["counter", "first"])
+    db["attempts"].add_column("guard", str)

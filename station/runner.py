@@ -56,13 +56,25 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
         except SmokeFailure as exc:
             raise ConfigError(f"reach = wifi: {exc.message}; {exc.remedy}") from None
     redactor = Redactor.for_station(secrets, accounts, env)
+    password = None
+    if station.central.enabled:
+        from .central import central_password
+
+        password = central_password(station.secrets_file, os.environ if env is None else env)
+        redactor = redactor.with_values([password])  # one redaction point: the database password too
     key = station_key(station.key_file)
     try:
         record = open_record(station, db, key)
     except Exception as exc:
         raise ConfigError(redactor(f"cannot open the station database {db or station.database}: {exc}")) from None
+    central = None
+    if station.central.enabled:
+        from .central import Central
+
+        record.serial_blocks = True  # serials only from blocks leased centrally: no two stations share one
+        central = Central(station.central, password, record, station.station_id).start()
     return StationContext(station, prof, secrets, record, key, firmware=firmware, smoke_level=smoke,
-                          accounts=accounts, make_reach=reach, redactor=redactor)
+                          accounts=accounts, make_reach=reach, redactor=redactor, central=central)
 
 
 def open_record(station: StationConfig, db: Path | None = None, key: bytes | None = None,
