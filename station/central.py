@@ -267,6 +267,7 @@ class Central:
 
     def _error(self, exc: Exception, doing: str) -> CentralError:
         text = " ".join(str(exc).split()) or type(exc).__name__
+        self.state.last_error = text  # the cause alone: later messages quote it once
         return CentralError(f"the central database {self._where} is out of reach while {doing} ({text})",
                             "the station carries on from its own record and serial block; check the network "
                             "and the database server, the station catches up by itself")
@@ -276,8 +277,8 @@ class Central:
         """The shared query connection, (re)opened on demand; a failure closes it and opens the circuit."""
         with self._query_lock:
             if time.monotonic() < self._down_until:
-                raise CentralError(f"the central database {self._where} is out of reach ({self.state.last_error})",
-                                   "the station carries on from its own record")
+                raise CentralError(f"the central database {self._where} is out of reach ({self.state.last_error}; "
+                                   "the station tries again shortly)", "the station carries on from its own record")
             try:
                 if self._query_conn is None or self._query_conn.closed:
                     self._query_conn = self.connect()
@@ -291,7 +292,8 @@ class Central:
 
     def _went_down(self, exc: Exception) -> None:
         self.state.online = False
-        self.state.last_error = exc.message if isinstance(exc, CentralError) else " ".join(str(exc).split())
+        if not isinstance(exc, CentralError):
+            self.state.last_error = " ".join(str(exc).split())
         self._down_until = time.monotonic() + self.settings.retry_s
 
     # -- the plant-wide guard ------------------------------------------------------------------------
@@ -300,7 +302,7 @@ class Central:
         try:
             with self._query() as conn:
                 with conn.cursor(row_factory=dict_row) as cur:
-                    cur.execute("SET statement_timeout = %s", [int(self.settings.timeout_s * 1000)])
+                    cur.execute("SELECT set_config('statement_timeout', %s, false)", [str(int(self.settings.timeout_s * 1000))])
                     row = cur.execute("SELECT station_id, serial, ended_at FROM attempts WHERE mac = %s AND "
                                       "outcome = 'passed' ORDER BY ended_at DESC LIMIT 1", [mac]).fetchone()
             local = self.record.passed_unit(mac=mac)
@@ -328,8 +330,8 @@ class Central:
         try:
             self.lease(counter, max_value)
         except CentralError as exc:
-            raise RecordError(f"no serial block is left for {counter!r} and the central database cannot lease one "
-                              f"({exc.message})",
+            raise RecordError(f"no serial block is left for {counter!r} and the central database cannot lease one: "
+                              f"{exc.message}",
                               "check the network to the central database (station central status); no board "
                               "was touched") from None
 
@@ -394,22 +396,25 @@ class Central:
             entries, head, last_local, last_cp = conn.execute(
                 "SELECT entries, head, last_local_id, last_checkpoint_id FROM stations WHERE station_id = %s "
                 "FOR UPDATE", [sid]).fetchone()
-            rows = list(self.record.db().query(
-                "select * from journal where station_id = ? and id > ? order by id limit ?",
-                [sid, last_local, PUSH_BATCH]))
+            db = self.record.db()
+            rows = list(db.query("select * from journal where station_id = ? and id > ? order by id limit ?",
+                                 [sid, last_local, PUSH_BATCH]))
+            mine = db.execute("select entry_hash from journal where id = ?", [last_local]).fetchone() \
+                if last_local else (CHAIN_GENESIS,)
             prev = head
-            for n, e in enumerate(rows):
-                if e["prev_hash"] != prev:
-                    if n == 0:
+            for n, e in enumerate([None, *rows]):
+                if (e is None and (mine is None or mine[0] != head)) or (e is not None and e["prev_hash"] != prev):
+                    if n <= 1:
                         raise CentralConflict(
-                            f"station {sid}'s journal entry {e['id']} does not continue the central copy of its "
-                            f"chain (central head {head[:16]}… after {entries} entries): this record is not the "
-                            "one the central copy holds (a restored backup, or two stations with one id)",
+                            f"station {sid}'s journal does not continue the central copy of its chain (central "
+                            f"head {head[:16]}… after {entries} entries): this record is not the one the central "
+                            "copy holds (a restored backup, a new database, or two stations with one id)",
                             "nothing was pushed over it: call the station's engineer (station central verify)")
                     raise CentralConflict(f"station {sid}'s journal entry {e['id']} does not follow the one before "
                                           "it: the local journal is damaged",
                                           "run station db verify; nothing was pushed past it")
-                prev = e["entry_hash"]
+                if e is not None:
+                    prev = e["entry_hash"]
             if rows:
                 with conn.cursor() as cur:
                     cur.executemany(
@@ -537,9 +542,14 @@ def verify(conn: psycopg.Connection, trusted: dict | None, chain_keys: dict[str,
     """
     problems: list[str] = []
     notes: list[str] = []
-    stations = conn.execute("SELECT station_id, entries, head FROM stations ORDER BY station_id").fetchall()
-    for sid, entries, head in stations:
-        problems += _verify_station(conn, sid, entries, head, trusted, (chain_keys or {}).get(sid), signed, notes)
+    fresh = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        if fresh:  # one snapshot: stations pushing meanwhile do not make a consistent copy look broken
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        stations = conn.execute("SELECT station_id, entries, head FROM stations ORDER BY station_id").fetchall()
+        for sid, entries, head in stations:
+            problems += _verify_station(conn, sid, entries, head, trusted, (chain_keys or {}).get(sid), signed,
+                                        notes)
     return problems, notes
 
 

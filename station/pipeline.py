@@ -248,6 +248,7 @@ class UnitRun:
     redact: _UnitRedactor | None = None  # the unit's redaction filter (learns its test account)
     credentials_on_unit: bool = False  # from /pair until the unit's own config is back and checked
     was_quarantined: bool = False  # an earlier attempt left test credentials on this board
+    plant_serial: str | None = None  # the serial this board passed with at another station (central record)
 
     @property
     def port(self) -> str:
@@ -290,7 +291,7 @@ def identify(run: UnitRun) -> None:
 
 def guard(run: UnitRun) -> None:
     central = run.ctx.central
-    if run.job.rework:
+    if run.job.rework and central is None:
         return
     if central is None:
         prior = run.ctx.record.passed_unit(mac=run.attempt.mac)
@@ -299,6 +300,9 @@ def guard(run: UnitRun) -> None:
         prior, run.attempt.guard = answer.prior, answer.where
         if answer.why:
             run.emit(LogLine(run.port, "guard", f"local only: {answer.why}"))
+        if run.job.rework:  # re-provisioned on purpose: it keeps the serial it passed with, wherever that was
+            run.plant_serial = prior["serial"] if prior else None
+            return
     if prior:
         where = prior.get("station_id")
         elsewhere = f" at station {where}" if where and where != run.ctx.station.station_id else ""
@@ -309,8 +313,8 @@ def guard(run: UnitRun) -> None:
 def reserve_serial(run: UnitRun) -> None:
     """The write-ahead commit: the serial is reserved and the attempt recorded as started."""
     profile, now = run.ctx.profile, datetime.now()
-    if run.job.serial:
-        plan = SerialPlan(given=run.job.serial)
+    if run.job.serial or run.plant_serial:
+        plan = SerialPlan(given=run.job.serial or run.plant_serial)
     elif profile.serial_pattern:
         pattern = SerialPattern.parse(profile.serial_pattern)
         plan = SerialPlan(counter=f"{profile.name}:{pattern.counter_name(now)}",
