@@ -255,6 +255,3 @@ def mosquitto_tls(tmp_path_factory):
     yield TlsBroker("127.0.0.1", port, ca=ca)
     proc.terminate()
     proc.wait(5)
-
-
-from tests.pg_stopgap import pg_own, pg_server, pg_url  # noqa: E402,F401  STOPGAP until branch pgfix lands

@@ -143,7 +143,7 @@ def test_a_board_provisioned_at_one_station_is_refused_at_another(tmp_path, pg_u
 
 
 def test_conflicts_name_a_board_that_passed_at_two_stations_while_they_were_cut_off(tmp_path, pg_own, capsys):
-    url = pg_own.new_database()
+    url = pg_own.url()
     a, b = make_station(tmp_path, "line-a", url), make_station(tmp_path, "line-b", url)
     os.environ["RELAY_VENDOR_TOKEN"] = TOKEN
     with VirtualBench(3, "esp32", run_dir=tmp_path / "run") as bench:
@@ -175,7 +175,7 @@ def test_conflicts_name_a_board_that_passed_at_two_stations_while_they_were_cut_
 
 # -- the central database goes away mid-batch ----------------------------------------------------------
 def test_a_station_keeps_provisioning_while_the_central_database_is_down_then_catches_up(tmp_path, pg_own):
-    url = pg_own.new_database()
+    url = pg_own.url()
     cfg = make_station(tmp_path, "line-c", url, block_size=50, low_water=5, retry_s=0.3)
     env = {"RELAY_VENDOR_TOKEN": TOKEN}
     station = StationConfig.load(cfg)
@@ -233,7 +233,7 @@ def _local_count(record: Record) -> int:
 
 
 def test_an_exhausted_block_without_the_central_database_refuses_before_the_board_is_touched(tmp_path, pg_own, capsys):
-    url = pg_own.new_database()
+    url = pg_own.url()
     cfg = make_station(tmp_path, "line-d", url, block_size=2, low_water=0)
     os.environ["RELAY_VENDOR_TOKEN"] = TOKEN
     with VirtualBench(3, "esp32", run_dir=tmp_path / "run") as bench:
