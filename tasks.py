@@ -31,7 +31,7 @@ LOCK = ROOT / "requirements.lock"
 # the one command that writes the lock: pinned versions with hashes, for Python 3.11+ on Linux
 LOCK_COMMAND = ["-m", "piptools", "compile", "-q", "--generate-hashes", "--extra", "test", "--strip-extras",
                 "--no-emit-index-url", "--no-emit-find-links", "--allow-unsafe",
-                "--custom-compile-command", "python3 tasks.py lock", "-o", LOCK.name, "pyproject.toml"]
+                "-o", LOCK.name, "pyproject.toml"]
 
 
 def ensure_venv() -> None:
@@ -65,7 +65,9 @@ def main() -> int:
     ensure_venv()
     if task == "lock":
         subprocess.run([PY, "-m", "pip", "install", "-q", "pip-tools>=7.4,<8"], check=True)
-        return subprocess.call([PY, *LOCK_COMMAND], cwd=ROOT)
+        # the header's command: pip-tools 7.6 dropped --custom-compile-command; the variable works in every 7.x
+        return subprocess.call([PY, *LOCK_COMMAND], cwd=ROOT,
+                               env={**os.environ, "CUSTOM_COMPILE_COMMAND": "python3 tasks.py lock"})
     if task == "demo":
         return subprocess.call([PY, "-m", "station", "demo", *extra], cwd=ROOT)
     if task == "test":

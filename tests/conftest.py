@@ -14,6 +14,7 @@ import pytest
 
 import flashing  # noqa: F401  (registers vesp://)
 from flashing.virtual.bench import VirtualBench
+from tests.pg import PgCluster, free_port, server_bindir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("STATION_SHARED_DIR", REPO.parent / "shared"))
@@ -117,12 +118,6 @@ class Broker:
     admin_password: str = ADMIN_PASSWORD
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dynsec_client(username: str, password: str, role: str) -> dict:
     """A client as Mosquitto's dynamic-security file keeps it (PBKDF2-SHA512, as `mosquitto_ctrl` writes)."""
     salt = os.urandom(12)
@@ -164,7 +159,7 @@ def _start_mosquitto(d: Path, listener: str):
         "groups": [],
         "roles": [{"rolename": "admin", "acls": admin_acls}, {"rolename": "monitor", "acls": monitor_acls}],
     }, indent=1))
-    port = _free_port()
+    port = free_port()
     (d / "mosquitto.conf").write_text(
         f"user root\nlistener {port} 127.0.0.1\n{listener}allow_anonymous false\nplugin {plugin}\n"
         f"plugin_opt_config_file {d / 'dynsec.json'}\npersistence false\nlog_dest file {d / 'log'}\n")
@@ -255,3 +250,40 @@ def mosquitto_tls(tmp_path_factory):
     yield TlsBroker("127.0.0.1", port, ca=ca)
     proc.terminate()
     proc.wait(5)
+
+
+# -- a real PostgreSQL (the central record, issue #17) -----------------------------------------
+
+
+def pg_bindir(pattern: str = "/usr/lib/postgresql/*/bin/postgres") -> Path:
+    """The server's bin folder; missing, the test is skipped (failed with CI set, as for Mosquitto)."""
+    found = server_bindir(pattern)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/postgres); "
+                        ".ci/run installs it: apt-get install postgresql")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway cluster per test process (each xdist worker its own); tests take databases from it."""
+    cluster = PgCluster.create(pg_bindir())
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database of the session's server, dropped after the test: its postgresql:// URL."""
+    with pg_server.database() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_own():
+    """A private cluster (its own initdb, ~1.2 s) the test may stop() and start() on the same port and data."""
+    cluster = PgCluster.create(pg_bindir())
+    yield cluster
+    cluster.destroy()
