@@ -9,7 +9,12 @@ commit in the serial step, the finish). Then fast rework against a full flash of
 and (with --soak N) memory growth of the station process across N units. Last, how long
 the operator's abort of one slot mid-write takes (the screen's F8), four ports at once.
 
-    python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000] [--aborts 5]
+With --central URL the station has a [central] record there (station/central.py: the push
+thread, serial blocks, the plant-wide guard): the outbox's cost on the line is the
+difference against a run without it (benchmarks/stations.py measures both ways, each run
+on a fresh database).
+
+    python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000] [--aborts 5] [--central URL]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from flashing.virtual.bench import ControlClient  # noqa: E402
 from flashing.virtual.timing import predict_write  # noqa: E402
-from station.config import StationConfig  # noqa: E402
+from station.config import CentralSettings, StationConfig  # noqa: E402
 from station.pipeline import UnitJob  # noqa: E402
 from station.runner import open_station, run_units  # noqa: E402
 
@@ -63,14 +68,15 @@ def start_boards(n: int, run_dir: Path):
     return proc, boards, control
 
 
-def station_ctx(tmp: Path, smoke: str = "healthcheck"):
-    station = StationConfig(station_id="bench", database=tmp / "bench.db", key_file=tmp / "k",
-                            profiles_dir=REPO / "profiles")
+def station_ctx(tmp: Path, smoke: str = "healthcheck", central: str = ""):
+    # one station id per run with [central]: a fresh local journal under an id the central copy holds is a conflict
+    station = StationConfig(station_id=f"bench-{tmp.name}" if central else "bench", database=tmp / "bench.db",
+                            key_file=tmp / "k", profiles_dir=REPO / "profiles", central=CentralSettings(url=central))
     return open_station("relay", station=station, smoke=smoke)
 
 
-def run_ports(n: int, tmp: Path) -> dict:
-    ctx = station_ctx(tmp)
+def run_ports(n: int, tmp: Path, central: str = "") -> dict:
+    ctx = station_ctx(tmp, central=central)
     proc, boards, control = start_boards(n, tmp / f"run{n}")
     try:
         cpu0, t0 = time.process_time(), time.monotonic()
@@ -79,6 +85,7 @@ def run_ports(n: int, tmp: Path) -> dict:
     finally:
         proc.terminate()
         proc.wait()
+        ctx.close()  # with [central]: the last push, and the push thread ends
     passed = [r for r in results if r.passed]
     size = sum(len(d) for _, _, d in ctx.firmware) + ctx.profile.config_slot().size
     cycles = [sum(r.durations.values()) for r in passed]
@@ -88,7 +95,8 @@ def run_ports(n: int, tmp: Path) -> dict:
             "min_cycle": model_min_cycle(ctx),
             # the record's own steps: the write-ahead commit (serial) and the finish (record)
             "serial_ms": 1000 * statistics.mean(r.durations["serial"] for r in passed) if passed else float("nan"),
-            "record_ms": 1000 * statistics.mean(r.durations["record"] for r in passed) if passed else float("nan")}
+            "record_ms": 1000 * statistics.mean(r.durations["record"] for r in passed) if passed else float("nan"),
+            "guard_ms": 1000 * statistics.mean(r.durations["guard"] for r in passed) if passed else float("nan")}
 
 
 FLASHING = ("connect", "identify", "flash")  # every step that talks the flashing protocol
@@ -212,6 +220,8 @@ def main() -> None:
     ap.add_argument("--ports", default="1,4,8,16")
     ap.add_argument("--soak", type=int, default=0, help="units for the memory soak (e.g. 1000)")
     ap.add_argument("--aborts", type=int, default=5, help="rounds of the abort-latency measurement")
+    ap.add_argument("--central", default="", metavar="URL",
+                    help="the port runs' station has [central] url = URL (an empty PostgreSQL database)")
     args = ap.parse_args()
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "bench-tok1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -221,7 +231,7 @@ def main() -> None:
               f"{'CPU s':>6} {'peak MB':>8} {'start ms':>8} {'finish ms':>9}", flush=True)
         for n in [int(x) for x in args.ports.split(",")]:
             (tmp / f"p{n}").mkdir()
-            r = run_ports(n, tmp / f"p{n}")
+            r = run_ports(n, tmp / f"p{n}", args.central)
             rows.append(r)
             print(f"{r['ports']:>5} {r['passed']:>6} {r['throughput'] / 1e6:>6.3f} {r['cycle']:>8.2f} "
                   f"{r['min_cycle']:>11.2f} {r['uph']:>8.0f} {r['cpu']:>6.1f} {r['rss']:>8.1f} "
