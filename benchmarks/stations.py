@@ -128,6 +128,41 @@ class ThreadCpu:
         return by_kind
 
 
+class PushTimes:
+    """Times the push thread's rounds (wall and its own CPU) and the wait from a finish's kick to the next push.
+
+    Wraps the instance's methods (the push thread calls them by attribute): central.py is measured, not changed.
+    """
+
+    def __init__(self, central):
+        self.kicked: float | None = None
+        self.waits: list[float] = []
+        self.pushes: list[tuple[float, float, int]] = []  # (wall s, push thread CPU s, entries)
+        push, kick = central.push, central.kick
+
+        def timed_kick() -> None:
+            if self.kicked is None:
+                self.kicked = time.monotonic()
+            kick()
+
+        def timed_push(conn=None) -> int:
+            t0, c0 = time.monotonic(), time.thread_time()
+            kicked, self.kicked = self.kicked, None
+            if kicked is not None:
+                self.waits.append(t0 - kicked)
+            n = push(conn)
+            self.pushes.append((time.monotonic() - t0, time.thread_time() - c0, n))
+            return n
+
+        central.push, central.kick = timed_push, timed_kick
+
+    def summary(self) -> dict:
+        busy = [p for p in self.pushes if p[2]]  # rounds that sent something
+        return {"rounds": len(self.pushes), "rounds_sending": len(busy), "entries": sum(p[2] for p in busy),
+                "wall_s": [round(p[0], 4) for p in busy], "cpu_s": [round(p[1], 4) for p in busy],
+                "kick_wait_s": [round(w, 4) for w in self.waits]}
+
+
 # -- one station process ---------------------------------------------------------------------------------------
 def station_worker(args) -> None:
     """A station's shift: open once, M boards per batch, batches until told; one JSON line of what it did."""
@@ -143,6 +178,7 @@ def station_worker(args) -> None:
     station = StationConfig.load(Path(args.worker))
     ctx = open_station(None, station=station, smoke="healthcheck")
     prof = ctx.profile
+    timed = PushTimes(ctx.central) if ctx.central else None
     bench = VirtualBench(args.ports, prof.chip, prof.board_flash_bytes(), control=False, realtime=False,
                          usb_serial_jtag=prof.connection == "usb-serial-jtag")
     batches, errors = [], []
@@ -178,7 +214,8 @@ def station_worker(args) -> None:
                       "cpu_s": time.process_time() - cpu0, "threads_cpu_s": threads,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "pushed": central.pushed, "push_error": central.last_error,
-                      "leases": len(central.leases), "close_s": close_s}), flush=True)
+                      "leases": len(central.leases), "close_s": close_s,
+                      "push_times": timed.summary() if timed else None}), flush=True)
 
 
 def prof_mac(oui: bytes, station: int, unit: int) -> bytes:
@@ -295,8 +332,7 @@ def check_central(url: str, configs: list[Path]) -> dict:
         verify_s = time.monotonic() - t0
         size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
     lags = [float(x) for x in lags]
-    q = (lambda p: lags[min(len(lags) - 1, int(p * len(lags)))]) if lags else (lambda p: float("nan"))
-    return {"lag_p50_s": q(0.50), "lag_p99_s": q(0.99), "lag_max_s": max(lags, default=float("nan")),
+    return {"lag_p50_s": quantile(lags, 0.5), "lag_p99_s": quantile(lags, 0.99), "lag_max_s": quantile(lags, 1.0),
             "lag_rows": len(lags), "central_attempts": rows, "central_passed": passed,
             "duplicate_serials": dup, "conflicts": len(found), "verify_problems": problems,
             "stations_verified": len(notes), "verify_s": verify_s,
@@ -339,6 +375,15 @@ def outbox_cost(cluster, root: Path, rounds: int) -> dict:
     return out
 
 
+def quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def ms3(values: list[float]) -> str:
+    return "/".join(f"{1000 * quantile(values, q):.0f}" for q in (0.5, 0.99, 1.0)) + " ms"
+
+
 def show(r: dict, c: dict | None, args) -> None:
     def err(s=""):
         print(s, file=sys.stderr, flush=True)
@@ -369,6 +414,11 @@ def show(r: dict, c: dict | None, args) -> None:
         return err("(--local: no central record)")
     err(f"central lag (ended_at -> received_at) over {c['lag_rows']} attempts: p50 {c['lag_p50_s'] * 1000:.0f} ms, "
         f"p99 {c['lag_p99_s'] * 1000:.0f} ms, max {c['lag_max_s'] * 1000:.0f} ms")
+    pt = r["push"]
+    err(f"  its parts: the finish's commit at the station (finish ms above); from the kick to the push thread's next "
+        f"round p50/p99/max {ms3(pt['kick_wait_s'])}; a round that sends ({pt['rounds_sending']} rounds, "
+        f"{pt['entries_per_round']:.1f} entries each) takes {ms3(pt['wall_s'])} of which the push thread's own CPU "
+        f"{ms3(pt['cpu_s'])}: the rest is waiting (for PostgreSQL, and for the CPU and the GIL)")
     err(f"central copy: {c['central_attempts']} attempts ({c['central_passed']} passed), {c['duplicate_serials']} "
         f"duplicate serials, {c['conflicts']} conflicts, {c['stations_verified']} stations verified with "
         f"{len(c['verify_problems'])} problems in {c['verify_s']:.2f} s, entries missing: {c['entries_missing'] or 'none'}")
@@ -388,6 +438,24 @@ def show_line(line: dict) -> None:
         err(f"  difference per unit (central - local): cycle {1000 * (ce['cycle_16_s'] - lo['cycle_16_s']):+.0f} ms, "
             f"station CPU {1000 * (ce['cpu_per_unit_16_s'] - lo['cpu_per_unit_16_s']):+.1f} ms, ratio "
             f"{ce['ratio_16'] - lo['ratio_16']:+.3f}")
+
+
+def plant_cpu(r: dict) -> None:
+    """Where the plant's CPU went in the window, by process and thread kind."""
+    r["uph"] = r["passed"] / r["window"] * 3600
+    t = {k: sum(s["threads_cpu_s"].get(k, 0.0) for s in r["reports"]) for k in ("boards", "units", "push")}
+    stations_s = sum(s["cpu_s"] for s in r["reports"])
+    pts = [s["push_times"] for s in r["reports"] if s["push_times"]]
+    r["push"] = {k: [x for pt in pts for x in pt[k]] for k in ("wall_s", "cpu_s", "kick_wait_s")}
+    r["push"]["rounds_sending"] = sum(pt["rounds_sending"] for pt in pts)
+    r["push"]["entries_per_round"] = sum(pt["entries"] for pt in pts) / max(1, r["push"]["rounds_sending"])
+    r["push"] |= {f"{k}_p50_p99_max": [quantile(r["push"][k], q) for q in (0.5, 0.99, 1.0)]
+                  for k in ("wall_s", "cpu_s", "kick_wait_s")}
+    r["cpu"] = {"capacity_s": r["machine_capacity_s"], "busy_pct": 100 * r["machine_busy_s"] / r["machine_capacity_s"],
+                "stations_s": stations_s, "boards_s": t["boards"], "units_s": t["units"], "push_s": t["push"],
+                "pg_s": r["pg_cpu_s"], "others_s": r["machine_busy_s"] - stations_s - r["pg_cpu_s"] - r["parent_cpu_s"],
+                "push_pct": 100 * t["push"] / r["machine_busy_s"],
+                "pg_pct": 100 * r["pg_cpu_s"] / r["machine_busy_s"]}
 
 
 def main() -> None:
@@ -414,31 +482,28 @@ def main() -> None:
     bindir = server_bindir()
     if bindir is None:
         sys.exit("no PostgreSQL server installed (apt-get install postgresql): the benchmark starts its own")
+    os.environ.setdefault("RELAY_VENDOR_TOKEN", TOKEN)  # line.py's station runs in this process
     cluster = PgCluster.create(bindir)
+    line = None
     try:
         with tempfile.TemporaryDirectory(prefix="bench-stations-") as tmp, cluster.database() as url:
             r = run_plant(args, url, Path(tmp), cluster.proc.pid)
             c = None if args.local else check_central(url, r["configs"])
-            line = None if args.local or args.no_line or not args.line_rounds else outbox_cost(cluster, Path(tmp), args.line_rounds)
+            plant_cpu(r)
+            show(r, c, args)  # before the line runs: the plant's numbers stand whatever happens next
+            if not (args.local or args.no_line or not args.line_rounds):
+                line = outbox_cost(cluster, Path(tmp), args.line_rounds)
+                show_line(line)
     finally:
         cluster.destroy()
-    r["uph"] = r["passed"] / r["window"] * 3600
-    t = {k: sum(s["threads_cpu_s"].get(k, 0.0) for s in r["reports"]) for k in ("boards", "units", "push")}
-    stations_s = sum(s["cpu_s"] for s in r["reports"])
-    r["cpu"] = {"capacity_s": r["machine_capacity_s"], "busy_pct": 100 * r["machine_busy_s"] / r["machine_capacity_s"],
-                "stations_s": stations_s, "boards_s": t["boards"], "units_s": t["units"], "push_s": t["push"],
-                "pg_s": r["pg_cpu_s"], "others_s": r["machine_busy_s"] - stations_s - r["pg_cpu_s"] - r["parent_cpu_s"],
-                "push_pct": 100 * t["push"] / r["machine_busy_s"],
-                "pg_pct": 100 * r["pg_cpu_s"] / r["machine_busy_s"]}
-    show(r, c, args)
-    show_line(line)
     machine = {"cpus": os.cpu_count(), "model": _cpu_model(), "python": platform.python_version(),
                "postgresql": bindir.parent.name, "kernel": platform.release()}
     doc = {"machine": machine, "stations": args.stations, "ports": args.ports, "duration_s": args.duration,
            "batches": args.batches, "units": r["units"], "passed": r["passed"], "window_s": round(r["window"], 2),
            "units_per_hour": round(r["uph"]), "cpu": {k: round(v, 2) for k, v in r["cpu"].items()},
            "max_client_connections": r["connections"],
-           "stations_detail": [{k: v for k, v in s.items() if k != "batches"} | {"batches": len(s["batches"])}
+           "push": {k: v for k, v in r["push"].items() if not k.endswith("_s")},
+           "stations_detail": [{k: v for k, v in s.items() if k not in ("batches", "push_times")} | {"batches": len(s["batches"])}
                                for s in r["reports"]],
            "central": c, "outbox_on_one_station": line}
     print(json.dumps(doc, default=str))
