@@ -246,10 +246,13 @@ class Central:
         self._thread: threading.Thread | None = None
 
     # -- connections ---------------------------------------------------------------------------
-    def connect(self) -> psycopg.Connection:
+    def connect(self, statement_timeout: bool = False) -> psycopg.Connection:
+        """A connection; with `statement_timeout` every statement on it is bounded by timeout_s (the guard's)."""
         timeout = self.settings.timeout_s
+        # set at connect, not per query: the guard is one round trip, and 16 units queue on one connection
+        bounded = {"options": f"-c statement_timeout={int(timeout * 1000)}"} if statement_timeout else {}
         try:
-            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=max(1, round(timeout)),
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=max(1, round(timeout)), **bounded,
                                    application_name=f"station {self.station_id}"[:63],
                                    # a dead link fails a query instead of hanging it (Linux TCP_USER_TIMEOUT)
                                    tcp_user_timeout=int(timeout * 1000), keepalives_idle=max(1, int(timeout)),
@@ -281,7 +284,7 @@ class Central:
                                    "the station tries again shortly)", "the station carries on from its own record")
             try:
                 if self._query_conn is None or self._query_conn.closed:
-                    self._query_conn = self.connect()
+                    self._query_conn = self.connect(statement_timeout=True)
                 yield self._query_conn
             except (psycopg.Error, CentralError) as exc:
                 self._went_down(exc)
@@ -302,7 +305,6 @@ class Central:
         try:
             with self._query() as conn:
                 with conn.cursor(row_factory=dict_row) as cur:
-                    cur.execute("SELECT set_config('statement_timeout', %s, false)", [str(int(self.settings.timeout_s * 1000))])
                     row = cur.execute("SELECT station_id, serial, ended_at FROM attempts WHERE mac = %s AND "
                                       "outcome = 'passed' ORDER BY ended_at DESC LIMIT 1", [mac]).fetchone()
             local = self.record.passed_unit(mac=mac)

@@ -408,3 +408,40 @@ def test_migrations_apply_once_whoever_connects_first(pg_url):
             done = list(pool.map(migrate, (a, b)))
         assert sorted(len(d) for d in done) == [0, 1]
         assert migrate(a) == []
+
+
+def test_every_query_of_the_station_is_bounded_by_the_timeout_from_the_first_one(tmp_path, pg_url):
+    """A central database that holds a lock (a long migration, a stuck transaction) costs a lease or the
+    guard timeout_s, then the station carries on: even a lease before any guard (a fresh station) is bounded."""
+    with psycopg.connect(pg_url) as conn:
+        migrate(conn)
+    rec = _record(tmp_path, "s1")
+    holder = psycopg.connect(pg_url)
+    asks = {"lease": lambda c: c.lease("relay:X-", 99999), "guard": lambda c: c.passed_anywhere("aa:00:00:00:00:01")}
+    try:
+        holder.execute("LOCK TABLE counters, attempts IN ACCESS EXCLUSIVE MODE")  # every query of theirs waits
+        for what, ask in asks.items():
+            c, got = Central(_settings(pg_url), None, rec, "s1"), {}  # a fresh connection each: its first query
+
+            def run(c=c, ask=ask, got=got):
+                try:
+                    got["answer"] = ask(c)
+                except CentralError as exc:
+                    got["error"] = exc
+
+            t = threading.Thread(target=run)
+            t.start()
+            try:
+                wait_until(lambda: not t.is_alive(), f"the {what} gives up while the lock is held")
+            finally:
+                if t.is_alive():
+                    holder.rollback()  # the lock goes: the thread ends (the assertion above has failed already)
+                t.join()
+                c.close()
+            if what == "lease":
+                assert "statement timeout" in got["error"].message, got
+            else:
+                assert got["answer"].where == "local only" and "statement timeout" in got["answer"].why, got
+    finally:
+        holder.close()
+        rec.close()
