@@ -128,6 +128,11 @@ class ThreadCpu:
         return by_kind
 
 
+def run_queue_s() -> float:
+    """How long the calling thread has waited for a core, runnable but not running (/proc schedstat)."""
+    return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+
+
 class PushTimes:
     """Times the push thread's rounds (wall and its own CPU) and the wait from a finish's kick to the next push.
 
@@ -137,7 +142,7 @@ class PushTimes:
     def __init__(self, central):
         self.kicked: float | None = None
         self.waits: list[float] = []
-        self.pushes: list[tuple[float, float, int]] = []  # (wall s, push thread CPU s, entries)
+        self.pushes: list[tuple[float, float, float, int]] = []  # (wall s, own CPU s, run-queue wait s, entries)
         push, kick = central.push, central.kick
 
         def timed_kick() -> None:
@@ -146,20 +151,21 @@ class PushTimes:
             kick()
 
         def timed_push(conn=None) -> int:
-            t0, c0 = time.monotonic(), time.thread_time()
+            t0, c0, q0 = time.monotonic(), time.thread_time(), run_queue_s()
             kicked, self.kicked = self.kicked, None
             if kicked is not None:
                 self.waits.append(t0 - kicked)
             n = push(conn)
-            self.pushes.append((time.monotonic() - t0, time.thread_time() - c0, n))
+            self.pushes.append((time.monotonic() - t0, time.thread_time() - c0, run_queue_s() - q0, n))
             return n
 
         central.push, central.kick = timed_push, timed_kick
 
     def summary(self) -> dict:
-        busy = [p for p in self.pushes if p[2]]  # rounds that sent something
-        return {"rounds": len(self.pushes), "rounds_sending": len(busy), "entries": sum(p[2] for p in busy),
+        busy = [p for p in self.pushes if p[3]]  # rounds that sent something
+        return {"rounds": len(self.pushes), "rounds_sending": len(busy), "entries": sum(p[3] for p in busy),
                 "wall_s": [round(p[0], 4) for p in busy], "cpu_s": [round(p[1], 4) for p in busy],
+                "runq_s": [round(p[2], 4) for p in busy],
                 "kick_wait_s": [round(w, 4) for w in self.waits]}
 
 
@@ -418,7 +424,8 @@ def show(r: dict, c: dict | None, args) -> None:
     err(f"  its parts: the finish's commit at the station (finish ms above); from the kick to the push thread's next "
         f"round p50/p99/max {ms3(pt['kick_wait_s'])}; a round that sends ({pt['rounds_sending']} rounds, "
         f"{pt['entries_per_round']:.1f} entries each) takes {ms3(pt['wall_s'])} of which the push thread's own CPU "
-        f"{ms3(pt['cpu_s'])}: the rest is waiting (for PostgreSQL, and for the CPU and the GIL)")
+        f"{ms3(pt['cpu_s'])}, waiting for a core {ms3(pt['runq_s'])}; the rest is waiting for PostgreSQL's "
+        f"answers and for the GIL")
     err(f"central copy: {c['central_attempts']} attempts ({c['central_passed']} passed), {c['duplicate_serials']} "
         f"duplicate serials, {c['conflicts']} conflicts, {c['stations_verified']} stations verified with "
         f"{len(c['verify_problems'])} problems in {c['verify_s']:.2f} s, entries missing: {c['entries_missing'] or 'none'}")
@@ -446,11 +453,11 @@ def plant_cpu(r: dict) -> None:
     t = {k: sum(s["threads_cpu_s"].get(k, 0.0) for s in r["reports"]) for k in ("boards", "units", "push")}
     stations_s = sum(s["cpu_s"] for s in r["reports"])
     pts = [s["push_times"] for s in r["reports"] if s["push_times"]]
-    r["push"] = {k: [x for pt in pts for x in pt[k]] for k in ("wall_s", "cpu_s", "kick_wait_s")}
+    r["push"] = {k: [x for pt in pts for x in pt[k]] for k in ("wall_s", "cpu_s", "runq_s", "kick_wait_s")}
     r["push"]["rounds_sending"] = sum(pt["rounds_sending"] for pt in pts)
     r["push"]["entries_per_round"] = sum(pt["entries"] for pt in pts) / max(1, r["push"]["rounds_sending"])
     r["push"] |= {f"{k}_p50_p99_max": [quantile(r["push"][k], q) for q in (0.5, 0.99, 1.0)]
-                  for k in ("wall_s", "cpu_s", "kick_wait_s")}
+                  for k in ("wall_s", "cpu_s", "runq_s", "kick_wait_s")}
     r["cpu"] = {"capacity_s": r["machine_capacity_s"], "busy_pct": 100 * r["machine_busy_s"] / r["machine_capacity_s"],
                 "stations_s": stations_s, "boards_s": t["boards"], "units_s": t["units"], "push_s": t["push"],
                 "pg_s": r["pg_cpu_s"], "others_s": r["machine_busy_s"] - stations_s - r["pg_cpu_s"] - r["parent_cpu_s"],
