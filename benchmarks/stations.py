@@ -28,7 +28,12 @@ Reported, as one JSON object on stdout and a readable table on stderr:
   model on) with and without `[central]` (each central run on a fresh database), the
   16-port ratio both ways and the per-unit differences (--no-line skips it).
 
-    python benchmarks/stations.py [--stations 8] [--ports 16] [--duration 90 | --batches K] [--no-line]
+Some units fail on a 2-core machine this loaded (with or without [central]): they are
+counted, and their errors printed; the exit status is 1 only when the central copy is
+wrong (a duplicate serial, a conflict, a chain that does not verify, an entry missing).
+
+    python benchmarks/stations.py [--stations 8] [--ports 16] [--batches 3 | --duration S] [--local]
+                                  [--line-rounds 1] [--no-line]
 """
 
 from __future__ import annotations
