@@ -208,7 +208,7 @@ def station_worker(args) -> None:
             t0 = time.time()
             results = run_units([UnitJob(s.url, operator="bench") for s in bench.slots], ctx, lambda e: None)
             passed = [r for r in results if r.passed]
-            errors += [r.error for r in results if not r.passed][:3]
+            errors += [r.error for r in results if not r.passed]
             batches.append({"start": t0, "end": time.time(), "passed": len(passed), "units": len(results),
                             "guard_ms": [1000 * r.durations.get("guard", 0) for r in passed],
                             "serial_ms": [1000 * r.durations.get("serial", 0) for r in passed],
@@ -221,7 +221,11 @@ def station_worker(args) -> None:
         ctx.close()  # the last push
         close_s = time.monotonic() - t_close
     threads = cpu.close()
-    print(json.dumps({"station": station.station_id, "batches": batches, "errors": errors[:5],
+    kinds: dict[str, int] = {}
+    for e in errors:  # the error's words before its particulars (an address, a port)
+        kind = e.split(" at http", 1)[0].split(" (", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    print(json.dumps({"station": station.station_id, "batches": batches, "errors": kinds,
                       "cpu_s": time.process_time() - cpu0, "threads_cpu_s": threads,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "pushed": central.pushed, "push_error": central.last_error,
@@ -418,9 +422,12 @@ def show(r: dict, c: dict | None, args) -> None:
         f"push threads {cpu['push_s']:.1f}), PostgreSQL {cpu['pg_s']:.1f} s, other processes (not this "
         f"benchmark) {cpu['others_s']:.0f} s; push {cpu['push_pct']:.2f} %, "
         f"PostgreSQL {cpu['pg_pct']:.2f} % of the machine's busy time; {r['connections']} client connections at most")
+    failed: dict[str, int] = {}
     for s in r["reports"]:
-        for e in s["errors"]:
-            err(f"  {s['station']}: a unit failed: {e}")
+        for e, n in s["errors"].items():
+            failed[e] = failed.get(e, 0) + n
+    for e, n in sorted(failed.items(), key=lambda x: -x[1]):
+        err(f"  {n} unit(s) failed: {e}")
     if c is None:
         return err("(--local: no central record)")
     err(f"central lag (ended_at -> received_at) over {c['lag_rows']} attempts: p50 {c['lag_p50_s'] * 1000:.0f} ms, "
