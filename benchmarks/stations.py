@@ -203,7 +203,7 @@ def station_worker(args) -> None:
         unit = 0
         while (time.monotonic() - go < args.duration) if args.duration else (len(batches) < args.batches):
             for slot in bench.slots:  # a new blank board in every slot, with a MAC no other station uses
-                slot.device.swap(prof_mac(slot.device.chip.mac_oui, args.index, unit))
+                slot.device.swap(board_mac(slot.device.chip.mac_oui, args.index, unit))
                 unit += 1
             t0 = time.time()
             results = run_units([UnitJob(s.url, operator="bench") for s in bench.slots], ctx, lambda e: None)
@@ -233,7 +233,7 @@ def station_worker(args) -> None:
                       "push_times": timed.summary() if timed else None}), flush=True)
 
 
-def prof_mac(oui: bytes, station: int, unit: int) -> bytes:
+def board_mac(oui: bytes, station: int, unit: int) -> bytes:
     """Station index and unit number in the MAC: no two boards of the plant share one (the guard would refuse)."""
     return oui + bytes([station & 0xFF, (unit >> 8) & 0xFF, unit & 0xFF])
 
@@ -346,13 +346,18 @@ def check_central(url: str, configs: list[Path]) -> dict:
         problems, notes = verify(conn, trusted, chain_keys)
         verify_s = time.monotonic() - t0
         size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+        # PostgreSQL's side of every session (ended sessions flushed theirs): executing, or waiting for a station
+        active, idle_tx, commits = conn.execute(
+            "SELECT active_time, idle_in_transaction_time, xact_commit FROM pg_stat_database "
+            "WHERE datname = current_database()").fetchone()
     lags = [float(x) for x in lags]
     return {"lag_p50_s": quantile(lags, 0.5), "lag_p99_s": quantile(lags, 0.99), "lag_max_s": quantile(lags, 1.0),
             "lag_rows": len(lags), "central_attempts": rows, "central_passed": passed,
             "duplicate_serials": dup, "conflicts": len(found), "verify_problems": problems,
             "stations_verified": len(notes), "verify_s": verify_s,
             "entries_missing": {s: n - central.get(s, 0) for s, n in local.items() if n != central.get(s, 0)},
-            "central_db_mb": size / 1e6}
+            "central_db_mb": size / 1e6, "pg_active_s": active / 1000, "pg_idle_in_transaction_s": idle_tx / 1000,
+            "pg_commits": commits}
 
 
 # -- the outbox's cost on one station (benchmarks/line.py) ------------------------------------------------
@@ -438,6 +443,9 @@ def show(r: dict, c: dict | None, args) -> None:
         f"{pt['entries_per_round']:.1f} entries each) takes {ms3(pt['wall_s'])} of which the push thread's own CPU "
         f"{ms3(pt['cpu_s'])}, waiting for a core {ms3(pt['runq_s'])}; the rest is waiting for PostgreSQL's "
         f"answers and for the GIL")
+    err(f"  PostgreSQL's side, every session: executing statements {c['pg_active_s']:.1f} s in all, idle inside a "
+        f"transaction waiting for its station {c['pg_idle_in_transaction_s']:.1f} s; the push rounds took "
+        f"{sum(pt['wall_s']):.1f} s in all ({c['pg_commits']} commits)")
     err(f"central copy: {c['central_attempts']} attempts ({c['central_passed']} passed), {c['duplicate_serials']} "
         f"duplicate serials, {c['conflicts']} conflicts, {c['stations_verified']} stations verified with "
         f"{len(c['verify_problems'])} problems in {c['verify_s']:.2f} s, entries missing: {c['entries_missing'] or 'none'}")
