@@ -197,7 +197,8 @@ def station_worker(args) -> None:
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0  # as `station flash --virtual` sets it
         print(json.dumps({"ready": station.station_id}), flush=True)
-        sys.stdin.readline()  # the start signal: every station starts provisioning at once
+        if not sys.stdin.readline():  # the start signal: every station starts provisioning at once
+            return  # the benchmark is gone: no shift
         go, cpu0 = time.monotonic(), time.process_time()
         cpu.mark()
         unit = 0
