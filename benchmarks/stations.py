@@ -190,6 +190,8 @@ def station_worker(args) -> None:
     ctx = open_station(None, station=station, smoke="healthcheck")
     prof = ctx.profile
     timed = PushTimes(ctx.central) if ctx.central else None
+    if ctx.central and args.hold_push:
+        ctx.central.kick = lambda: None  # finishes wait for the close's push: the push's own effect, isolated
     bench = VirtualBench(args.ports, prof.chip, prof.board_flash_bytes(), control=False, realtime=False,
                          usb_serial_jtag=prof.connection == "usb-serial-jtag")
     batches, errors = [], []
@@ -213,7 +215,11 @@ def station_worker(args) -> None:
             batches.append({"start": t0, "end": time.time(), "passed": len(passed), "units": len(results),
                             "guard_ms": [1000 * r.durations.get("guard", 0) for r in passed],
                             "serial_ms": [1000 * r.durations.get("serial", 0) for r in passed],
-                            "record_ms": [1000 * r.durations.get("record", 0) for r in passed]})
+                            "record_ms": [1000 * r.durations.get("record", 0) for r in passed],
+                            # every step's seconds summed over the batch's passed units, and the slowest unit's cycle
+                            "steps_s": {k: round(sum(r.durations.get(k, 0) for r in passed), 3)
+                                        for k in (passed[0].durations if passed else {})},
+                            "slowest_s": max((sum(r.durations.values()) for r in passed), default=0.0)})
         write_checkpoint(ctx.record, station, "benchmark: end of shift")  # as an export would sign it
     finally:
         bench.close()
@@ -240,7 +246,7 @@ def board_mac(oui: bytes, station: int, unit: int) -> bytes:
 
 
 # -- the plant --------------------------------------------------------------------------------------------------
-def station_folder(root: Path, sid: str, url: str) -> Path:
+def station_folder(root: Path, sid: str, url: str, hold_push: bool = False) -> Path:
     """A station of its own: station.toml with [central] at the plant's database (its defaults otherwise).
 
     Without a url (--local) the station keeps its record alone: the same plant without the central record.
@@ -250,7 +256,8 @@ def station_folder(root: Path, sid: str, url: str) -> Path:
     profiles = REPO / "profiles"
     lines = [f'station_id = "{sid}"', 'database = "station.db"', f'profiles_dir = "{profiles}"',
              'default_profile = "relay"', 'key_file = "station.key"', 'signing_key = "var/station-ed25519.pem"',
-             *(["", "[central]", f'url = "{url}"'] if url else [])]
+             *(["", "[central]", f'url = "{url}"'] if url else []),
+             *(["push_interval_s = 3600"] if url and hold_push else [])]
     (d / "station.toml").write_text("\n".join(lines) + "\n")
     return d / "station.toml"
 
@@ -258,13 +265,15 @@ def station_folder(root: Path, sid: str, url: str) -> Path:
 def run_plant(args, url: str, root: Path, postmaster: int) -> dict:
     import psycopg
 
-    configs = [station_folder(root, f"st-{n:02d}", "" if args.local else url) for n in range(1, args.stations + 1)]
+    configs = [station_folder(root, f"st-{n:02d}", "" if args.local else url, args.hold_push)
+               for n in range(1, args.stations + 1)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "RELAY_VENDOR_TOKEN": TOKEN}
     env.pop("STATION_CONFIG", None)
     procs = []
     for n, cfg in enumerate(configs):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(cfg), "--index", str(n),
-               "--ports", str(args.ports), "--duration", str(args.duration), "--batches", str(args.batches)]
+               "--ports", str(args.ports), "--duration", str(args.duration), "--batches", str(args.batches),
+               *(["--hold-push"] if args.hold_push else [])]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=open(cfg.parent / "stderr.txt", "w"), text=True, cwd=cfg.parent, env=env))
     for p, cfg in zip(procs, configs):
@@ -428,6 +437,14 @@ def show(r: dict, c: dict | None, args) -> None:
         f"push threads {cpu['push_s']:.1f}), PostgreSQL {cpu['pg_s']:.1f} s, other processes (not this "
         f"benchmark) {cpu['others_s']:.0f} s; push {cpu['push_pct']:.2f} %, "
         f"PostgreSQL {cpu['pg_pct']:.2f} % of the machine's busy time; {r['connections']} client connections at most")
+    steps: dict[str, float] = {}
+    for s in r["reports"]:
+        for b in s["batches"]:
+            for k, v in b["steps_s"].items():
+                steps[k] = steps.get(k, 0.0) + v / max(1, r["passed"])
+    err("a passed unit's steps, mean s: " + ", ".join(f"{k} {v:.2f}" for k, v in steps.items()) +
+        f" (cycle {sum(steps.values()):.2f}); a batch lasts as long as its slowest unit: mean "
+        f"{statistics.mean(b['slowest_s'] for s in r['reports'] for b in s['batches']):.1f} s")
     failed: dict[str, int] = {}
     for s in r["reports"]:
         for e, n in s["errors"].items():
@@ -495,6 +512,8 @@ def main() -> None:
                     help="seconds instead of --batches: no station starts a batch after this")
     ap.add_argument("--local", action="store_true",
                     help="the same plant without [central] (each station alone): the baseline of the outbox's cost")
+    ap.add_argument("--hold-push", action="store_true",
+                    help="with [central], push only at the end of the shift (the guard and leases as usual)")
     ap.add_argument("--line-rounds", type=int, default=1, help="line.py runs each way (0: none)")
     ap.add_argument("--no-line", action="store_true", help="skip the outbox's cost on one station")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # a station process of the plant (its station.toml)
