@@ -32,7 +32,7 @@ Some units fail on a 2-core machine this loaded (with or without [central]): the
 counted, and their errors printed; the exit status is 1 only when the central copy is
 wrong (a duplicate serial, a conflict, a chain that does not verify, an entry missing).
 
-    python benchmarks/stations.py [--stations 8] [--ports 16] [--batches 3 | --duration S] [--local]
+    python benchmarks/stations.py [--stations 8] [--ports 16] [--batches 3 | --duration S] [--local | --hold-push]
                                   [--line-rounds 1] [--no-line]
 """
 
