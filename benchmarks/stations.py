@@ -426,7 +426,8 @@ def show(r: dict, c: dict | None, args) -> None:
         f"{'push':>5} {'guard ms':>13} {'start ms':>13} {'finish ms':>11} {'close s':>7}")
     for s in r["reports"]:
         b, t = s["batches"], s["threads_cpu_s"]
-        avg = lambda k, bs: statistics.mean(x for bb in bs for x in bb[k]) if any(bb[k] for bb in bs) else float("nan")  # noqa: E731
+        avg = lambda k, bs: statistics.mean(  # noqa: E731
+            x for bb in bs for x in bb[k]) if any(bb[k] for bb in bs) else float("nan")
         two = lambda k: f"{avg(k, b[:1]):.0f}/{avg(k, b[1:]):.0f}"  # noqa: E731
         err(f"{s['station']:<8} {len(b):>7} {sum(x['passed'] for x in b):>6} {s['cpu_s']:>6.1f} "
             f"{t.get('boards', 0):>6.1f} {t.get('units', 0):>6.1f} {t.get('main', 0):>5.1f} {t.get('push', 0):>5.2f} "
@@ -466,7 +467,8 @@ def show(r: dict, c: dict | None, args) -> None:
         f"{sum(pt['wall_s']):.1f} s in all ({c['pg_commits']} commits)")
     err(f"central copy: {c['central_attempts']} attempts ({c['central_passed']} passed), {c['duplicate_serials']} "
         f"duplicate serials, {c['conflicts']} conflicts, {c['stations_verified']} stations verified with "
-        f"{len(c['verify_problems'])} problems in {c['verify_s']:.2f} s, entries missing: {c['entries_missing'] or 'none'}")
+        f"{len(c['verify_problems'])} problems in {c['verify_s']:.2f} s, entries missing: "
+        f"{c['entries_missing'] or 'none'}")
 
 
 def show_line(line: dict) -> None:
@@ -550,8 +552,8 @@ def main() -> None:
            "units_per_hour": round(r["uph"]), "cpu": {k: round(v, 2) for k, v in r["cpu"].items()},
            "max_client_connections": r["connections"],
            "push": {k: v for k, v in r["push"].items() if not k.endswith("_s")},
-           "stations_detail": [{k: v for k, v in s.items() if k not in ("batches", "push_times")} | {"batches": len(s["batches"])}
-                               for s in r["reports"]],
+           "stations_detail": [{k: v for k, v in s.items() if k not in ("batches", "push_times")}
+                               | {"batches": len(s["batches"])} for s in r["reports"]],
            "central": c, "outbox_on_one_station": line}
     print(json.dumps(doc, default=str))
     bad = c is not None and (c["duplicate_serials"] or c["conflicts"] or c["verify_problems"] or c["entries_missing"])
