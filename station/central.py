@@ -247,12 +247,10 @@ class Central:
 
     # -- connections ---------------------------------------------------------------------------
     def connect(self, statement_timeout: bool = False) -> psycopg.Connection:
-        """A connection; with `statement_timeout` every statement on it is bounded by timeout_s (the guard's)."""
+        """A connection; with `statement_timeout` every statement after the migrations is bounded by timeout_s."""
         timeout = self.settings.timeout_s
-        # set at connect, not per query: the guard is one round trip, and 16 units queue on one connection
-        bounded = {"options": f"-c statement_timeout={int(timeout * 1000)}"} if statement_timeout else {}
         try:
-            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=max(1, round(timeout)), **bounded,
+            conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=max(1, round(timeout)),
                                    application_name=f"station {self.station_id}"[:63],
                                    # a dead link fails a query instead of hanging it (Linux TCP_USER_TIMEOUT)
                                    tcp_user_timeout=int(timeout * 1000), keepalives_idle=max(1, int(timeout)),
@@ -266,6 +264,14 @@ class Central:
                 conn.close()
                 raise self._error(exc, "preparing its schema") from None
             self._migrated = True
+        if statement_timeout:
+            # once per connection, not per query (the guard is one round trip; 16 units queue on this
+            # connection); a session setting, not a startup option, which poolers such as PgBouncer refuse
+            try:
+                conn.execute("SELECT set_config('statement_timeout', %s, false)", [str(int(timeout * 1000))])
+            except psycopg.Error as exc:
+                conn.close()
+                raise self._error(exc, "connecting") from None
         return conn
 
     def _error(self, exc: Exception, doing: str) -> CentralError:
