@@ -303,7 +303,9 @@ class Central:
         self.state.online = False
         if not isinstance(exc, CentralError):
             self.state.last_error = " ".join(str(exc).split())
-        self._down_until = time.monotonic() + self.settings.retry_s
+        now = time.monotonic()
+        if now >= self._down_until:  # a refusal of the open circuit is no new failure: it must not keep it open
+            self._down_until = now + self.settings.retry_s
 
     # -- the plant-wide guard ------------------------------------------------------------------------
     def passed_anywhere(self, mac: str) -> GuardAnswer:

@@ -24,7 +24,7 @@ from station.central import Central, CentralConflict, CentralError, conflicts, m
 from station.config import CentralSettings, StationConfig
 from station.events import StepStarted
 from station.pipeline import UnitJob
-from station.record import Attempt, Outcome, Record, SerialPlan, now_iso, station_key
+from station.record import Attempt, Outcome, Record, RecordError, SerialPlan, now_iso, station_key
 from station.runner import open_station, run_units
 from tests.conftest import wait_until
 from tests.station.conftest import REPO, TOKEN, json_lines, run_station
@@ -445,3 +445,21 @@ def test_every_query_of_the_station_is_bounded_by_the_timeout_from_the_first_one
     finally:
         holder.close()
         rec.close()
+
+
+def test_a_lease_wanted_while_the_database_was_down_does_not_keep_the_push_from_catching_up(tmp_path, pg_own):
+    """The push thread leases what was asked before it pushes; while the station waits out retry_s, that lease is
+    refused at once: the refusal must not restart the wait, or a station kicked often never pushes again."""
+    rec = _record(tmp_path, "s1")
+    c = Central(_settings(pg_own.url(), retry_s=0.3), None, rec, "s1")
+    try:
+        pg_own.stop()
+        assert c.passed_anywhere("aa:00:00:00:00:01").where == "local only"  # the station now waits retry_s
+        with pytest.raises(RecordError):
+            c.need_serials("relay:X-", 99999)  # none left, none to be had: asked of the push thread too
+        c.start()
+        pg_own.start()
+        wait_until(lambda: c.state.online and c.state.leases and _central_count(pg_own.url(), "s1") == _local_count(rec),
+                   "the push thread leases and pushes again", poke=c.kick)  # every finished unit kicks it
+    finally:
+        c.close(), rec.close()
