@@ -163,7 +163,7 @@ class GuardAnswer:
 
 @dataclass
 class PushState:
-    online: bool = False
+    online: bool | None = None  # None until the first push or query says
     last_error: str = ""
     pushed: int = 0  # entries this process pushed
     last_push: float = 0.0  # monotonic time of the last push that reached the database
@@ -381,6 +381,7 @@ class Central:
                     break
             self.state.pushed += total
             self.state.online, self.state.last_error = True, ""
+            self._down_until = 0.0  # reached again: the guard asks the central record at once
             self.state.last_push = time.monotonic()
             return total
         except psycopg.Error as exc:
@@ -456,6 +457,14 @@ class Central:
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"central-push-{self.station_id}")
         self._thread.start()
         return self
+
+    def words(self) -> tuple[str, bool]:
+        """For the operator: what the central record is to this station now, and whether that is a warning."""
+        if self.state.online is None:
+            return "central: connecting", False
+        if self.state.online:
+            return "central: online", False
+        return "CENTRAL OFFLINE: duplicate check on this station only, serials from its block", True
 
     def kick(self) -> None:
         """Something was recorded: push soon."""

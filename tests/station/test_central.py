@@ -408,3 +408,26 @@ def test_migrations_apply_once_whoever_connects_first(pg_url):
             done = list(pool.map(migrate, (a, b)))
         assert sorted(len(d) for d in done) == [0, 1]
         assert migrate(a) == []
+
+
+def test_the_operator_sees_when_the_central_record_is_out_of_reach(tmp_path, pg_own):
+    from station.tui import StationApp
+    from tests.station.test_tui import header_text, run, until
+
+    cfg = make_station(tmp_path, "line-e", pg_own.url(), block_size=20)
+    os.environ["RELAY_VENDOR_TOKEN"] = TOKEN
+    with VirtualBench(1, "esp32", run_dir=tmp_path / "run") as bench:
+        app = StationApp(open_station(station=StationConfig.load(cfg)), [bench.slots[0].url], operator="Anna",
+                         poll_interval=0.1)
+
+        async def go():
+            async with app.run_test(size=(160, 45)) as pilot:
+                await until(pilot, lambda: app.line.slots[0].status == "passed")
+                await until(pilot, lambda: "central: online" in header_text(app))
+                pg_own.stop()
+                app.line.ctx.central.kick()
+                await until(pilot, lambda: "CENTRAL OFFLINE" in header_text(app))
+                pg_own.start()
+                app.line.ctx.central.kick()
+                await until(pilot, lambda: "central: online" in header_text(app))
+        run(go())
