@@ -36,7 +36,8 @@ def make_station(root: Path, sid: str, url: str, **central) -> Path:
     """A station folder of its own: station.toml with [central], the example profile, its own keys."""
     d = root / sid
     shutil.copytree(REPO / "profiles" / "relay", d / "profiles" / "relay")
-    settings = {"url": url, "block_size": 3, "low_water": 1, "timeout_s": 1.0, "push_interval_s": 0.2,
+    # a generous guard timeout: a loaded test machine must not turn a central answer into "local only"
+    settings = {"url": url, "block_size": 3, "low_water": 1, "timeout_s": 10.0, "push_interval_s": 0.2,
                 "retry_s": 0.5, **central}
     lines = [f'station_id = "{sid}"', 'database = "station.db"', 'profiles_dir = "profiles"',
              'default_profile = "relay"', 'key_file = "station.key"', 'signing_key = "station-ed25519.pem"',
@@ -258,7 +259,7 @@ def test_an_exhausted_block_without_the_central_database_refuses_before_the_boar
 
 # -- the outbox, leases and verify, in one process ---------------------------------------------------------
 def _settings(url: str, **kw) -> CentralSettings:
-    return CentralSettings(**{"url": url, "block_size": 5, "low_water": 1, "timeout_s": 1.0, "push_interval_s": 0.1,
+    return CentralSettings(**{"url": url, "block_size": 5, "low_water": 1, "timeout_s": 10.0, "push_interval_s": 0.1,
                               "retry_s": 0.3, **kw})
 
 
