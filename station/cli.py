@@ -485,12 +485,13 @@ def _open_profile(args: argparse.Namespace):
 
 def cmd_profile_check(args: argparse.Namespace) -> int:
     from station.profile import check_profile
+    from station.serials import SerialPattern
 
     opened = _open_profile(args)
     if opened is Exit.USAGE:
         return opened
     station, prof = opened
-    problems = check_profile(prof, store_path=station.secrets_file)
+    problems = check_profile(prof, store_path=station.secrets_file, station_id=station.station_id)
     for p in problems:
         _err(str(p))
     if problems:
@@ -498,6 +499,11 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
         return Exit.USAGE
     print(f"profile {prof.name!r} is ready: {prof.chip}, firmware {prof.firmware_version()}, "
           f"{len(prof.regions)} regions, config hash {prof.content_hash[:16]} ({prof.origin} {prof.path.resolve()})")
+    if prof.serial_pattern:
+        pattern, today = SerialPattern.parse(prof.serial_pattern), datetime.now()
+        first, last = (pattern.render(n, today, station.station_id) for n in (1, pattern.max_seq))
+        on = f" on station {station.station_id!r}" if pattern.uses_station else ""
+        print(f"  serials today{on}: {first!r} to {last!r} (pattern {prof.serial_pattern!r})")
     return Exit.OK
 
 
@@ -527,7 +533,7 @@ def cmd_profile_new(args: argparse.Namespace) -> int:
     try:
         prof = load_profile(path)
         # an unset token is the next step, not a fault of the new profile
-        problems = [p for p in check_profile(prof, store_path=station.secrets_file)
+        problems = [p for p in check_profile(prof, store_path=station.secrets_file, station_id=station.station_id)
                     if not p.field.startswith("secrets.")]
     except ConfigError as exc:
         problems = getattr(exc, "problems", None) or [exc]

@@ -34,7 +34,7 @@ from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFini
 from .profile import Problem, Profile, ProfileError, read_region
 from .record import Attempt, Outcome, Record, RecordError, SerialPlan, fingerprint, now_iso
 from .secrets import NO_SECRETS, Redactor
-from .serials import SerialPattern
+from .serials import SerialPattern, SerialPatternError
 from .smoke import (FactoryAccounts, UnitAccount, UnitAccounts, healthcheck, make_reach, pair_and_wait, soak,
                     wait_for_address)
 
@@ -316,11 +316,16 @@ def reserve_serial(run: UnitRun) -> None:
     if run.job.serial or run.plant_serial:
         plan = SerialPlan(given=run.job.serial or run.plant_serial)
     elif profile.serial_pattern:
-        pattern = SerialPattern.parse(profile.serial_pattern)
-        plan = SerialPlan(counter=f"{profile.name}:{pattern.counter_name(now)}",
-                          render=lambda seq: pattern.render(seq, now), max_value=pattern.max_seq)
+        pattern, station = SerialPattern.parse(profile.serial_pattern), run.ctx.station.station_id
+        try:
+            counter = pattern.counter_name(now, station)
+        except SerialPatternError as exc:  # open_station refuses this before any unit; the Python API may not
+            raise StationFault(str(exc), "call the station's engineer: fix station.toml's station_id or the "
+                               "profile's serial pattern; no board was touched") from None
+        plan = SerialPlan(counter=f"{profile.name}:{counter}", render=lambda seq: pattern.render(seq, now, station),
+                          max_value=pattern.max_seq)
         if run.ctx.central is not None:  # a serial block for today, and tomorrow's leased ahead
-            tomorrow = f"{profile.name}:{pattern.counter_name(now + timedelta(days=1))}"
+            tomorrow = f"{profile.name}:{pattern.counter_name(now + timedelta(days=1), station)}"
             run.ctx.central.need_serials(plan.counter, plan.max_value,
                                          (tomorrow,) if tomorrow != plan.counter else ())
     else:

@@ -567,8 +567,8 @@ def read_region(r: Region, pin_note: str = "") -> tuple[bytes | None, Problem | 
 
 
 def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
-                  store_path: Path | None = None) -> list[Problem]:
-    """Everything that can be checked without a device. An empty list means ready."""
+                  store_path: Path | None = None, station_id: str | None = None) -> list[Problem]:
+    """Everything that can be checked without a device (on station `station_id`). An empty list means ready."""
     problems: list[Problem] = []
     f = str(profile.path)
     chip = chip_facts(profile.chip)
@@ -629,7 +629,7 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
         problems += _check_config(profile, parts)
         if app is not None and app.offset in images:
             problems += _check_firmware_reads(profile, read_manifest(images[app.offset][:MANIFEST_SPAN]))
-    problems += _check_serial(profile)
+    problems += _check_serial(profile, station_id)
     secrets, secret_problems = resolve_secrets(profile, env, store_path)
     problems += secret_problems
     for k in profile.keys:
@@ -705,19 +705,22 @@ def _check_firmware_reads(profile: Profile, manifest: object) -> list[Problem]:
     return problems
 
 
-def _check_serial(profile: Profile) -> list[Problem]:
-    """The longest serial the pattern gives fits the config key that carries it."""
+def _check_serial(profile: Profile, station_id: str | None) -> list[Problem]:
+    """The longest serial the pattern gives (with this station's id) fits the config key that carries it."""
     if not profile.serial_pattern:
         return []
     f = str(profile.path)
     try:
         pattern = SerialPattern.parse(profile.serial_pattern)
+        longest = pattern.longest(station_id)
     except SerialPatternError as exc:
         return [Problem(f, "serial.pattern", str(exc))]
-    longest = pattern.longest()
     n = len(longest.encode())
+    # a station id has no fixed width: the serial is checked on the station that runs it, and named
+    on, fix = ((f" on station {station_id!r}, station.toml station_id, {len(station_id.encode())} bytes",
+                ": shorten the station id or the pattern") if pattern.uses_station else ("", ""))
     return [Problem(f, "serial.pattern", f"gives serials up to {n} bytes ({longest!r} at the counter's maximum "
-                    f"{pattern.max_seq}); config.keys[{i}] ({k.key}) holds at most {k.max_length}")
+                    f"{pattern.max_seq}{on}); config.keys[{i}] ({k.key}) holds at most {k.max_length}{fix}")
             for i, k in enumerate(profile.keys) if k.unit == "serial" and k.max_length and n > k.max_length]
 
 

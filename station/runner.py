@@ -38,7 +38,7 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
     prof = load_profile(profile or station.default_profile, station.profiles_dir)
     if baud:
         prof = dataclasses.replace(prof, baud=baud)  # the content hash stays the profile file's
-    problems = check_profile(prof, env, station.secrets_file)
+    problems = check_profile(prof, env, station.secrets_file, station.station_id)
     if problems:
         raise ProfileError(problems)
     secrets, _ = resolve_secrets(prof, env, station.secrets_file)
