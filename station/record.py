@@ -938,6 +938,7 @@ class Record:
         latest: dict[str, dict] = {}  # attempt uid -> its latest entry
         units: dict[str, tuple[dict, dict]] = {}  # mac -> (unit row as last journaled, entry)
         counters: dict[str, tuple[int, dict]] = {}
+        blocks: dict[tuple[str, int], tuple[dict, dict]] = {}  # serial blocks leased centrally
         checkpoints = self.checkpoints() + list(extra_checkpoints)
         signed_at = {cp["last_id"] for cp in checkpoints}
         by_id: dict[int, dict] = {}  # only the entries a checkpoint names: memory stays flat
@@ -963,6 +964,8 @@ class Record:
             body = json.loads(e["body"])
             if e["kind"] == "counter":
                 counters[body["name"]] = (body["value"], e)
+            elif e["kind"] == "block":
+                blocks[(body["counter"], body["first"])] = (body, e)
             elif e["kind"] not in ("admin", "unit", "block"):
                 latest[e["attempt_uid"]] = e
             if e["unit"]:
@@ -971,6 +974,7 @@ class Record:
         problems += self._check_attempts(latest, broken)
         problems += self._check_units(units, broken)
         problems += self._check_counters(counters, broken)
+        problems += self._check_blocks(blocks, broken)
         problems += self._check_checkpoints(checkpoints, by_id, trusted)
         return problems
 
@@ -1029,6 +1033,20 @@ class Record:
                                 "the station's back")
         for name, (value, e) in counters.items():
             problems.append(f"serial counter {name!r} was deleted (journal entry {e['id']} set it to {value})")
+        return problems
+
+    def _check_blocks(self, blocks: dict[tuple[str, int], tuple[dict, dict]], broken: set[str]) -> list[str]:
+        if broken:
+            return []
+        problems = []
+        for row in self.db().query("select * from blocks order by id"):
+            journaled = blocks.pop((row["counter"], row["first"]), None)
+            if journaled is None or any(row[k] != v for k, v in journaled[0].items()):
+                problems.append(f"serial block {row['first']}-{row['last']} of {row['counter']!r} is not what the "
+                                "journal recorded when it was leased: it was inserted or widened behind the "
+                                "station's back (serials another station holds could be issued twice)")
+        for (counter, first), (body, e) in blocks.items():
+            problems.append(f"serial block {first}-{body['last']} of {counter!r} was deleted (journal entry {e['id']})")
         return problems
 
     @staticmethod

@@ -432,3 +432,19 @@ def test_the_operator_sees_when_the_central_record_is_out_of_reach(tmp_path, pg_
                 app.line.ctx.central.kick()
                 await until(pilot, lambda: "central: online" in header_text(app))
         run(go())
+
+
+def test_a_serial_block_widened_behind_the_stations_back_shows_in_db_verify(tmp_path, pg_url):
+    rec = _record(tmp_path, "s1")
+    c = Central(_settings(pg_url), None, rec, "s1")
+    try:
+        _unit(rec, c, "aa:00:00:00:00:01")
+        assert rec.verify_chain() == []
+        with rec.atomic() as conn:  # someone with the database file gives the station more serials
+            conn.execute("update blocks set last = last + 1000")
+        assert any("widened behind the station's back" in p for p in rec.verify_chain())
+        with rec.atomic() as conn:
+            conn.execute("delete from blocks")
+        assert any("was deleted" in p for p in rec.verify_chain())
+    finally:
+        c.close(), rec.close()
