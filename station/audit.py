@@ -397,7 +397,11 @@ def verify(data: Path, trust: TrustStore | None = None, pubkey_pem: bytes | None
         raise AuditError(f"{data.name}: SHA-256 {sha} is not the manifest's {manifest['sha256']}: the data file "
                          "was altered")
     if manifest.get("scope") == "central":
-        notes = _check_central(data, manifest, trust)
+        try:
+            notes = _check_central(data, manifest, trust)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # signed, yet not what an export writes
+            raise AuditError(f"{mpath.name}: not a central export's manifest or journal ({type(exc).__name__}: "
+                             f"{exc})") from None
     elif "journal" in manifest:
         notes = _check_segment(data, manifest)
     elif manifest.get("kind") == "merge":

@@ -691,10 +691,11 @@ def _verify_exports(args, trust) -> int:
         m = v.manifest
         how = ("pinned for this station" if v.pinned else
                "ONE-OFF check with --pubkey: the key is not pinned, compare its fingerprint with the published one")
-        print(f"verified: {path} ({m['rows']} rows, station {m['station_id']}, sha256 {m['sha256'][:16]}…, "
-              f"signed by key {v.fingerprint} — {how})")
+        # what a manifest says (station ids, times) is the exporter's text: data, never control sequences
+        _out(f"verified: {path} ({m['rows']} rows, station {m['station_id']}, sha256 {m['sha256'][:16]}…, "
+             f"signed by key {v.fingerprint} — {how})")
         for note in v.notes:
-            print(f"  {note}")
+            _out(f"  {note}")
         done.append(v)
     for gap in check_series(done):
         _err(f"NOT VERIFIED: {gap}")
