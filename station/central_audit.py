@@ -20,7 +20,8 @@ The shape is a station export's (station/audit.py), widened to several chains, a
   `row_hash` of its latest entry, as in a station export.
 - **The journal** is one file: each station's segment of its central chain since the
   previous central export (the first: from the genesis), each entry with its station id
-  and `seq`. Per station the manifest states `after_seq`, `from_hash`, `entries`, `head`
+  and `seq` — every station's, whatever the filters (they narrow the rows; the series
+  covers the whole copy, or a filtered export would leave the next one a gap). Per station the manifest states `after_seq`, `from_hash`, `entries`, `head`
   and the latest station-signed checkpoint inside the segment, with its signature: the
   station's own key then vouches for its entries up to that checkpoint, the exporter's
   for the rest.

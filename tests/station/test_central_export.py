@@ -310,3 +310,45 @@ def test_a_central_copy_edited_in_postgresql_is_refused_at_export(tmp_path, pg_u
 
     rc, _, err = export(capsys, cfg, out)  # the copy put back as the station recorded it: exported
     assert rc == 0, err
+
+
+def test_boards_flashed_at_two_stations_export_centrally_with_the_rows_each_station_recorded(tmp_path, pg_url, capsys,
+                                                                                             monkeypatch):
+    from flashing.virtual.bench import VirtualBench
+    from tests.station.conftest import TOKEN, json_lines
+
+    monkeypatch.setenv("RELAY_VENDOR_TOKEN", TOKEN)
+    a, b = make_station(tmp_path, "line-a", pg_url), make_station(tmp_path, "line-b", pg_url)
+    with VirtualBench(4, "esp32", run_dir=tmp_path / "run") as bench:
+        passed = {}
+        for cfg, slots in ((a, bench.slots[:2]), (b, bench.slots[2:])):
+            rc, out, err = run_station(capsys, "flash", "--config", str(cfg), *sum((["--port", s.url] for s in slots),
+                                                                                     []), "--json")
+            assert rc == 0, err
+            passed.update({e["mac"]: e["serial"] for e in json_lines(out) if e["event"] == "unit_finished"})
+    cfg = make_station(tmp_path, "office", pg_url)
+    trust = TrustStore.for_station(StationConfig.load(cfg))
+    for station in (a, b):
+        s = StationConfig.load(station)
+        trust.trust(s.station_id, public_pem(signing_key(s.signing_key)))
+    units, attempts = tmp_path / "units.csv", tmp_path / "attempts.jsonl"
+    rc, _, err = export(capsys, cfg, attempts, "--outcome", "any")
+    assert rc == 0, err
+    rc, _, err = export(capsys, cfg, units)
+    assert rc == 0, err
+    rc, out, err = verify(capsys, cfg, attempts, units)
+    assert rc == 0, err
+    assert "4 rows equal their latest journal entries" in out and out.count("is signed by its pinned key") == 2
+    assert {r["mac"]: r["serial"] for r in read_rows(units, "csv")} == passed
+    # each row is what its station's own record holds, cell for cell
+    for station in (a, b):
+        s = StationConfig.load(station)
+        rec = Record(s.database, station_key(s.key_file), station_id=s.station_id)
+        try:
+            local = {r["uid"]: r for r in rec.attempts(100)}
+        finally:
+            rec.close()
+        central = [r for r in read_rows(attempts, "jsonl") if r["station_id"] == s.station_id]
+        assert len(central) == len(local) == 2
+        for row in central:
+            assert {k: row[k] for k in row} == {k: local[row["uid"]].get(k) for k in row}, row["uid"]
