@@ -352,3 +352,42 @@ def test_boards_flashed_at_two_stations_export_centrally_with_the_rows_each_stat
         assert len(central) == len(local) == 2
         for row in central:
             assert {k: row[k] for k in row} == {k: local[row["uid"]].get(k) for k in row}, row["uid"]
+
+
+def test_two_machines_exporting_at_once_make_one_series(tmp_path, pg_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from station.audit import ExportFilter
+    from station.central import migrate
+    from station.central_audit import _EXPORT_LOCK
+    from station.central_audit import export as central_export
+    from tests.conftest import wait_until
+
+    one = Line(tmp_path, "line-1", pg_url)
+    try:
+        one.unit(mac(1))
+        one.ship()
+    finally:
+        one.close()
+    trusted = {"line-1": [one.key.public_key()]}
+
+    def run(tag: str):
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            return central_export(conn, tmp_path / f"{tag}.csv", "csv", ExportFilter(), tag,
+                                  signing_key(tmp_path / f"{tag}.pem"), trusted)
+
+    with psycopg.connect(pg_url, autocommit=True) as holder, ThreadPoolExecutor(2) as pool:
+        migrate(holder)
+        holder.execute("SELECT pg_advisory_lock(%s)", [_EXPORT_LOCK])
+        try:  # both exports start while the lock is held: each must wait for it, then read the other's
+            futures = [pool.submit(run, tag) for tag in ("qa-1", "qa-2")]
+            wait_until(lambda: holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT "
+                                              "granted").fetchone()[0] == 2, "both exports wait for the export lock")
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(%s)", [_EXPORT_LOCK])
+        manifests = sorted((f.result(timeout=60) for f in futures), key=lambda m: m["central"]["number"])
+    first, second = manifests
+    assert [first["central"]["number"], second["central"]["number"]] == [1, 2]
+    body = (tmp_path / f"{first['station_id']}.csv.manifest.json").read_bytes()
+    assert second["previous_export"]["manifest_sha256"] == hashlib.sha256(body).hexdigest()
+    assert second["journal"]["stations"]["line-1"]["after_seq"] == first["journal"]["stations"]["line-1"]["entries"]
