@@ -391,3 +391,24 @@ def test_two_machines_exporting_at_once_make_one_series(tmp_path, pg_url):
     body = (tmp_path / f"{first['station_id']}.csv.manifest.json").read_bytes()
     assert second["previous_export"]["manifest_sha256"] == hashlib.sha256(body).hexdigest()
     assert second["journal"]["stations"]["line-1"]["after_seq"] == first["journal"]["stations"]["line-1"]["entries"]
+
+
+def test_without_a_reachable_central_record_nothing_is_exported_and_the_password_never_shows(tmp_path, capsys,
+                                                                                            monkeypatch):
+    import socket
+
+    from tests.station.test_central import PASSWORD_IN_TEST
+
+    alone = tmp_path / "alone.toml"
+    alone.write_text('station_id = "alone"\n')
+    rc, _, err = export(capsys, alone, tmp_path / "x.csv")
+    assert rc == 2 and "no [central] url" in err
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = make_station(tmp_path, "office", f"postgresql://station@127.0.0.1:{port}/plant")
+    monkeypatch.setenv("STATION_CENTRAL_PASSWORD", PASSWORD_IN_TEST)
+    rc, out, err = export(capsys, cfg, tmp_path / "x.csv")
+    assert rc == 3 and f"127.0.0.1:{port}/plant" in err and "out of reach" in err
+    assert PASSWORD_IN_TEST not in out + err
+    assert not list(tmp_path.glob("x.csv*"))
