@@ -132,6 +132,22 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             leased_at timestamptz NOT NULL DEFAULT now()
         );
     """),
+    # central exports (station/central_audit.py): the series they form, so the next one names its predecessor
+    ("c002_central_exports", """
+        CREATE TABLE central_identity (
+            id text PRIMARY KEY DEFAULT gen_random_uuid()::text,  -- names this central copy's export series
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        INSERT INTO central_identity DEFAULT VALUES;
+        CREATE TABLE central_exports (
+            number bigint PRIMARY KEY,                  -- 1, 2, ...: the place in the series
+            manifest_sha256 text NOT NULL UNIQUE,
+            station_id text NOT NULL,                   -- the machine that signed it
+            exported_at text NOT NULL,
+            heads jsonb NOT NULL,                       -- station id -> {"seq", "head"}: where each segment ended
+            recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+    """),
 )
 _MIGRATION_LOCK = 0x5354_4E43  # "STNC": the advisory lock id of the schema's migrations
 
