@@ -448,3 +448,24 @@ def test_a_serial_block_widened_behind_the_stations_back_shows_in_db_verify(tmp_
         assert any("was deleted" in p for p in rec.verify_chain())
     finally:
         c.close(), rec.close()
+
+
+def test_entries_pushed_under_another_stations_id_stop_its_push_and_fail_its_verify(tmp_path, pg_url):
+    rec = _record(tmp_path, "s1")
+    c = Central(_settings(pg_url), None, rec, "s1")
+    try:
+        _unit(rec, c, "aa:00:00:00:00:01")
+        c.push()
+        with psycopg.connect(pg_url, autocommit=True) as conn:  # someone with the database password, as s1
+            n, head = conn.execute("SELECT entries, head FROM stations WHERE station_id = 's1'").fetchone()
+            conn.execute("INSERT INTO journal (station_id, seq, local_id, kind, attempt_uid, at, body, unit, prev_hash, "
+                         "entry_hash) VALUES ('s1', %s, 999, 'recorded', 'forged', '2026-01-01', '{}', NULL, %s, %s)",
+                         [n + 1, head, "f" * 64])
+            conn.execute("UPDATE stations SET entries = entries + 1, head = %s WHERE station_id = 's1'", ["f" * 64])
+            problems, _ = verify(conn, None, {"s1": rec._chain_key})
+            assert any("is not what the station recorded" in p for p in problems)
+        _unit(rec, c, "aa:00:00:00:00:02")
+        with pytest.raises(CentralConflict):
+            c.push()
+    finally:
+        c.close(), rec.close()
