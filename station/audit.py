@@ -416,14 +416,20 @@ def _cell(v) -> str:
     return "" if v is None else str(v)
 
 
-def _check_segment(data: Path, manifest: dict) -> list[str]:
-    """The journal segment: the manifest's file, linked, from the previous export to the signed head."""
+def _journal_file(data: Path, manifest: dict) -> tuple[dict, Path]:
+    """The manifest's journal part and its file, which must be there with the SHA-256 the manifest states."""
     j = manifest["journal"]
     jpath = data.with_name(j["file"])
     if not jpath.exists():
         raise AuditError(f"missing {jpath}: the export's journal segment")
     if _sha256_file(jpath) != j["sha256"]:
         raise AuditError(f"{jpath.name}: its SHA-256 is not the manifest's: the journal segment was altered")
+    return j, jpath
+
+
+def _check_segment(data: Path, manifest: dict) -> list[str]:
+    """The journal segment: the manifest's file, linked, from the previous export to the signed head."""
+    j, jpath = _journal_file(data, manifest)
     prev, last_id, n = j["from_hash"], j["after_id"], 0
     latest: dict[str, dict] = {}
     for e in read_rows(jpath, "jsonl"):
@@ -431,7 +437,7 @@ def _check_segment(data: Path, manifest: dict) -> list[str]:
         if e["prev_hash"] != prev or e["id"] <= last_id:
             raise AuditError(f"{jpath.name}: entry {e['id']} does not follow the entry before it")
         prev, last_id = e["entry_hash"], e["id"]
-        if e["kind"] not in ("counter", "admin", "unit", "block"):
+        if e["kind"] not in _NOT_ATTEMPTS:
             latest[e["entry_hash"]] = json.loads(e["body"])
     if n != j["entries"] or prev != manifest["chain_head"]:
         raise AuditError(f"{jpath.name}: the segment does not end at the signed head {manifest['chain_head'][:16]}…")
@@ -459,12 +465,7 @@ _NOT_ATTEMPTS = ("counter", "admin", "unit", "block")  # entry kinds that carry 
 
 def _check_central(data: Path, manifest: dict, trust: TrustStore | None) -> list[str]:
     """A central export's journal: each station's segment linked and counted, its checkpoint, the rows' entries."""
-    j = manifest["journal"]
-    jpath = data.with_name(j["file"])
-    if not jpath.exists():
-        raise AuditError(f"missing {jpath}: the export's journal segments")
-    if _sha256_file(jpath) != j["sha256"]:
-        raise AuditError(f"{jpath.name}: its SHA-256 is not the manifest's: the journal file was altered")
+    j, jpath = _journal_file(data, manifest)
     stations: dict[str, dict] = j["stations"]
     at = {sid: [s["from_hash"], s["after_seq"], 0] for sid, s in stations.items()}  # prev hash, seq, count
     marks = {sid: s["checkpoint"]["entries"] for sid, s in stations.items() if s.get("checkpoint")}
@@ -558,30 +559,31 @@ def check_series(done: list[Verified]) -> list[str]:
         if v.manifest.get("scope") == "central":
             central.setdefault(v.manifest["central"]["series"], []).append(v)
     for series in central.values():  # one series per central copy, whoever exported
-        series.sort(key=lambda v: v.manifest["central"]["number"])
-        for a, b in zip(series, series[1:]):
-            prev = b.manifest.get("previous_export") or {}
-            if prev.get("manifest_sha256") == a.manifest_sha256:
-                continue
-            if prev.get("number", -1) > a.manifest["central"]["number"]:
-                problems.append(f"gap: central export {prev.get('number')} (at {prev.get('at')}, manifest "
-                                f"{str(prev.get('manifest_sha256'))[:16]}…) between {a.path.name} and {b.path.name} "
-                                "is not among these files: its journal segments are missing")
-            else:
-                problems.append(f"{b.path.name} does not follow {a.path.name}: the two central exports do not chain")
+        problems += _unchained(
+            series, "number", lambda v: v.manifest["central"]["number"],
+            lambda a, b, prev: f"gap: central export {prev.get('number')} (at {prev.get('at')}, manifest "
+                               f"{str(prev.get('manifest_sha256'))[:16]}…) between {a.path.name} and {b.path.name} "
+                               "is not among these files: its journal segments are missing",
+            lambda a, b: f"{b.path.name} does not follow {a.path.name}: the two central exports do not chain")
     for station, series in by_chain.items():
-        series.sort(key=lambda v: v.manifest["checkpoint"]["last_id"])
-        for a, b in zip(series, series[1:]):
-            prev = b.manifest.get("previous_export") or {}
-            if prev.get("manifest_sha256") == a.manifest_sha256:
-                continue
-            if prev.get("last_id", -1) > a.manifest["checkpoint"]["last_id"]:
-                problems.append(f"gap: station {station} made an export between {a.path.name} and {b.path.name} "
-                                f"(at {prev.get('at')}, manifest {str(prev.get('manifest_sha256'))[:16]}…) that is "
-                                "not among these files: its journal segment is missing")
-            else:
-                problems.append(f"{b.path.name} does not follow {a.path.name}: the two exports do not chain "
-                                "(not the same record)")
+        problems += _unchained(
+            series, "last_id", lambda v: v.manifest["checkpoint"]["last_id"],
+            lambda a, b, prev: f"gap: station {station} made an export between {a.path.name} and {b.path.name} "
+                               f"(at {prev.get('at')}, manifest {str(prev.get('manifest_sha256'))[:16]}…) that is "
+                               "not among these files: its journal segment is missing",
+            lambda a, b: f"{b.path.name} does not follow {a.path.name}: the two exports do not chain "
+                         "(not the same record)")
+    return problems
+
+
+def _unchained(series: list[Verified], key: str, place, gap, broken) -> list[str]:
+    """Each export of a series must name the one before it; a later one named instead is a gap."""
+    problems = []
+    series.sort(key=place)
+    for a, b in zip(series, series[1:]):
+        prev = b.manifest.get("previous_export") or {}
+        if prev.get("manifest_sha256") != a.manifest_sha256:
+            problems.append(gap(a, b, prev) if prev.get(key, -1) > place(a) else broken(a, b))
     return problems
 
 

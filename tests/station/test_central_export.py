@@ -267,7 +267,7 @@ def test_tampering_with_any_file_of_a_central_export_is_refused(tmp_path, pg_url
             cp["at"] = "2026-01-01T00:00:00.000+00:00"
         _resign(out, office_key, edit)
 
-    cases = [(edit_data, "the data file was altered"), (edit_journal, "the journal file was altered"),
+    cases = [(edit_data, "the data file was altered"), (edit_journal, "the journal segment was altered"),
              (edit_manifest, "signature does not match"), (drop_entry_resigned, "does not follow the entry before it"),
              (forge_row_resigned, "differs from its journal entry (serial)"),
              (forge_checkpoint_resigned, "is not signed by a key pinned for station line-2")]
