@@ -449,7 +449,11 @@ def flash(run: FlashRun, station) -> int:
             bench.close()
         if all(r.recorded == "database" for r in results):  # else the database is held: the next run signs
             _checkpoint(ctx, "station flash")
-        ctx.close()
+        central = ctx.central
+        ctx.close()  # with a central record: one last push
+    if central is not None and not central.state.online:
+        _info(f"station flash: the central record is out of reach ({central.state.last_error}); this run is kept "
+              "in the station's record and goes central when the station next reaches it (station central push)")
     if not run.json:
         _summary(results)
     if stop.name:

@@ -250,6 +250,7 @@ def test_an_exhausted_block_without_the_central_database_refuses_before_the_boar
         assert done["outcome"] == "error" and done["failed_step"] == "serial"
         assert "no serial block is left" in done["error"] and "central database" in done["error"]
         assert "no board was touched" in done["remedy"]
+        assert "goes central when the station next reaches it" in err  # the engineer's script is told too
         assert last.device.flash.read(0x10000, 4096) == before  # nothing was written to the board
         pg_own.start()
         rc, out, err = run_station(capsys, "flash", "--config", str(cfg), "--port", last.url, "--json")
