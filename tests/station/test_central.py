@@ -78,7 +78,8 @@ def test_station_processes_on_one_profile_never_share_a_serial(tmp_path, pg_url,
                               env=station_env(), cwd=cfg.parent) for cfg in configs]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, (out + err)[-3000:]
+        bad = [e for e in json_lines(out) if e["event"] == "unit_finished" and e["outcome"] != "passed"]
+        assert p.returncode == 0, (bad, err[-2000:])
     finished = [e for out, _ in outs for e in json_lines(out) if e["event"] == "unit_finished"]
     assert len(finished) == stations * boards and all(e["outcome"] == "passed" for e in finished)
     serials = [e["serial"] for e in finished]
@@ -204,8 +205,9 @@ def test_a_station_keeps_provisioning_while_the_central_database_is_down_then_ca
             assert {a["guard"] for a in attempts[:3]} == {"local only"}
             pg_own.start()
             wait_until(lambda: ctx.central.state.online and _central_count(url, "line-c") == _local_count(ctx.record),
-                       "the station catches up by itself once the server is back", timeout=30,
-                       poke=ctx.central.kick)
+                       "the station catches up by itself once the server is back", timeout=90,
+                       poke=ctx.central.kick,
+                       why=lambda: (ctx.central.state, _central_count(url, "line-c"), _local_count(ctx.record)))
     finally:
         ctx.close()
     rec = local_record(cfg)
