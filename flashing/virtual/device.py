@@ -68,6 +68,7 @@ class Faults:
     no_download_mode: bool = False  # IO0 never reaches the chip: always boots flash
     unplug_after: int | None = None  # host bytes until the cable is pulled
     hang_after: int | None = None  # host bytes until the chip hangs: powered, silent
+    hang_after_burns: int | None = None  # eFuse program commands completed before the chip hangs on the next
     garble_above: int | None = None  # baud above which the link corrupts bytes
     # pairing server "down", answering 500 ("error"), or "hang"; a buggy firmware's /pair only: "pair_hang",
     # "pair_drop" (closes without a reply), "pair_echo"; "echo": every request answered 500 with what it knows
@@ -725,6 +726,11 @@ class VirtualDevice:
 
     def write_register(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
         if self.efuse.owns(addr):
+            if self.faults.hang_after_burns is not None and self.efuse.is_program(addr, value, mask):
+                if self.efuse.programs >= self.faults.hang_after_burns:
+                    self._stop_app()
+                    self.mode, self.loader = "halted", None  # a brown-out as the burn starts: nothing burned
+                    return
             self.efuse.write(addr, value, mask)
             return
         wdt = self.chip.rtc_wdt

@@ -152,6 +152,7 @@ class EfuseArray:
         self.ctrl: dict[int, int] = {}  # write-data, conf, cmd, timing registers
         self.shown: dict[int, int] = {}  # the read registers as last loaded
         self.loaded: list[list[int]] = []  # what the chip's logic acts on: the array as last loaded
+        self.programs = 0  # program commands since power-on (a fault can hang the chip at the next)
         if not self._load():
             self.blank(factory)
         self.reload()
@@ -231,6 +232,12 @@ class EfuseArray:
             return self.shown[addr]
         return self.ctrl.get(addr, 0)
 
+    def is_program(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> bool:
+        """Whether this register write starts a program (burn) command."""
+        lay = self.layout
+        cmd = (self.ctrl.get(addr, 0) & ~mask) | (value & mask)
+        return addr == lay.cmd_reg and bool(cmd & lay.pgm_cmd) and self.ctrl.get(lay.conf_reg, 0) == lay.write_opcode
+
     def write(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> bool:
         """A register write; a program or read command runs when the command register is written.
 
@@ -248,6 +255,7 @@ class EfuseArray:
         conf = self.ctrl.get(lay.conf_reg, 0)
         if cmd & lay.pgm_cmd and conf == lay.write_opcode:
             self._program(None if lay.chip == "esp32" else (cmd >> 2) & 0xF)
+            self.programs += 1
             self.save()
             return True
         if cmd & lay.read_cmd and conf == lay.read_opcode:
