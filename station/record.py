@@ -40,6 +40,20 @@ production — extends this design, it does not replace it):
   forged line is set aside in `<spool>.rejected`, never applied. Spooled passes count
   for the duplicate guard while the process runs.
 
+- **Every eFuse burn, ahead of the burn** (secure production, issue #18). A burn cannot
+  be undone, so the started attempt carries its `burns` list (each burn: what it burns,
+  and its state `pending`, `burning` or `done`), and every change of it is a `burn` entry
+  of the attempt's journal, committed (`Record.note_burns`) before espefuse is called:
+  the whole plan first, then `burning` before each burn and `done` after it. If that
+  commit fails, the burn does not run. An attempt interrupted mid-set-up is settled as
+  `interrupted: efuses partly burned (done: …, may or may not have happened: …, not
+  started: …)`: the one `burning` burn is exactly the one the record cannot vouch for.
+- **Keys.** A unit's flash-encryption key is a secret: it never reaches the record. In
+  development mode it is escrowed (`key_escrow`): AES-256-GCM under a key derived from
+  the station's key for that purpose only (station/keys.py), with the attempt's uid as
+  associated data, sealed before the first burn; a rework finds it by MAC. In release
+  mode it is never stored.
+
 Secrets never reach the record: a token is kept as a keyed fingerprint only.
 """
 
