@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import espefuse
 import espsecure
@@ -50,8 +52,12 @@ class SecureError(UnitError):
     """A step of the flash-encryption set-up failed on the board."""
 
 
-def burn_plan(chip: str, mode: str) -> tuple[Burn, ...]:
-    """The burns that set up flash encryption on `chip` in `mode`, in the order they are made."""
+def burn_plan(chip: str, mode: str, secure_boot: bool = False) -> tuple[Burn, ...]:
+    """The burns that set up flash encryption on `chip` in `mode` (and Secure Boot v2), in the order they are made.
+
+    Secure Boot v2 follows ESP-IDF's docs/en/security/secure-boot-v2.rst ("Secure Boot V2
+    Scheme", "Enabling Secure Boot V2 Externally"): the signing key's digest, then the enable bit.
+    """
     if chip == "esp32":
         plan = [Burn("key", ("BLOCK1 flash_encryption key (read- and write-protected)",)),
                 Burn("crypt-config", ("FLASH_CRYPT_CONFIG",), (("FLASH_CRYPT_CONFIG", ESP32_CRYPT_CONFIG),)),
@@ -64,9 +70,28 @@ def burn_plan(chip: str, mode: str) -> tuple[Burn, ...]:
                    "DIS_DIRECT_BOOT")
         if chip == "esp32s3":
             release += ("DIS_DOWNLOAD_DCACHE",)
+    if secure_boot and chip == "esp32":  # v3.0 silicon: one digest in BLOCK2, ABS_DONE_1 turns it on
+        plan += [Burn("secure-boot-digest", ("BLOCK2 Secure Boot v2 key digest (write-protected)",)),
+                 Burn("secure-boot", ("ABS_DONE_1",), (("ABS_DONE_1", 1),))]
+    elif secure_boot:
+        plan += [Burn("secure-boot-digest", ("BLOCK_KEY1 purpose SECURE_BOOT_DIGEST0 (write-protected)",)),
+                 Burn("secure-boot", ("SECURE_BOOT_EN",), (("SECURE_BOOT_EN", 1),))]
     if mode == "release":
         plan.append(Burn("release", release, tuple((f, 1) for f in release)))
     return tuple(plan)
+
+
+def sign_image(data: bytes, signing_key: Path) -> bytes:
+    """`data` signed for Secure Boot v2 (espsecure sign-data --version 2, RSA-PSS): padded to a sector, signature sector appended."""
+    with tempfile.TemporaryDirectory() as d, open(signing_key, "rb") as key, esptool_output(None):
+        out = Path(d) / "signed.bin"
+        espsecure.sign_data("2", [key], str(out), False, False, None, None, None, _named(data, "image"))
+        return out.read_bytes()
+
+
+def signed_size(size: int) -> int:
+    """How long an image of `size` bytes is once signed: padded to 4 KiB, then its 4 KiB signature sector."""
+    return -(-size // 4096) * 4096 + 4096
 
 
 def _named(data: bytes, name: str) -> io.BytesIO:
@@ -89,11 +114,17 @@ def encrypt_region(chip: str, key: bytes, address: int, data: bytes) -> bytes:
     return out.getvalue()
 
 
-def run_burn(esp, chip: str, burn: Burn, key: bytes) -> None:
+def run_burn(esp, chip: str, burn: Burn, key: bytes, signing_key: Path | None = None) -> None:
     """Make one burn over the unit's esptool session (espefuse's Python API, no confirmation)."""
     try:
         with esptool_output(None), _efuses(esp) as fuses:
-            if burn.name == "key" and chip == "esp32":
+            if burn.name == "secure-boot-digest":
+                with open(signing_key, "rb") as pem:  # espefuse takes the digest of the key's public half
+                    if chip == "esp32":
+                        fuses.burn_key_digest(pem, False, False)
+                    else:
+                        fuses.burn_key_digest(["BLOCK_KEY1"], [pem], ["SECURE_BOOT_DIGEST0"])
+            elif burn.name == "key" and chip == "esp32":
                 fuses.burn_key(["flash_encryption"], [_named(key, "flash-encryption key")], False, False)
             elif burn.name == "key":
                 fuses.burn_key(["BLOCK_KEY0"], [_named(key, "flash-encryption key")], ["XTS_AES_128_KEY"])
@@ -117,6 +148,7 @@ class EfuseState:
     crypt_cnt: int
     key_present: bool  # a flash-encryption key block is burned (its purpose, or ESP32's BLOCK1 protection)
     release_fields: dict[str, int]
+    secure_boot: bool = False  # SECURE_BOOT_EN (ESP32: ABS_DONE_1)
 
     @property
     def encrypted(self) -> bool:
@@ -140,15 +172,18 @@ def read_state(esp, chip: str) -> EfuseState:
                 cnt = e["SPI_BOOT_CRYPT_CNT"].get_raw()
                 key = any(str(e[f"KEY_PURPOSE_{i}"].get()).startswith("XTS_AES") for i in range(6))
             fields = {f: int(e[f].get_raw()) for f in release.fields}
+            boot = bool(e["ABS_DONE_1" if chip == "esp32" else "SECURE_BOOT_EN"].get_raw())
     except FatalError as exc:
         raise SecureError("the board's eFuses could not be read", "retry; replace the board if it repeats",
                           str(exc)) from None
-    return EfuseState(int(cnt), bool(key), fields)
+    return EfuseState(int(cnt), bool(key), fields, boot)
 
 
-def check_state(state: EfuseState, mode: str) -> list[str]:
+def check_state(state: EfuseState, mode: str, secure_boot: bool = False) -> list[str]:
     """What differs between the eFuses read back and what the profile's mode burns (nothing: they match)."""
     problems = []
+    if secure_boot != state.secure_boot:
+        problems.append("secure boot is " + ("not enabled" if secure_boot else "enabled, the profile does not ask for it"))
     if not state.encrypted:
         problems.append(f"the flash-encryption count reads {state.crypt_cnt:#x}: encryption is not on")
     if not state.key_present:

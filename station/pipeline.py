@@ -27,7 +27,8 @@ from typing import Callable
 from flashing.errors import UnitError
 from flashing.images import ImageError, check_image_bytes, parse_partition_table
 from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, new_keys, read_partition
-from flashing.secure import KEY_BYTES, Burn, EfuseState, burn_plan, check_state, encrypt_region, read_state, run_burn
+from flashing.secure import (KEY_BYTES, Burn, EfuseState, burn_plan, check_state, encrypt_region, read_state, run_burn,
+                             sign_image)
 from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, flash_size_bytes
 
 from . import keys as derived
@@ -74,8 +75,18 @@ class StationContext:
         # what every attempt records: the hashes of the very bytes this context flashes
         self.firmware_hashes = {f"0x{off:x}": hashlib.sha256(data).hexdigest() for _, off, data in self.firmware}
         self.app_version = _app_version(self.firmware)
+        self._signed: list[tuple[str, int, bytes]] | None = None
+        self._signing = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._outgrown: list[ThreadPoolExecutor] = []  # smaller pools, ending with their last units
+
+    def signed_firmware(self) -> list[tuple[str, int, bytes]]:
+        """The firmware with its bootloader and app images signed for Secure Boot v2, signed once per context."""
+        with self._signing:
+            if self._signed is None:
+                self._signed = [(name, off, sign_image(data, self.station.secure_boot_key) if data[:1] == b"\xe9"
+                                 else data) for name, off, data in self.firmware]
+            return self._signed
 
     def unit_accounts(self) -> UnitAccounts:
         """Where each unit's own test-broker account is made (and deleted)."""
@@ -358,8 +369,8 @@ def secure(run: UnitRun) -> None:
         key = _rework_key(run, state)
     else:
         key = _burn_new_key(run)
-    firmware = [(name, off, encrypt_region(chip, key, off, data)) for name, off, data in ctx.firmware]
-    run.firmware = firmware
+    plain = ctx.signed_firmware() if ctx.profile.secure_boot else ctx.firmware
+    run.firmware = [(name, off, encrypt_region(chip, key, off, data)) for name, off, data in plain]
     if run.keys_image is not None:  # the NVS keys are flash-encrypted, as ESP-IDF's nvs_keys partition is
         kslot = next(p for p in ctx.profile.partitions if p.name == ctx.profile.keys_partition)
         run.keys_image = encrypt_region(chip, key, kslot.offset, run.keys_image)
@@ -378,7 +389,7 @@ def _burn_new_key(run: UnitRun) -> bytes:
     run.redact.learn(_key_forms(key))
     if mode == "development":  # sealed before the first burn: a unit whose key burned always has its escrow
         a.key_escrow = derived.escrow(ctx.key, a.uid, key)
-    plan = burn_plan(chip, mode)
+    plan = burn_plan(chip, mode, ctx.profile.secure_boot)
     a.burns = [{"burn": b.describe(), "state": "pending"} for b in plan]
     ctx.record.note_burns(a)  # the whole plan, committed before the first burn
     # release mode's disables come last, after the ciphertext is written and read back (the flash step):
@@ -399,13 +410,13 @@ def _make_burns(run: UnitRun, burns: list[tuple[Burn, dict]], key: bytes) -> Non
         entry["state"] = "burning"
         record.note_burns(a)  # RecordError: this burn does not run
         run.emit(LogLine(run.port, "secure", f"burning {b.describe()}"))
-        run_burn(run.session.esp, run.ctx.profile.chip, b, key)
+        run_burn(run.session.esp, run.ctx.profile.chip, b, key, run.ctx.station.secure_boot_key)
         entry["state"] = "done"
         record.note_burns(a)
 
 
 def _check_burned(run: UnitRun, mode: str) -> None:
-    problems = check_state(read_state(run.session.esp, run.ctx.profile.chip), mode)
+    problems = check_state(read_state(run.session.esp, run.ctx.profile.chip), mode, run.ctx.profile.secure_boot)
     if problems:
         raise StepFailure(f"the eFuses read back do not match the profile: {'; '.join(problems)}",
                           "set the board aside for the engineer: its burns cannot be undone")

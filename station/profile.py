@@ -643,6 +643,14 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
         problems.append(Problem(f, "firmware", "no app image for the partition the bootloader starts"))
 
     problems += _check_layout(profile, sizes, parts, bootloader_flash)
+    boot_image = images.get(chip.bootloader_offset)
+    if profile.secure_boot and boot_image is not None:
+        from flashing.secure import signed_size
+
+        end = chip.bootloader_offset + signed_size(len(boot_image))
+        if end > 0x8000:  # the signature sector would overwrite the partition table
+            problems.append(Problem(f, "security.secure_boot", f"the signed bootloader would end at 0x{end:x}, "
+                                    "past the partition table at 0x8000: build a smaller bootloader"))
     if profile.device_class == "other":
         if profile.config_partition or profile.keys:
             problems.append(Problem(f, "config", "'other' devices get no config partition"))
@@ -679,21 +687,47 @@ def _check_security(profile: Profile, keys: StationKeys | None) -> list[Problem]
     if (on or profile.secure_boot) and profile.chip not in FLASH_ENCRYPTION_CHIPS:
         problems.append(Problem(f, "security", f"{profile.chip} is not a chip the station sets up flash "
                                 f"encryption or secure boot on ({', '.join(FLASH_ENCRYPTION_CHIPS)})"))
+    if profile.secure_boot and not on:
+        problems.append(Problem(f, "security.secure_boot", "the station sets secure boot up together with flash "
+                                "encryption: set flash_encryption too"))
     if profile.secure_boot:
         key = keys.secure_boot_key if keys else None
         if key is None or not key.is_file():
             problems.append(Problem(f, "security.secure_boot", "secure boot needs the station's signing key: "
                                     "station.toml secure_boot_key names no readable file"
                                     + (f" ({key})" if key else "")))
-        else:
-            problems.append(Problem(f, "security.secure_boot", "secure boot is not set up by the station yet: "
-                                    "the signing and digest burn are not built (issue #18); set it false"))
+        elif (why := _not_a_signing_key(key)) is not None:
+            problems.append(Problem(f, "security.secure_boot", f"station.toml secure_boot_key {key}: {why}"))
     if profile.flash_encryption == "development" and keys is not None and keys.station_key is not None and \
-            not keys.station_key.is_file():
+            not _can_hold(keys.station_key):
         problems.append(Problem(f, "security.flash_encryption", "development mode escrows each unit's key "
-                                "under the station's key, and this station has none "
-                                f"({keys.station_key}); run any station command once to make it"))
+                                f"under the station's key, and this station has none and cannot make one "
+                                f"({keys.station_key}: not writable); fix station.toml key_file"))
     return problems
+
+
+def _can_hold(key_file: Path) -> bool:
+    """The station's key is there, or can be made on first use (its nearest existing folder is writable)."""
+    if key_file.is_file():
+        return os.access(key_file, os.R_OK)
+    folder = key_file.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def _not_a_signing_key(path: Path) -> str | None:
+    """Why the file is not a Secure Boot v2 RSA-3072 private key (None: it is one)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        return f"not a readable PEM private key ({type(exc).__name__})"
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != 3072:
+        return "Secure Boot v2 signs with an RSA-3072 key (espsecure generate-signing-key --version 2 --scheme rsa3072)"
+    return None
 
 
 def security_summary(profile: Profile) -> list[str]:
@@ -704,7 +738,10 @@ def security_summary(profile: Profile) -> list[str]:
 
     lines = [f"flash encryption ({profile.flash_encryption} mode): each unit gets its own key, made on the "
              "station; these eFuses are burned and can never be undone:"]
-    lines += [f"  {b.describe()}" for b in burn_plan(profile.chip, profile.flash_encryption)]
+    lines += [f"  {b.describe()}" for b in burn_plan(profile.chip, profile.flash_encryption, profile.secure_boot)]
+    if profile.secure_boot:
+        lines.append("  the bootloader and app are signed with the station's secure_boot_key (RSA-PSS): only "
+                     "firmware signed with it ever boots on these units")
     lines.append("  the key is escrowed in the record, encrypted (the unit can be re-flashed)"
                  if profile.flash_encryption == "development" else
                  "  the key is never stored: the unit can never be re-flashed")

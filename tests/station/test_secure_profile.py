@@ -208,3 +208,38 @@ def test_kill_9_mid_burn_is_recorded_with_exactly_the_burns_done(station_env):
         assert record.verify_chain() == []
     finally:
         record.close()
+
+
+# -- Secure Boot v2 ------------------------------------------------------------------------------
+
+def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tmp_path):
+    from tests.flashing.test_secure_boot import signing_key
+
+    key = signing_key(station_env, "secure-boot.pem")  # a station file, outside profiles/
+    with open(station_env / "station.toml", "a") as f:
+        f.write(f'secure_boot_key = "{key.name}"\n')
+    secure_profile(station_env, "esp32c3", "development", extra="secure_boot = true\n")
+    rc, out, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 0 and "BLOCK_KEY1 purpose SECURE_BOOT_DIGEST0" in out and "SECURE_BOOT_EN" in out, err
+    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+        assert rc == 0 and finished["outcome"] == "passed", (finished, err[-2000:])
+        log = dev.console_text()
+        assert "secure_boot_v2: Signature verified successfully!" in log, log
+        assert dev.call(lambda: dev.efuse.field("SECURE_BOOT_EN")) == 1
+        # an app the station did not sign no longer boots on this unit (written encrypted, as an attacker with
+        # the escrowed key could): the board's own check, not the station's
+        fw = build_firmware("esp32c3", project="relay", version="1.4.2", app_size=150_000,
+                            partitions=DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, KEYS, 0x1000)],
+                            manifest=twosmart_manifest(encrypted=True))
+        from flashing.secure import encrypt_region
+
+        app = encrypt_region("esp32c3", board_key(dev), 0x10000, fw.app)
+        dev.flash.erase(0x10000, -(-len(app) // 0x1000) * 0x1000 + 0x2000)
+        dev.flash.program(0x10000, app)
+        dev.reset("app")
+        assert "image valid, signature bad" in dev.console_text()
+    burns = [b["burn"] for b in json.loads(Record(station_env / "station.db").attempts(1)[0]["burns"])]
+    assert [b.split(" ")[0] for b in burns] == ["key", "enable", "secure-boot-digest", "secure-boot"]
