@@ -35,7 +35,8 @@ from . import keys as derived
 from .config import StationConfig
 from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult, redacting
 from .profile import Problem, Profile, ProfileError, read_region
-from .record import Attempt, Outcome, Record, RecordError, SerialPlan, fingerprint, now_iso
+from .record import (PARTLY_BURNED_REMEDY, Attempt, Outcome, Record, RecordError, SerialPlan, burns_left, fingerprint,
+                     now_iso)
 from .secrets import NO_SECRETS, Redactor
 from .serials import SerialPattern, SerialPatternError
 from .smoke import (FactoryAccounts, UnitAccount, UnitAccounts, healthcheck, make_reach, pair_and_wait, soak,
@@ -405,11 +406,11 @@ def _make_burns(run: UnitRun, burns: list[tuple[Burn, dict]], key: bytes) -> Non
     """Each burn journaled as burning before espefuse runs it, and as done after."""
     record, a = run.ctx.record, run.attempt
     for b, entry in burns:
-        if run.cancel.is_set():
+        run.emit(LogLine(run.port, "secure", f"burning {b.describe()}"))
+        if run.cancel.is_set():  # asked before this burn, or as it was announced: it does not run
             raise Aborted()
         entry["state"] = "burning"
         record.note_burns(a)  # RecordError: this burn does not run
-        run.emit(LogLine(run.port, "secure", f"burning {b.describe()}"))
         run_burn(run.session.esp, run.ctx.profile.chip, b, key, run.ctx.station.secure_boot_key)
         entry["state"] = "done"
         record.note_burns(a)
@@ -617,6 +618,10 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
             _take_back_after_failure(run)
         session.close()
         _mark_quarantine(run)
+        partly = burns_left(attempt) if attempt.outcome != Outcome.PASSED else None
+        if partly:  # a unit stopped between its burns: the auditor and the operator see exactly which
+            attempt.error = f"{attempt.error}; {partly}" if attempt.error else partly
+            attempt.remedy = PARTLY_BURNED_REMEDY
         attempt.ended_at = now_iso()
         redact.current.fields(attempt)  # the record's texts (error, remedy, detail) hold no secret either
         t = time.monotonic()

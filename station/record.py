@@ -1219,22 +1219,33 @@ def m005_quarantine(db: Database) -> None:
 
 def burns_interrupted(a: Attempt) -> tuple[str, str]:
     """What an interrupted attempt's burns say: which are done, which may have happened, which never ran."""
-    done = [b["burn"] for b in a.burns if b["state"] == "done"]
-    maybe = [b["burn"] for b in a.burns if b["state"] == "burning"]
-    never = [b["burn"] for b in a.burns if b["state"] == "pending"]
-    if not maybe and not never:
+    partly = burns_left(a)
+    if partly is None:
+        done = [b["burn"] for b in a.burns]
         return (f"interrupted after every eFuse burn was made ({'; '.join(done)}): the board's flash encryption "
                 f"is set up; it may hold serial {a.serial} and part of its firmware",
                 "put the board back on the line in the same mode: a development-mode unit is re-flashed with its "
                 "escrowed key; a release-mode unit cannot be re-flashed: set it aside")
+    return (f"interrupted: {partly}; the board may hold serial {a.serial}", PARTLY_BURNED_REMEDY)
+
+
+PARTLY_BURNED_REMEDY = ("set the board aside for the engineer: read its eFuses (espefuse summary) before anything "
+                        "else; its burns cannot be undone")
+
+
+def burns_left(a: Attempt) -> str | None:
+    """"efuses partly burned (done: …, may or may not have happened: …, not started: …)", or None: all done or none planned."""
+    done = [b["burn"] for b in a.burns if b["state"] == "done"]
+    maybe = [b["burn"] for b in a.burns if b["state"] == "burning"]
+    never = [b["burn"] for b in a.burns if b["state"] == "pending"]
+    if not maybe and not never:
+        return None
     words = [f"done: {'; '.join(done) or 'none'}"]
     if maybe:
         words.append(f"may or may not have happened: {'; '.join(maybe)}")
     if never:
         words.append(f"not started: {'; '.join(never)}")
-    return (f"interrupted: efuses partly burned ({', '.join(words)}); the board may hold serial {a.serial}",
-            "set the board aside for the engineer: read its eFuses (espefuse summary) before anything else; "
-            "its burns cannot be undone")
+    return f"efuses partly burned ({', '.join(words)})"
 
 
 @migrations()

@@ -243,3 +243,36 @@ def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tm
         assert "image valid, signature bad" in dev.console_text()
     burns = [b["burn"] for b in json.loads(Record(station_env / "station.db").attempts(1)[0]["burns"])]
     assert [b.split(" ")[0] for b in burns] == ["key", "enable", "secure-boot-digest", "secure-boot"]
+
+
+def test_abort_between_burns_names_the_burns_done_and_not_started(station_env):
+    import threading
+
+    from station.events import LogLine
+    from station.pipeline import UnitJob, provision_unit
+    from station.runner import open_station
+
+    secure_profile(station_env, "esp32c3", "development")
+    ctx = open_station("relay", station_env / "station.toml")
+    cancel = threading.Event()
+
+    def operator(event) -> None:  # F8 as the second burn is announced
+        if isinstance(event, LogLine) and event.text.startswith("burning enable"):
+            cancel.set()
+
+    ctx.observers.append(operator)
+    try:
+        with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+            dev = bench[0].device
+            result = provision_unit(UnitJob(bench[0].url), ctx, lambda e: None, cancel)
+            assert dev.call(lambda: dev.efuse.burned_field("SPI_BOOT_CRYPT_CNT")) == 0
+            assert dev.call(dev.efuse.flash_key) is not None
+            assert dev.flash.read(0x10000, 16) == b"\xff" * 16  # nothing written
+        assert (result.outcome, result.failed_step) == ("aborted", "secure")
+        assert result.error == ("aborted by the operator; efuses partly burned (done: key (BLOCK_KEY0 purpose "
+                                "XTS_AES_128_KEY (read- and write-protected)), not started: enable "
+                                "(SPI_BOOT_CRYPT_CNT))"), result.error
+        row = ctx.record.attempts(1)[0]
+        assert row["error"] == result.error and "espefuse summary" in row["remedy"]
+    finally:
+        ctx.close()
