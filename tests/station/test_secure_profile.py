@@ -212,16 +212,29 @@ def test_kill_9_mid_burn_is_recorded_with_exactly_the_burns_done(station_env):
 
 # -- Secure Boot v2 ------------------------------------------------------------------------------
 
-def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tmp_path):
+def test_profile_check_refuses_a_signed_bootloader_over_the_partition_table(station_env, capsys):
+    from tests.flashing.test_secure_boot import signing_key
+
+    key = signing_key(station_env, "secure-boot.pem")
+    with open(station_env / "station.toml", "a") as f:
+        f.write(f'secure_boot_key = "{key.name}"\n')
+    secure_profile(station_env, "esp32", "development", extra="secure_boot = true\n")  # bootloader at 0x1000
+    rc, _, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 2 and "the signed bootloader would end at 0x9000, past the partition table at 0x8000" in err, err
+
+
+# ESP32 is not here: the generated 26 KB bootloader at 0x1000, signed, would reach the partition table (profile check)
+@pytest.mark.parametrize("chip", ["esp32c3", pytest.param("esp32s3", marks=pytest.mark.slow)])
+def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tmp_path, chip):
     from tests.flashing.test_secure_boot import signing_key
 
     key = signing_key(station_env, "secure-boot.pem")  # a station file, outside profiles/
     with open(station_env / "station.toml", "a") as f:
         f.write(f'secure_boot_key = "{key.name}"\n')
-    secure_profile(station_env, "esp32c3", "development", extra="secure_boot = true\n")
+    secure_profile(station_env, chip, "development", extra="secure_boot = true\n")
     rc, out, err = run_station(capsys, "profile", "check", "relay")
     assert rc == 0 and "BLOCK_KEY1 purpose SECURE_BOOT_DIGEST0" in out and "SECURE_BOOT_EN" in out, err
-    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+    with VirtualBench(1, chip, run_dir=station_env / "run") as bench:
         url, dev = bench[0].url, bench[0].device
         rc, out, err = run_station(capsys, "flash", "--port", url, "--json")
         finished = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
@@ -231,12 +244,12 @@ def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tm
         assert dev.call(lambda: dev.efuse.field("SECURE_BOOT_EN")) == 1
         # an app the station did not sign no longer boots on this unit (written encrypted, as an attacker with
         # the escrowed key could): the board's own check, not the station's
-        fw = build_firmware("esp32c3", project="relay", version="1.4.2", app_size=150_000,
+        fw = build_firmware(chip, project="relay", version="1.4.2", app_size=150_000,
                             partitions=DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, KEYS, 0x1000)],
                             manifest=twosmart_manifest(encrypted=True))
         from flashing.secure import encrypt_region
 
-        app = encrypt_region("esp32c3", board_key(dev), 0x10000, fw.app)
+        app = encrypt_region(chip, board_key(dev), 0x10000, fw.app)
         dev.flash.erase(0x10000, -(-len(app) // 0x1000) * 0x1000 + 0x2000)
         dev.flash.program(0x10000, app)
         dev.reset("app")
