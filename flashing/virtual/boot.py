@@ -74,8 +74,14 @@ class _Log:
 
 
 def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_size: int,
-                    reset_cause: str, write: Callable[[int, bytes], None] | None = None) -> BootResult:
+                    reset_cause: str, write: Callable[[int, bytes], None] | None = None,
+                    plaintext_flashes_left: int | None = None) -> BootResult:
     """Boot from flash as the ROM and the 2nd-stage bootloader do; the log they print and the app that runs.
+
+    `read` is flash as the CPU sees it through the cache: on a chip with flash encryption on it
+    decrypts, so a plaintext image reads as noise and fails the image checks with the real text.
+    `plaintext_flashes_left` (encryption on) is what the bootloader reports as it checks encryption
+    (ESP-IDF bootloader_support/src/flash_encrypt.c, esp_flash_encrypt_state).
 
     `write(offset, sector)` erases and programs one flash sector: the bootloader sets otadata[0]
     when it starts ota_0 with blank otadata and no factory app (without it, that write is skipped).
@@ -132,11 +138,12 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
         log.i("boot", f"{n:2d} {p.name:<16} {partition_usage(p):<16} {p.type:02x} {p.subtype:02x} "
                       f"{p.offset:08x} {p.size:08x}", 1)
     log.i("boot", "End of partition table")
-    return _load_app(chip, read, write, flash_size, parts, log)
+    return _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left)
 
 
 def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None] | None,
-              flash_size: int, parts: list[Partition], log: _Log) -> BootResult:
+              flash_size: int, parts: list[Partition], log: _Log,
+              plaintext_flashes_left: int | None = None) -> BootResult:
     """otadata's choice, then each candidate app in the bootloader's order until one loads."""
     ota_info = next((p for p in parts if p.type == 1 and p.subtype == 0x00), None)
     otadata = None
@@ -181,6 +188,9 @@ def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callabl
         if choice.initial and index > FACTORY_INDEX and write is not None and ota_info is not None:
             write(ota_info.offset, ota_select_entry(index + 1, OTA_IMG_VALID).ljust(SECTOR, b"\xff"))
             log.i("boot", f"Set actual ota_seq={index + 1} in otadata[0]")
+        if plaintext_flashes_left is not None:
+            log.i("boot", "Checking flash encryption...", 0)
+            log.i("flash_encrypt", f"flash encryption is enabled ({plaintext_flashes_left} plaintext flashes left)")
         return _app_start(app.app, part, log)
     log.e("boot", "No bootable app partitions in the partition table")
     return BootResult(log.text(), None, None, first_error or "no bootable app partition")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from .crypt import FlashCipher
 from .nor import SECTOR
 
 if TYPE_CHECKING:
@@ -103,6 +104,8 @@ class _Write:
     written: int = 0
     erased_to: int = 0  # stub erases as it goes
     inflater: "zlib._Decompress | None" = None
+    cipher: FlashCipher | None = None  # FLASH_BEGIN's encrypt flag: the engine encrypts on the way in
+    pending: bytes = b""  # plaintext short of a whole 16-byte block, waiting for the rest
 
 
 @dataclass
@@ -160,7 +163,7 @@ class Loader:
         supported = STUB_OPCODES if self.in_stub else ROM_OPCODES
         if op == GET_SECURITY_INFO and not self.chip.rom_has_security_info:
             supported = set()
-        if op not in supported or (self.dev.faults.secure_download
+        if op not in supported or (self.dev.secure_download
                                    and not self.in_stub and op not in SDM_ALLOWED):
             self.fail(op, CommandError(ROM_INVALID_MSG, STUB_NOT_IMPLEMENTED))
             return
@@ -195,8 +198,10 @@ class Loader:
         self.reply(op)
 
     def _security_info(self, op, data, chk):
-        flags = 0x4 if self.dev.faults.secure_download else 0
-        payload = struct.pack("<IBBBBBBBBII", flags, 0, 0, 0, 0, 0, 0, 0, 0,
+        efuse = self.dev.efuse
+        flags = efuse.security_flags() | (0x4 if self.dev.faults.secure_download else 0)
+        purposes = (efuse.key_purposes() + [0] * 7)[:7]
+        payload = struct.pack("<IBBBBBBBBII", flags, efuse.crypt_cnt, *purposes,
                               self.chip.image_chip_id, 1)
         self.reply(op, 0, payload)
 
@@ -275,11 +280,13 @@ class Loader:
         if not self.in_stub and len(data) != (16 if self.chip.key == "esp32" else 20):
             raise CommandError(ROM_INVALID_MSG, STUB_BAD_DATA_LEN)
         size, blocks, block_size, offset = struct.unpack("<IIII", data[:16])
+        encrypt = len(data) == 20 and struct.unpack("<I", data[16:])[0] != 0
+        cipher = self._encryption_engine(offset) if encrypt else None
         flash = self.dev.flash
         limit = flash.size if self.in_stub else min(flash.size, self.param_size)
         if offset + size > limit:
             raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
-        w = _Write(offset, size, blocks, block_size, compressed)
+        w = _Write(offset, size, blocks, block_size, compressed, cipher=cipher)
         if compressed:
             w.inflater = zlib.decompressobj()
         if not self.in_stub:
@@ -294,6 +301,18 @@ class Loader:
             w.erased_to = offset - offset % SECTOR  # the stub erases as data arrives
         self.write = w if size or blocks else None
         self.reply(op)
+
+    def _encryption_engine(self, offset: int) -> FlashCipher:
+        """The engine for an encrypted write, or the refusal a chip gives.
+
+        DIS_DOWNLOAD_MANUAL_ENCRYPT (release mode) takes the engine away from the download
+        mode, and with no key burned there is nothing to encrypt with: either way the
+        write fails rather than store plaintext where ciphertext was asked for.
+        """
+        cipher = self.dev.flash_cipher()
+        if self.dev.efuse.manual_encrypt_disabled or cipher is None or offset % 16:
+            raise CommandError(ROM_FAILED, STUB_SPI_FAILED)
+        return cipher
 
     def _flash_begin(self, op, data, chk):
         self._begin(op, data, chk, compressed=False)
@@ -332,7 +351,7 @@ class Loader:
             if not self.in_stub and length != w.block_size:
                 raise CommandError(ROM_INVALID_MSG, STUB_BAD_DATA_LEN)
             out = payload
-        room = max(0, w.size - w.written)
+        room = max(0, w.size - w.written - len(w.pending))
         if len(out) > room:
             if compressed and self.in_stub:
                 raise CommandError(ROM_FAILED, STUB_TOO_MUCH_DATA)
@@ -342,10 +361,12 @@ class Loader:
         self.reply(op)
 
     def _program(self, w: _Write, out: bytes) -> None:
+        addr = w.offset + w.written
+        if w.cipher is not None:
+            out = self._encrypt(w, addr, out)
         if not out:
             return
         flash = self.dev.flash
-        addr = w.offset + w.written
         end = addr + len(out)
         if end > flash.size:
             raise CommandError(ROM_FLASH_WRITE_ERR, STUB_SPI_FAILED)
@@ -362,6 +383,15 @@ class Loader:
         cost += flash.program(addr, out)
         w.written += len(out)
         self.dev.flash_busy(cost, pipelined=self.in_stub)
+
+    @staticmethod
+    def _encrypt(w: _Write, addr: int, out: bytes) -> bytes:
+        """Ciphertext for the whole 16-byte blocks received so far; the rest waits for its block."""
+        data = w.pending + out
+        complete = w.written + len(data) >= w.size
+        keep = 0 if complete else len(data) % 16
+        w.pending = data[len(data) - keep:] if keep else b""
+        return w.cipher.encrypt(addr, data[:len(data) - keep])
 
     def _end(self, op, data, chk):
         (flag,) = struct.unpack("<I", data)
