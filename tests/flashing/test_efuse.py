@@ -208,3 +208,29 @@ def test_burn_key_digest_is_readable_and_write_protected(make_bench, tmp_path):
     assert read_field(url, "BLOCK_KEY1") == digest.read_bytes()  # a digest stays readable
     r = espefuse_cli(url, "esp32c3", "summary")
     assert re.search(r"BLOCK_KEY1 \(BLOCK5\)\s+Purpose: SECURE_BOOT_DIGEST0", r.stdout)
+
+
+def test_burn_takes_the_write_opcode_and_shows_after_the_read_command(make_bench):
+    """espefuse's C3 sequence by hand over WRITE_REG/READ_REG (fields.py efuse_program/efuse_read)."""
+    from espefuse.efuse.esp32c3.mem_definition import EfuseDefineBlocks, EfuseDefineRegisters as R
+
+    bench = make_bench(1, "esp32c3")
+    esp = cmds.detect_chip(bench[0].url, connect_mode="no-reset")
+    word4 = EfuseDefineBlocks.get(EfuseDefineBlocks.BLOCKS[0]).rd_addr + 4 * 4  # SECURE_VERSION's word
+    try:
+        esp.write_reg(R.EFUSE_PGM_DATA0_REG + 4 * 4, 1 << 14)
+        esp.write_reg(R.EFUSE_CMD_REG, R.EFUSE_PGM_CMD)  # no 0x5A5A in the conf register: nothing burns
+        esp.write_reg(R.EFUSE_CONF_REG, R.EFUSE_READ_OP_CODE)
+        esp.write_reg(R.EFUSE_CMD_REG, R.EFUSE_READ_CMD)
+        assert esp.read_reg(word4) == 0
+        esp.write_reg(R.EFUSE_CONF_REG, R.EFUSE_WRITE_OP_CODE)
+        esp.write_reg(R.EFUSE_CMD_REG, R.EFUSE_PGM_CMD)
+        assert esp.read_reg(R.EFUSE_CMD_REG) == 0  # the command has completed
+        assert esp.read_reg(word4) == 0  # burned, but the read registers load only on the read command
+        esp.write_reg(R.EFUSE_CONF_REG, R.EFUSE_READ_OP_CODE)
+        esp.write_reg(R.EFUSE_CMD_REG, R.EFUSE_READ_CMD)
+        assert esp.read_reg(word4) == 1 << 14
+        esp.write_reg(word4, 0)  # read registers are not writable
+        assert esp.read_reg(word4) == 1 << 14
+    finally:
+        esp._port.close()
