@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -60,7 +61,7 @@ class FlashCipher:
     def decrypt(self, address: int, data: bytes) -> bytes:
         return self._run(address, data, encrypt=False)
 
-    def read(self, raw: "callable", address: int, length: int) -> bytes:
+    def read(self, raw: Callable[[int, int], bytes], address: int, length: int) -> bytes:
         """Read `length` bytes at `address` through the cache: whole 32-byte blocks, decrypted."""
         start = address - address % ESP32_KEY_BLOCK
         end = address + length

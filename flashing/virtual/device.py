@@ -365,6 +365,8 @@ class VirtualDevice:
             "flash_file": str(self.flash.path) if self.flash.path else None,
             "usb_serial_jtag": self.usb_serial_jtag,
             "watchdog_armed": self._wdt_armed is not None,
+            "flash_encryption": self.efuse.flash_encryption_enabled,
+            "download_disabled": self.efuse.download_disabled,
         }
 
     def usb_descriptor(self) -> dict:

@@ -23,7 +23,6 @@ from pathlib import Path
 import reedsolo
 
 RS_PARITY = 12  # bytes of Reed-Solomon check value per 32-byte block (ESP32-C3/S3 TRM, eFuse chapter)
-ESP32_KEY_FIELD = "BLOCK1"
 
 
 @dataclass(frozen=True)
@@ -233,7 +232,10 @@ class EfuseArray:
         return self.ctrl.get(addr, 0)
 
     def write(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> bool:
-        """A register write; True when it burned bits (the caller persists nothing: saved here)."""
+        """A register write; a program or read command runs when the command register is written.
+
+        Returns True when a program command burned (and saved) the write registers.
+        """
         lay = self.layout
         if addr in self.shown:
             return False  # read registers are read-only

@@ -100,6 +100,7 @@ def test_encrypted_app_boots_and_a_plaintext_one_does_not(make_bench, tmp_path, 
         path.write_bytes(data)
         files.append((offset, path))
 
+    assert slot.device.state()["flash_encryption"]
     log = flash_and_boot(slot, chip, files, encrypt=True)
     assert slot.device.state()["mode"] == "app", log
     left = 3 if chip == "esp32" else 1  # (7 - 1) / 2 on ESP32's 7-bit count, (3 - 1) / 2 on C3/S3
