@@ -498,7 +498,8 @@ class VirtualDevice:
         self.baud = 115200
         encrypted = self.efuse.flash_encryption_enabled
         result = boot_from_flash(self.chip, self.cache_read, self.flash.size, reset_text,
-                                 plaintext_flashes_left=self.efuse.plaintext_flashes_left if encrypted else None)
+                                 plaintext_flashes_left=self.efuse.plaintext_flashes_left if encrypted else None,
+                                 secure_boot=self.efuse.secure_boot_digests())
         self._print(result.log)
         self.boot_error = result.error
         if result.app is None:

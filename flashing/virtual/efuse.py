@@ -398,3 +398,17 @@ class EfuseArray:
         if 4 in purposes:  # XTS_AES_128_KEY
             return "xts", self.block_bytes(4 + purposes[4])[::-1], 0
         return None
+
+    def secure_boot_digests(self) -> tuple[bytes, ...] | None:
+        """The public-key digests Secure Boot v2 trusts; None while secure boot is off.
+
+        ESP32 (v3.0): ABS_DONE_1 burned, the digest in BLOCK2. ESP32-C3/S3: SECURE_BOOT_EN
+        burned, each key block whose purpose is SECURE_BOOT_DIGESTn and whose
+        SECURE_BOOT_KEY_REVOKEn is not burned.
+        """
+        if self.layout.chip == "esp32":
+            return (self.block_bytes(2),) if self.field("ABS_DONE_1") else None
+        if not self.field("SECURE_BOOT_EN"):
+            return None
+        return tuple(self.block_bytes(4 + i) for i, p in enumerate(self.key_purposes())
+                     if p in (9, 10, 11) and not self.field(f"SECURE_BOOT_KEY_REVOKE{p - 9}"))

@@ -37,6 +37,10 @@ ERASE_FLASH, ERASE_REGION, READ_FLASH, RUN_USER_CODE = 0xD0, 0xD1, 0xD2, 0xD3
 SYNC_DATA = b"\x07\x07\x12\x20" + b"\x55" * 32
 ROM_SYNC_VALUE = 0x20120707
 
+# ESP32-S3 ROM: rom_spiflash_legacy_funcs.read, the pointer esptool aims at its stub when secure
+# boot keeps the ROM from running uploaded code (esptool loader.run_stub, "secure_boot_workflow")
+S3_ROM_READ_FUNC_PTR = 0x3FCEF688
+
 # ROM error codes (second status byte)
 ROM_INVALID_MSG, ROM_FAILED, ROM_BAD_CRC = 0x05, 0x06, 0x07
 ROM_FLASH_WRITE_ERR, ROM_FLASH_READ_ERR, ROM_READ_LEN_ERR, ROM_DEFLATE_ERR = 0x08, 0x09, 0x0A, 0x0B
@@ -255,6 +259,9 @@ class Loader:
         if stub is None:
             self.dev.run_unknown_ram_code(entry)
             return
+        self._start_stub(stub)
+
+    def _start_stub(self, stub: KnownStub) -> None:
         self.stub = stub
         self.write = None
         self.dev.flash_attached = True  # the stub attaches the flash as it starts
@@ -424,6 +431,12 @@ class Loader:
 
     def _read_slow(self, op, data, chk):
         offset, length = struct.unpack("<II", data)
+        hijacked = self.dev.regs.get(S3_ROM_READ_FUNC_PTR) if self.chip.key == "esp32s3" else None
+        stub = self._recognise_stub(hijacked) if hijacked else None
+        if stub is not None:
+            self.ram.clear()
+            self._start_stub(stub)  # the ROM's read went through the pointer into the stub
+            return
         if self.dev.faults.flash_dead:
             raise CommandError(ROM_FLASH_READ_ERR, STUB_SPI_FAILED)
         if length > 64 or offset + length > min(self.dev.flash.size, self.param_size):
