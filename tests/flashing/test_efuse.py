@@ -28,11 +28,9 @@ def espefuse_cli(port: str, chip: str, *args: str) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=120)
 
 
-def burn(port: str, chip: str, *args: str) -> subprocess.CompletedProcess:
-    """An espefuse burn that must succeed (espefuse asks for no confirmation)."""
-    r = espefuse_cli(port, chip, "--do-not-confirm", *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
+def burn(port: str, chip: str, *args: str) -> None:
+    """An espefuse burn that must succeed: the same CLI, run in this process (no interpreter start)."""
+    espefuse.main(["--port", port, "--chip", chip, "--do-not-confirm", *args])
 
 
 def read_field(port: str, name: str):
@@ -157,7 +155,8 @@ def test_security_info_follows_the_efuses(make_bench, tmp_path):
 def test_secure_download_mode_burned_locks_out_espefuse(make_bench):
     bench = make_bench(1, "esp32c3")
     url = bench[0].pty.path  # espefuse reconnects by the port's device name, which a vesp:// URL is not
-    r = burn(url, "esp32c3", "burn-efuse", "ENABLE_SECURITY_DOWNLOAD")
+    r = espefuse_cli(url, "esp32c3", "--do-not-confirm", "burn-efuse", "ENABLE_SECURITY_DOWNLOAD")
+    assert r.returncode == 0, r.stdout + r.stderr
     # espefuse's own burn sequence loses the chip to Secure Download Mode after the read command
     assert "Secure download mode is enabled" in r.stdout, r.stdout
     r = espefuse_cli(url, "esp32c3", "summary")
