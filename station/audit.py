@@ -460,7 +460,8 @@ def _check_segment(data: Path, manifest: dict) -> list[str]:
     return notes
 
 
-_NOT_ATTEMPTS = ("counter", "admin", "unit", "block")  # entry kinds that carry no attempt row
+# entry kinds that carry no attempt row (every other kind does: record.ATTEMPT_KINDS, `burn` among them)
+_NOT_ATTEMPTS = ("counter", "admin", "unit", "block")
 
 
 def _check_central(data: Path, manifest: dict, trust: TrustStore | None) -> list[str]:

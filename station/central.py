@@ -59,11 +59,12 @@ from psycopg.types.json import Jsonb
 
 from flashing.errors import UnitError
 
+from .record import ATTEMPT_KINDS as _RECORD_ATTEMPT_KINDS
 from .record import CHAIN_GENESIS, ENTRY_FIELDS, Record, RecordError, _entry_hash, _signed
 
 PASSWORD_ENV = "STATION_CENTRAL_PASSWORD"
 PASSWORD_SECRET = "central_password"  # its name in the station's secrets file
-ATTEMPT_KINDS = ("started", "finished", "recorded", "interrupted")  # the entry kinds that carry an attempt
+ATTEMPT_KINDS = _RECORD_ATTEMPT_KINDS  # the entry kinds that carry an attempt (`burn` too: issue #18)
 PUSH_BATCH = 500  # entries per transaction: a long outage catches up in bounded steps
 
 # The central schema, one migration per entry, applied in order by whichever station

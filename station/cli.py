@@ -488,14 +488,15 @@ def _open_profile(args: argparse.Namespace):
 
 
 def cmd_profile_check(args: argparse.Namespace) -> int:
-    from station.profile import check_profile
+    from station.profile import StationKeys, check_profile, security_summary
     from station.serials import SerialPattern
 
     opened = _open_profile(args)
     if opened is Exit.USAGE:
         return opened
     station, prof = opened
-    problems = check_profile(prof, store_path=station.secrets_file, station_id=station.station_id)
+    problems = check_profile(prof, store_path=station.secrets_file, station_id=station.station_id,
+                             station_keys=StationKeys(station.key_file, station.secure_boot_key))
     for p in problems:
         _err(str(p))
     if problems:
@@ -508,6 +509,8 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
         first, last = (pattern.render(n, today, station.station_id) for n in (1, pattern.max_seq))
         on = f" on station {station.station_id!r}" if pattern.uses_station else ""
         print(f"  serials today{on}: {first!r} to {last!r} (pattern {prof.serial_pattern!r})")
+    for line in security_summary(prof):
+        print(f"  {line}")
     return Exit.OK
 
 
