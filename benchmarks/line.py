@@ -9,12 +9,18 @@ commit in the serial step, the finish). Then fast rework against a full flash of
 and (with --soak N) memory growth of the station process across N units. Last, how long
 the operator's abort of one slot mid-write takes (the screen's F8), four ports at once.
 
+    python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000] [--aborts 5] [--central URL]
+    python benchmarks/line.py --profile secure-development --chip esp32c3 [--ports 1,16]
+
+`--profile secure-development|secure-release` runs the line on the relay profile with
+NVS encryption and [security] flash_encryption (each board's eFuses burned, its regions
+encrypted per unit; README "Secure production") and adds the secure step's time per unit;
+the rework, soak and abort measurements are for the plain relay profile and are skipped.
+
 With --central URL the station has a [central] record there (station/central.py: the push
 thread, serial blocks, the plant-wide guard): the outbox's cost on the line is the
 difference against a run without it (benchmarks/stations.py measures both ways, each run
 on a fresh database).
-
-    python benchmarks/line.py [--ports 1,4,8,16] [--soak 1000] [--aborts 5] [--central URL]
 """
 
 from __future__ import annotations
@@ -60,9 +66,14 @@ def model_min_cycle(ctx) -> float:
     return wire + stub + resets + boot_log + smoke
 
 
+CHIP = "esp32"  # the boards' chip (--chip)
+PROFILES: Path | None = None  # a profiles dir made for --profile (else the repository's)
+
+
 def start_boards(n: int, run_dir: Path):
     proc = subprocess.Popen([sys.executable, "-m", "station", "virtual", "--realtime", "--json", "--count",
-                             str(n), "--run-dir", str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+                             str(n), "--run-dir", str(run_dir), "--chip", CHIP], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
     boards = [json.loads(proc.stdout.readline()) for _ in range(n)]
     control = json.loads(proc.stdout.readline())["control"]
     return proc, boards, control
@@ -71,7 +82,8 @@ def start_boards(n: int, run_dir: Path):
 def station_ctx(tmp: Path, smoke: str = "healthcheck", central: str = ""):
     # one station id per run with [central]: a fresh local journal under an id the central copy holds is a conflict
     station = StationConfig(station_id=f"bench-{tmp.name}" if central else "bench", database=tmp / "bench.db",
-                            key_file=tmp / "k", profiles_dir=REPO / "profiles", central=CentralSettings(url=central))
+                            key_file=tmp / "k", profiles_dir=PROFILES or REPO / "profiles",
+                            central=CentralSettings(url=central))
     return open_station("relay", station=station, smoke=smoke)
 
 
@@ -96,7 +108,10 @@ def run_ports(n: int, tmp: Path, central: str = "") -> dict:
             # the record's own steps: the write-ahead commit (serial) and the finish (record)
             "serial_ms": 1000 * statistics.mean(r.durations["serial"] for r in passed) if passed else float("nan"),
             "record_ms": 1000 * statistics.mean(r.durations["record"] for r in passed) if passed else float("nan"),
-            "guard_ms": 1000 * statistics.mean(r.durations["guard"] for r in passed) if passed else float("nan")}
+            "guard_ms": 1000 * statistics.mean(r.durations["guard"] for r in passed) if passed else float("nan"),
+            "secure_ms": 1000 * statistics.mean(r.durations.get("secure", 0) for r in passed) if passed else 0.0,
+            "flash_s": statistics.mean(r.durations["flash"] for r in passed) if passed else float("nan"),
+            "failed": [r.error for r in results if not r.passed][:3]}
 
 
 FLASHING = ("connect", "identify", "flash")  # every step that talks the flashing protocol
@@ -121,6 +136,32 @@ def rework(tmp: Path) -> list[tuple[str, dict, dict]]:
     assert same.written_regions == () and changed.written_regions == ("config",), (same, changed)
     return [("firmware and config match", first.durations, same.durations),
             ("new token: config rewritten", first.durations, changed.durations)]
+
+
+def secure_profiles(tmp: Path, chip: str, mode: str) -> Path:
+    """The relay profile on `chip` (1 MB app as the example's), NVS encryption per unit, flash encryption `mode`."""
+    import hashlib
+    import shutil
+
+    from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
+    from flashing.images import Partition
+
+    d = tmp / "profiles" / "relay"
+    shutil.copytree(REPO / "profiles" / "relay", d)
+    parts = DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, 0x196000, 0x1000)]
+    fw = build_firmware(chip, project="relay", version="1.4.2", partitions=parts,
+                        manifest=twosmart_manifest(encrypted=True))
+    text = (d / "profile.toml").read_text()
+    for name, data in (("bootloader.bin", fw.bootloader), ("partition-table.bin", fw.partition_table),
+                       ("relay.bin", fw.app)):
+        old = hashlib.sha256((d / "firmware" / name).read_bytes()).hexdigest()
+        (d / "firmware" / name).write_bytes(data)
+        text = text.replace(old, hashlib.sha256(data).hexdigest())
+    text = text.replace('chip = "esp32"', f'chip = "{chip}"').replace(
+        'offset = "0x1000"', f'offset = "{fw.bootloader_offset:#x}"').replace(
+        'namespace = "2smart"', 'namespace = "2smart"\nencryption = "per-unit"')
+    (d / "profile.toml").write_text(text + f'\n[security]\nflash_encryption = "{mode}"\n')
+    return tmp / "profiles"
 
 
 def small_profile(tmp: Path) -> Path:
@@ -220,26 +261,39 @@ def main() -> None:
     ap.add_argument("--ports", default="1,4,8,16")
     ap.add_argument("--soak", type=int, default=0, help="units for the memory soak (e.g. 1000)")
     ap.add_argument("--aborts", type=int, default=5, help="rounds of the abort-latency measurement")
+    ap.add_argument("--profile", choices=["relay", "secure-development", "secure-release"], default="relay")
+    ap.add_argument("--chip", default="esp32", help="the boards' chip (a secure profile is built for it)")
     ap.add_argument("--central", default="", metavar="URL",
                     help="the port runs' station has [central] url = URL (an empty PostgreSQL database)")
     args = ap.parse_args()
     os.environ.setdefault("RELAY_VENDOR_TOKEN", "bench-tok1")
+    global CHIP, PROFILES
+    CHIP = args.chip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        secure = args.profile.startswith("secure-")
+        if secure:
+            PROFILES = secure_profiles(tmp / "profile", args.chip, args.profile.removeprefix("secure-"))
         rows = []
         print(f"{'ports':>5} {'passed':>6} {'MB/s':>6} {'cycle s':>8} {'model min s':>11} {'units/h':>8} "
-              f"{'CPU s':>6} {'peak MB':>8} {'start ms':>8} {'finish ms':>9}", flush=True)
+              f"{'CPU s':>6} {'peak MB':>8} {'start ms':>8} {'finish ms':>9} {'secure ms':>9} {'flash s':>7}",
+              flush=True)
         for n in [int(x) for x in args.ports.split(",")]:
             (tmp / f"p{n}").mkdir()
             r = run_ports(n, tmp / f"p{n}", args.central)
             rows.append(r)
             print(f"{r['ports']:>5} {r['passed']:>6} {r['throughput'] / 1e6:>6.3f} {r['cycle']:>8.2f} "
                   f"{r['min_cycle']:>11.2f} {r['uph']:>8.0f} {r['cpu']:>6.1f} {r['rss']:>8.1f} "
-                  f"{r['serial_ms']:>8.1f} {r['record_ms']:>9.1f}", flush=True)
+                  f"{r['serial_ms']:>8.1f} {r['record_ms']:>9.1f} {r['secure_ms']:>9.0f} {r['flash_s']:>7.2f}",
+                  flush=True)
+            if r["failed"]:
+                print(f"  failed: {r['failed']}", flush=True)
         one = rows[0]["throughput"]
         for r in rows[1:]:
             print(f"  {r['ports']} ports: {r['throughput'] / (r['ports'] * one):.2f} x {r['ports']} x the 1-port "
                   f"throughput; mean cycle {r['cycle'] / r['min_cycle']:.2f} x the model's minimum")
+        if secure:
+            return
         print("rework of a unit whose firmware matches (boot check on, smoke test off):")
         for what, full, fast in rework(tmp):
             f_full, f_fast = (sum(d[k] for k in FLASHING) for d in (full, fast))

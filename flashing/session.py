@@ -419,6 +419,18 @@ class UnitSession:
             raise SessionError(f"the board was unplugged or the port failed ({exc})",
                                "reseat the board and retry") from None
 
+    def read(self, offset: int, size: int) -> bytes:
+        """Read a flash region back as the NOR holds it (ciphertext on an encrypted board), as read-flash does."""
+        try:
+            with esptool_output(self.sink):
+                return self.esp.read_flash(offset, size)
+        except FatalError as exc:
+            raise SessionError(f"reading 0x{offset:x} back failed", "retry; replace the board if it repeats",
+                               str(exc), link=bool(LINK_TROUBLE.search(str(exc)))) from None
+        except (serial.SerialException, OSError) as exc:
+            raise SessionError(f"the board was unplugged or the port failed ({exc})",
+                               "reseat the board and retry") from None
+
     def read_console(self) -> str:
         """What the board printed since the last read (app mode, 115200)."""
         try:

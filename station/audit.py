@@ -396,7 +396,13 @@ def verify(data: Path, trust: TrustStore | None = None, pubkey_pem: bytes | None
     if sha != manifest["sha256"]:
         raise AuditError(f"{data.name}: SHA-256 {sha} is not the manifest's {manifest['sha256']}: the data file "
                          "was altered")
-    if "journal" in manifest:
+    if manifest.get("scope") == "central":
+        try:
+            notes = _check_central(data, manifest, trust)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # signed, yet not what an export writes
+            raise AuditError(f"{mpath.name}: not a central export's manifest or journal ({type(exc).__name__}: "
+                             f"{exc})") from None
+    elif "journal" in manifest:
         notes = _check_segment(data, manifest)
     elif manifest.get("kind") == "merge":
         notes = [f"a merge of {len(manifest.get('sources', []))} exports, each verified under a pinned key "
@@ -410,14 +416,20 @@ def _cell(v) -> str:
     return "" if v is None else str(v)
 
 
-def _check_segment(data: Path, manifest: dict) -> list[str]:
-    """The journal segment: the manifest's file, linked, from the previous export to the signed head."""
+def _journal_file(data: Path, manifest: dict) -> tuple[dict, Path]:
+    """The manifest's journal part and its file, which must be there with the SHA-256 the manifest states."""
     j = manifest["journal"]
     jpath = data.with_name(j["file"])
     if not jpath.exists():
         raise AuditError(f"missing {jpath}: the export's journal segment")
     if _sha256_file(jpath) != j["sha256"]:
         raise AuditError(f"{jpath.name}: its SHA-256 is not the manifest's: the journal segment was altered")
+    return j, jpath
+
+
+def _check_segment(data: Path, manifest: dict) -> list[str]:
+    """The journal segment: the manifest's file, linked, from the previous export to the signed head."""
+    j, jpath = _journal_file(data, manifest)
     prev, last_id, n = j["from_hash"], j["after_id"], 0
     latest: dict[str, dict] = {}
     for e in read_rows(jpath, "jsonl"):
@@ -425,7 +437,7 @@ def _check_segment(data: Path, manifest: dict) -> list[str]:
         if e["prev_hash"] != prev or e["id"] <= last_id:
             raise AuditError(f"{jpath.name}: entry {e['id']} does not follow the entry before it")
         prev, last_id = e["entry_hash"], e["id"]
-        if e["kind"] not in ("counter", "admin", "unit", "block"):
+        if e["kind"] not in _NOT_ATTEMPTS:
             latest[e["entry_hash"]] = json.loads(e["body"])
     if n != j["entries"] or prev != manifest["chain_head"]:
         raise AuditError(f"{jpath.name}: the segment does not end at the signed head {manifest['chain_head'][:16]}…")
@@ -448,6 +460,94 @@ def _check_segment(data: Path, manifest: dict) -> list[str]:
     return notes
 
 
+# entry kinds that carry no attempt row (every other kind does: record.ATTEMPT_KINDS, `burn` among them)
+_NOT_ATTEMPTS = ("counter", "admin", "unit", "block")
+
+
+def _check_central(data: Path, manifest: dict, trust: TrustStore | None) -> list[str]:
+    """A central export's journal: each station's segment linked and counted, its checkpoint, the rows' entries."""
+    j, jpath = _journal_file(data, manifest)
+    stations: dict[str, dict] = j["stations"]
+    at = {sid: [s["from_hash"], s["after_seq"], 0] for sid, s in stations.items()}  # prev hash, seq, count
+    marks = {sid: s["checkpoint"]["entries"] for sid, s in stations.items() if s.get("checkpoint")}
+    marked: dict[str, str] = {}  # station -> the entry hash at its checkpoint's place
+    latest: dict[tuple[str, str], tuple[str, dict]] = {}  # (station, attempt uid) -> its latest entry here
+    hashes: set[tuple[str, str]] = set()
+    total = 0
+    for e in read_rows(jpath, "jsonl"):
+        total += 1
+        sid = e["station_id"]
+        if sid not in at:
+            raise AuditError(f"{jpath.name}: an entry of station {sid!r}, which the manifest does not name")
+        st = at[sid]
+        if e["prev_hash"] != st[0] or e["seq"] != st[1] + 1:
+            raise AuditError(f"{jpath.name}: station {sid}'s entry {e['seq']} does not follow the entry before it")
+        st[0], st[1], st[2] = e["entry_hash"], e["seq"], st[2] + 1
+        if marks.get(sid) == e["seq"]:
+            marked[sid] = e["entry_hash"]
+        if e["kind"] not in _NOT_ATTEMPTS:
+            latest[(sid, e["attempt_uid"])] = (e["entry_hash"], json.loads(e["body"]))
+            hashes.add((sid, e["entry_hash"]))
+    if total != j["entries"]:
+        raise AuditError(f"{jpath.name}: {total} entries, the manifest says {j['entries']}")
+    notes = []
+    for sid, s in sorted(stations.items()):
+        prev, _, n = at[sid]
+        if n != s["entries"] or prev != s["head"]:
+            raise AuditError(f"{jpath.name}: station {sid}'s segment does not end at the signed head "
+                             f"{s['head'][:16]}… after {s['entries']} entries")
+        notes.append(f"station {sid}: {n} entries linked from {s['from_hash'][:16]}… (after entry {s['after_seq']}) "
+                     f"to {s['head'][:16]}…; " + _central_checkpoint(sid, s, marked.get(sid), trust, jpath))
+    if manifest["kind"] == "attempts":
+        def key(row):
+            return row.get("station_id"), row.get("uid")
+    else:  # a unit row is its board's pass: the attempt at that station that started then
+        latest = {(sid, b.get("mac"), b.get("started_at")): (h, b) for (sid, _), (h, b) in latest.items()}
+
+        def key(row):
+            return row.get("station_id"), row.get("mac"), row.get("started_at")
+    bound = older = 0
+    for row in read_rows(data, manifest["format"]):
+        found = latest.get(key(row))
+        if found is None:
+            if (row.get("station_id"), row.get("row_hash")) in hashes:
+                raise AuditError(f"{data.name}: attempt {row.get('id')} of station {row.get('station_id')} is not "
+                                 "as its latest journal entry records it")
+            older += 1  # its entries are in an earlier central export's segment
+            continue
+        h, body = found
+        wrong = [k for k, v in body.items() if k in row and _cell(row[k]) != _cell(v)]
+        if row.get("row_hash") not in (None, h):
+            wrong.append("row_hash")
+        if wrong:
+            raise AuditError(f"{data.name}: attempt {row.get('id')} of station {row.get('station_id')} differs from "
+                             f"its journal entry ({', '.join(sorted(wrong))})")
+        bound += 1
+    notes.append(f"{bound} rows equal their latest journal entries"
+                 + (f"; {older} were recorded before the previous central export (its segments hold them)"
+                    if older else ""))
+    return notes
+
+
+def _central_checkpoint(sid: str, s: dict, marked: str | None, trust: TrustStore | None, jpath: Path) -> str:
+    """A station's own signed checkpoint inside its segment: its place, and its signature when the key is pinned."""
+    from .record import _signed
+
+    cp = s.get("checkpoint")
+    if not cp:
+        return "no checkpoint of the station inside this segment (the exporter's signature covers it)"
+    if cp.get("station_id") != sid or marked is None or marked != cp.get("head"):
+        raise AuditError(f"{jpath.name}: station {sid}'s checkpoint of {cp.get('at')} (entry {cp.get('entries')}) "
+                         "names no entry of its segment with that head")
+    keys = trust.keys_for(sid) if trust is not None else []
+    if not keys:
+        return f"its checkpoint at entry {cp['entries']}: not checked: no key pinned for station {sid}"
+    if not any(_signed(k.public_key(), cp) for k in keys):
+        raise AuditError(f"station {sid}'s checkpoint of {cp.get('at')} is not signed by a key pinned for station "
+                         f"{sid}: it was forged or altered")
+    return f"its checkpoint at entry {cp['entries']} is signed by its pinned key"
+
+
 def check_series(done: list[Verified]) -> list[str]:
     """Consecutive exports of one station must name each other: a missing one is a gap."""
     problems = []
@@ -455,19 +555,36 @@ def check_series(done: list[Verified]) -> list[str]:
     for v in done:
         if v.manifest.get("checkpoint") and v.manifest.get("kind") != "merge":
             by_chain.setdefault(v.manifest["checkpoint"]["station_id"], []).append(v)
+    central: dict[str, list[Verified]] = {}
+    for v in done:
+        if v.manifest.get("scope") == "central":
+            central.setdefault(v.manifest["central"]["series"], []).append(v)
+    for series in central.values():  # one series per central copy, whoever exported
+        problems += _unchained(
+            series, "number", lambda v: v.manifest["central"]["number"],
+            lambda a, b, prev: f"gap: central export {prev.get('number')} (at {prev.get('at')}, manifest "
+                               f"{str(prev.get('manifest_sha256'))[:16]}…) between {a.path.name} and {b.path.name} "
+                               "is not among these files: its journal segments are missing",
+            lambda a, b: f"{b.path.name} does not follow {a.path.name}: the two central exports do not chain")
     for station, series in by_chain.items():
-        series.sort(key=lambda v: v.manifest["checkpoint"]["last_id"])
-        for a, b in zip(series, series[1:]):
-            prev = b.manifest.get("previous_export") or {}
-            if prev.get("manifest_sha256") == a.manifest_sha256:
-                continue
-            if prev.get("last_id", -1) > a.manifest["checkpoint"]["last_id"]:
-                problems.append(f"gap: station {station} made an export between {a.path.name} and {b.path.name} "
-                                f"(at {prev.get('at')}, manifest {str(prev.get('manifest_sha256'))[:16]}…) that is "
-                                "not among these files: its journal segment is missing")
-            else:
-                problems.append(f"{b.path.name} does not follow {a.path.name}: the two exports do not chain "
-                                "(not the same record)")
+        problems += _unchained(
+            series, "last_id", lambda v: v.manifest["checkpoint"]["last_id"],
+            lambda a, b, prev: f"gap: station {station} made an export between {a.path.name} and {b.path.name} "
+                               f"(at {prev.get('at')}, manifest {str(prev.get('manifest_sha256'))[:16]}…) that is "
+                               "not among these files: its journal segment is missing",
+            lambda a, b: f"{b.path.name} does not follow {a.path.name}: the two exports do not chain "
+                         "(not the same record)")
+    return problems
+
+
+def _unchained(series: list[Verified], key: str, place, gap, broken) -> list[str]:
+    """Each export of a series must name the one before it; a later one named instead is a gap."""
+    problems = []
+    series.sort(key=place)
+    for a, b in zip(series, series[1:]):
+        prev = b.manifest.get("previous_export") or {}
+        if prev.get("manifest_sha256") != a.manifest_sha256:
+            problems.append(gap(a, b, prev) if prev.get(key, -1) > place(a) else broken(a, b))
     return problems
 
 

@@ -59,11 +59,12 @@ from psycopg.types.json import Jsonb
 
 from flashing.errors import UnitError
 
+from .record import ATTEMPT_KINDS as _RECORD_ATTEMPT_KINDS
 from .record import CHAIN_GENESIS, ENTRY_FIELDS, Record, RecordError, _entry_hash, _signed
 
 PASSWORD_ENV = "STATION_CENTRAL_PASSWORD"
 PASSWORD_SECRET = "central_password"  # its name in the station's secrets file
-ATTEMPT_KINDS = ("started", "finished", "recorded", "interrupted")  # the entry kinds that carry an attempt
+ATTEMPT_KINDS = _RECORD_ATTEMPT_KINDS  # the entry kinds that carry an attempt (`burn` too: issue #18)
 PUSH_BATCH = 500  # entries per transaction: a long outage catches up in bounded steps
 
 # The central schema, one migration per entry, applied in order by whichever station
@@ -132,6 +133,22 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
             leased_at timestamptz NOT NULL DEFAULT now()
         );
     """),
+    # central exports (station/central_audit.py): the series they form, so the next one names its predecessor
+    ("c002_central_exports", """
+        CREATE TABLE central_identity (
+            id text PRIMARY KEY DEFAULT gen_random_uuid()::text,  -- names this central copy's export series
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        INSERT INTO central_identity DEFAULT VALUES;
+        CREATE TABLE central_exports (
+            number bigint PRIMARY KEY,                  -- 1, 2, ...: the place in the series
+            manifest_sha256 text NOT NULL UNIQUE,
+            station_id text NOT NULL,                   -- the machine that signed it
+            exported_at text NOT NULL,
+            heads jsonb NOT NULL,                       -- station id -> {"seq", "head"}: where each segment ended
+            recorded_at timestamptz NOT NULL DEFAULT clock_timestamp()
+        );
+    """),
 )
 _MIGRATION_LOCK = 0x5354_4E43  # "STNC": the advisory lock id of the schema's migrations
 
@@ -163,7 +180,7 @@ class GuardAnswer:
 
 @dataclass
 class PushState:
-    online: bool = False
+    online: bool | None = None  # None until the first push or query says
     last_error: str = ""
     pushed: int = 0  # entries this process pushed
     last_push: float = 0.0  # monotonic time of the last push that reached the database
@@ -391,6 +408,7 @@ class Central:
                     break
             self.state.pushed += total
             self.state.online, self.state.last_error = True, ""
+            self._down_until = 0.0  # reached again: the guard asks the central record at once
             self.state.last_push = time.monotonic()
             return total
         except psycopg.Error as exc:
@@ -466,6 +484,14 @@ class Central:
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"central-push-{self.station_id}")
         self._thread.start()
         return self
+
+    def words(self) -> tuple[str, bool]:
+        """For the operator: what the central record is to this station now, and whether that is a warning."""
+        if self.state.online is None:
+            return "central: connecting", False
+        if self.state.online:
+            return "central: online", False
+        return "CENTRAL OFFLINE: duplicate check on this station only, serials from its block", True
 
     def kick(self) -> None:
         """Something was recorded: push soon."""

@@ -449,7 +449,11 @@ def flash(run: FlashRun, station) -> int:
             bench.close()
         if all(r.recorded == "database" for r in results):  # else the database is held: the next run signs
             _checkpoint(ctx, "station flash")
-        ctx.close()
+        central = ctx.central
+        ctx.close()  # with a central record: one last push
+    if central is not None and not central.state.online:
+        _info(f"station flash: the central record is out of reach ({central.state.last_error}); this run is kept "
+              "in the station's record and goes central when the station next reaches it (station central push)")
     if not run.json:
         _summary(results)
     if stop.name:
@@ -484,13 +488,15 @@ def _open_profile(args: argparse.Namespace):
 
 
 def cmd_profile_check(args: argparse.Namespace) -> int:
-    from station.profile import check_profile
+    from station.profile import StationKeys, check_profile, security_summary
+    from station.serials import SerialPattern
 
     opened = _open_profile(args)
     if opened is Exit.USAGE:
         return opened
     station, prof = opened
-    problems = check_profile(prof, store_path=station.secrets_file)
+    problems = check_profile(prof, store_path=station.secrets_file, station_id=station.station_id,
+                             station_keys=StationKeys(station.key_file, station.secure_boot_key))
     for p in problems:
         _err(str(p))
     if problems:
@@ -498,6 +504,13 @@ def cmd_profile_check(args: argparse.Namespace) -> int:
         return Exit.USAGE
     print(f"profile {prof.name!r} is ready: {prof.chip}, firmware {prof.firmware_version()}, "
           f"{len(prof.regions)} regions, config hash {prof.content_hash[:16]} ({prof.origin} {prof.path.resolve()})")
+    if prof.serial_pattern:
+        pattern, today = SerialPattern.parse(prof.serial_pattern), datetime.now()
+        first, last = (pattern.render(n, today, station.station_id) for n in (1, pattern.max_seq))
+        on = f" on station {station.station_id!r}" if pattern.uses_station else ""
+        print(f"  serials today{on}: {first!r} to {last!r} (pattern {prof.serial_pattern!r})")
+    for line in security_summary(prof):
+        print(f"  {line}")
     return Exit.OK
 
 
@@ -527,7 +540,7 @@ def cmd_profile_new(args: argparse.Namespace) -> int:
     try:
         prof = load_profile(path)
         # an unset token is the next step, not a fault of the new profile
-        problems = [p for p in check_profile(prof, store_path=station.secrets_file)
+        problems = [p for p in check_profile(prof, store_path=station.secrets_file, station_id=station.station_id)
                     if not p.field.startswith("secrets.")]
     except ConfigError as exc:
         problems = getattr(exc, "problems", None) or [exc]
@@ -691,10 +704,11 @@ def _verify_exports(args, trust) -> int:
         m = v.manifest
         how = ("pinned for this station" if v.pinned else
                "ONE-OFF check with --pubkey: the key is not pinned, compare its fingerprint with the published one")
-        print(f"verified: {path} ({m['rows']} rows, station {m['station_id']}, sha256 {m['sha256'][:16]}…, "
-              f"signed by key {v.fingerprint} — {how})")
+        # what a manifest says (station ids, times) is the exporter's text: data, never control sequences
+        _out(f"verified: {path} ({m['rows']} rows, station {m['station_id']}, sha256 {m['sha256'][:16]}…, "
+             f"signed by key {v.fingerprint} — {how})")
         for note in v.notes:
-            print(f"  {note}")
+            _out(f"  {note}")
         done.append(v)
     for gap in check_series(done):
         _err(f"NOT VERIFIED: {gap}")
@@ -733,6 +747,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         fmt = _export_format(args.out, args.format)
         if args.since and args.until and args.since >= args.until:
             raise _Usage(f"--since {args.since} is not before --until {args.until}: nothing could match")
+        if getattr(args, "central", False):
+            return _export_central(args, fmt)
         station, record = _open_record(args)
         trust = TrustStore.for_station(station)
         key = station_signing_key(station, trust)
@@ -748,6 +764,55 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ConfigError, OSError) as exc:
         _err(f"station export: {exc}")
         return Exit.USAGE
+
+
+def _export_central(args: argparse.Namespace, fmt: str) -> int:
+    """`station export --central`: every station's record from the central copy, signed by this machine."""
+    import os
+
+    import psycopg
+
+    from station.audit import ExportFilter, TrustStore, station_signing_key
+    from station.central import Central, CentralError, central_password
+    from station.central_audit import CentralExportRefused, export
+    from station.config import StationConfig
+    from station.record import CHAIN_KEY_PURPOSE, derive_key, station_key
+    from station.secrets import Redactor
+
+    station = StationConfig.load(args.config)
+    if not station.central.enabled:
+        raise _Usage("station.toml has no [central] url: --central exports from the plant's central record (README: "
+                     "Several stations)")
+    if args.db:
+        raise _Usage("--db names a station database: --central reads the central record only; drop one of them")
+    password = central_password(station.secrets_file, os.environ)
+    _Words.redact = Redactor.from_values([password])
+    trust = TrustStore.for_station(station)
+    key = station_signing_key(station, trust)
+    # a station that exports recomputes its own chain's entries too (the key exists only where it ran)
+    chain_keys = ({station.station_id: derive_key(station_key(station.key_file), CHAIN_KEY_PURPOSE)}
+                  if station.key_file.exists() else {})
+    f = ExportFilter(args.since, args.until, args.profile, args.outcome, args.operator, args.station, args.lot)
+    try:
+        with Central(station.central, password, None, station.station_id).connect() as conn:
+            m = export(conn, args.out, fmt, f, station.station_id, key, trust.by_station(), chain_keys)
+    except CentralExportRefused as exc:
+        _err(f"station export --central: refused: {exc}")
+        for p in exc.problems:
+            _err(f"  {p}")
+        return Exit.UNIT_FAILED
+    except CentralError as exc:
+        _err(f"station export --central: {exc.message} -> {exc.remedy}")
+        return Exit.STATION_ERROR
+    except psycopg.Error as exc:  # the link broke mid-export: nothing was kept (central_audit.export)
+        _err(f"station export --central: the central database failed while exporting ({' '.join(str(exc).split())}); "
+             "nothing was written -> try again")
+        return Exit.STATION_ERROR
+    stations = m["journal"]["stations"]
+    _info(f"wrote {m['rows']} {m['kind']} of {len(stations)} station(s) from the central record to {args.out} "
+          f"(central export {m['central']['number']}, {m['journal']['entries']} journal entries), signed manifest "
+          f"{args.out}.manifest.json (key {m['public_key_sha256']})")
+    return Exit.OK
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -1352,6 +1417,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--station", metavar="ID", help="only this station id's units")
     e.add_argument("--lot", metavar="LOT", help="only this lot's units")
     e.add_argument("--out", type=Path, metavar="FILE", help="the export file; its signed manifest goes beside it")
+    e.add_argument("--central", action="store_true",
+                   help="export every station's record from the central database ([central] in station.toml), "
+                        "signed by this machine; no station database is read")
     e.add_argument("--db", type=Path, metavar="FILE",
                    help="station database, which must exist (default: station.toml's)")
     e.add_argument("--config", type=Path, metavar="FILE", help="station.toml")

@@ -229,6 +229,8 @@ class StationConfig:
     key_file: FilePath = Path("var/station.key")
     signing_key: FilePath = Path("var/station-ed25519.pem")
     secrets_file: FilePath = Path("var/secrets.enc")
+    # Secure Boot v2's RSA-3072 signing key ([security] secure_boot): a station file, never in a profile
+    secure_boot_key: FilePath | None = None
     ports: Ports = dataclasses.field(default_factory=Ports)
     smoke: SmokeDefaults = dataclasses.field(default_factory=SmokeDefaults)
     central: CentralSettings = dataclasses.field(default_factory=CentralSettings)

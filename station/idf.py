@@ -273,6 +273,7 @@ env = "{env}_WIFI_PASSWORD"
 optional = true
 
 [serial]
+# {{yymmdd}} {{yyyymmdd}} {{yy}} {{mm}} {{dd}}: the day; {{station}}: station.toml's station_id; {{seq:05}}: the counter
 pattern = "{prefix}-{{yymmdd}}-{{seq:05}}"
 
 [checks]

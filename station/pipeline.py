@@ -13,6 +13,7 @@ naming the step and what to do. Nothing here branches on virtual or real boards.
 
 from __future__ import annotations
 
+import base64
 import getpass
 import hashlib
 import os
@@ -26,15 +27,18 @@ from typing import Callable
 from flashing.errors import UnitError
 from flashing.images import ImageError, check_image_bytes, parse_partition_table
 from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, new_keys, read_partition
+from flashing.secure import (KEY_BYTES, Burn, EfuseState, burn_plan, check_state, encrypt_region, read_state, run_burn,
+                             sign_image)
 from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, flash_size_bytes
 
 from . import keys as derived
 from .config import StationConfig
 from .events import Emit, LogLine, Progress, StepFinished, StepStarted, UnitFinished, UnitInfo, UnitResult, redacting
 from .profile import Problem, Profile, ProfileError, read_region
-from .record import Attempt, Outcome, Record, RecordError, SerialPlan, fingerprint, now_iso
+from .record import (PARTLY_BURNED_REMEDY, Attempt, Outcome, Record, RecordError, SerialPlan, burns_left, fingerprint,
+                     now_iso)
 from .secrets import NO_SECRETS, Redactor
-from .serials import SerialPattern
+from .serials import SerialPattern, SerialPatternError
 from .smoke import (FactoryAccounts, UnitAccount, UnitAccounts, healthcheck, make_reach, pair_and_wait, soak,
                     wait_for_address)
 
@@ -72,8 +76,18 @@ class StationContext:
         # what every attempt records: the hashes of the very bytes this context flashes
         self.firmware_hashes = {f"0x{off:x}": hashlib.sha256(data).hexdigest() for _, off, data in self.firmware}
         self.app_version = _app_version(self.firmware)
+        self._signed: list[tuple[str, int, bytes]] | None = None
+        self._signing = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._outgrown: list[ThreadPoolExecutor] = []  # smaller pools, ending with their last units
+
+    def signed_firmware(self) -> list[tuple[str, int, bytes]]:
+        """The firmware with its bootloader and app images signed for Secure Boot v2, signed once per context."""
+        with self._signing:
+            if self._signed is None:
+                self._signed = [(name, off, sign_image(data, self.station.secure_boot_key) if data[:1] == b"\xe9"
+                                 else data) for name, off, data in self.firmware]
+            return self._signed
 
     def unit_accounts(self) -> UnitAccounts:
         """Where each unit's own test-broker account is made (and deleted)."""
@@ -249,6 +263,9 @@ class UnitRun:
     credentials_on_unit: bool = False  # from /pair until the unit's own config is back and checked
     was_quarantined: bool = False  # an earlier attempt left test credentials on this board
     plant_serial: str | None = None  # the serial this board passed with at another station (central record)
+    flash_key: bytes | None = None  # the unit's flash-encryption key (a secret: the redactor knows it)
+    firmware: list[tuple[str, int, bytes]] | None = None  # what this unit gets when not the context's bytes
+    late_burns: list = field(default_factory=list)  # (Burn, its record entry) made after the flash is written
 
     @property
     def port(self) -> str:
@@ -316,11 +333,16 @@ def reserve_serial(run: UnitRun) -> None:
     if run.job.serial or run.plant_serial:
         plan = SerialPlan(given=run.job.serial or run.plant_serial)
     elif profile.serial_pattern:
-        pattern = SerialPattern.parse(profile.serial_pattern)
-        plan = SerialPlan(counter=f"{profile.name}:{pattern.counter_name(now)}",
-                          render=lambda seq: pattern.render(seq, now), max_value=pattern.max_seq)
+        pattern, station = SerialPattern.parse(profile.serial_pattern), run.ctx.station.station_id
+        try:
+            counter = pattern.counter_name(now, station)
+        except SerialPatternError as exc:  # open_station refuses this before any unit; the Python API may not
+            raise StationFault(str(exc), "call the station's engineer: fix station.toml's station_id or the "
+                               "profile's serial pattern; no board was touched") from None
+        plan = SerialPlan(counter=f"{profile.name}:{counter}", render=lambda seq: pattern.render(seq, now, station),
+                          max_value=pattern.max_seq)
         if run.ctx.central is not None:  # a serial block for today, and tomorrow's leased ahead
-            tomorrow = f"{profile.name}:{pattern.counter_name(now + timedelta(days=1))}"
+            tomorrow = f"{profile.name}:{pattern.counter_name(now + timedelta(days=1), station)}"
             run.ctx.central.need_serials(plan.counter, plan.max_value,
                                          (tomorrow,) if tomorrow != plan.counter else ())
     else:
@@ -334,9 +356,126 @@ def build_config(run: UnitRun) -> None:
     run.config_image, run.keys_image, _ = _build_config(run.ctx, run.attempt)
 
 
+def secure(run: UnitRun) -> None:
+    """Flash encryption for this unit: its key, each eFuse burn journaled before it runs, its regions encrypted.
+
+    A board already encrypted is reworked (development: with its escrowed key) or refused (release).
+    """
+    ctx, a = run.ctx, run.attempt
+    chip, mode = ctx.profile.chip, ctx.profile.flash_encryption
+    a.flash_encryption = mode
+    esp = run.session.esp
+    state = read_state(esp, chip)
+    if state.encrypted or state.key_present:
+        key = _rework_key(run, state)
+    else:
+        key = _burn_new_key(run)
+    plain = ctx.signed_firmware() if ctx.profile.secure_boot else ctx.firmware
+    run.firmware = [(name, off, encrypt_region(chip, key, off, data)) for name, off, data in plain]
+    if run.keys_image is not None:  # the NVS keys are flash-encrypted, as ESP-IDF's nvs_keys partition is
+        kslot = next(p for p in ctx.profile.partitions if p.name == ctx.profile.keys_partition)
+        run.keys_image = encrypt_region(chip, key, kslot.offset, run.keys_image)
+
+
+def _key_forms(key: bytes) -> list[str]:
+    """The ways a raw key shows up in text: hex (either case, via the redactor) and base64."""
+    return [key.hex(), base64.b64encode(key).decode()]
+
+
+def _burn_new_key(run: UnitRun) -> bytes:
+    ctx, a = run.ctx, run.attempt
+    chip, mode = ctx.profile.chip, ctx.profile.flash_encryption
+    key = os.urandom(KEY_BYTES)  # the station's CSPRNG: one key per unit
+    run.flash_key = key
+    run.redact.learn(_key_forms(key))
+    if mode == "development":  # sealed before the first burn: a unit whose key burned always has its escrow
+        a.key_escrow = derived.escrow(ctx.key, a.uid, key)
+    plan = burn_plan(chip, mode, ctx.profile.secure_boot)
+    a.burns = [{"burn": b.describe(), "state": "pending"} for b in plan]
+    ctx.record.note_burns(a)  # the whole plan, committed before the first burn
+    # release mode's disables come last, after the ciphertext is written and read back (the flash step):
+    # esptool refuses plain writes once DIS_DOWNLOAD_MANUAL_ENCRYPT is burned
+    planned = list(zip(plan, a.burns))
+    run.late_burns = [(b, e) for b, e in planned if b.name == "release"]
+    _make_burns(run, [(b, e) for b, e in planned if b.name != "release"], key)
+    _check_burned(run, "development")  # encryption on, no release disable yet
+    return key
+
+
+def _make_burns(run: UnitRun, burns: list[tuple[Burn, dict]], key: bytes) -> None:
+    """Each burn journaled as burning before espefuse runs it, and as done after."""
+    record, a = run.ctx.record, run.attempt
+    for b, entry in burns:
+        run.emit(LogLine(run.port, "secure", f"burning {b.describe()}"))
+        if run.cancel.is_set():  # asked before this burn, or as it was announced: it does not run
+            raise Aborted()
+        entry["state"] = "burning"
+        record.note_burns(a)  # RecordError: this burn does not run
+        run_burn(run.session.esp, run.ctx.profile.chip, b, key, run.ctx.station.secure_boot_key)
+        entry["state"] = "done"
+        record.note_burns(a)
+
+
+def _check_burned(run: UnitRun, mode: str) -> None:
+    problems = check_state(read_state(run.session.esp, run.ctx.profile.chip), mode, run.ctx.profile.secure_boot)
+    if problems:
+        raise StepFailure(f"the eFuses read back do not match the profile: {'; '.join(problems)}",
+                          "set the board aside for the engineer: its burns cannot be undone")
+
+
+def _rework_key(run: UnitRun, state: EfuseState) -> bytes:
+    """The key of a board whose flash is already encrypted: Espressif's rules for re-flashing it."""
+    ctx, a = run.ctx, run.attempt
+    if state.release or ctx.profile.flash_encryption == "release":
+        raise StepFailure("this unit's flash encryption is in release mode: it cannot be re-flashed (its key "
+                          "was never stored and the ROM's encrypted download is disabled)",
+                          "set it aside: a release-mode unit is never reworked; nothing was written")
+    if not state.encrypted:
+        raise StepFailure("this unit has a flash-encryption key burned but encryption is not on: an earlier "
+                          "set-up was interrupted between its burns",
+                          "set it aside for the engineer (espefuse summary); nothing was written")
+    found = ctx.record.escrowed_key(a.mac)
+    if found is None:
+        raise StepFailure("this unit's flash is encrypted with a key this station does not hold",
+                          "set it aside: only the station that escrowed its key can re-flash it; nothing was written")
+    uid, sealed = found
+    try:
+        key = derived.unescrow(ctx.key, uid, sealed)
+    except Exception:  # InvalidTag or a damaged escrow: the record's word is not a usable key
+        raise StationFault("the escrowed flash-encryption key of this unit does not open with the station's key",
+                           "call the station's engineer (station db verify); nothing was written") from None
+    run.flash_key = key
+    run.redact.learn(_key_forms(key))
+    a.key_escrow = derived.escrow(ctx.key, a.uid, key)  # this attempt's row holds it too, sealed to its uid
+    run.emit(LogLine(run.port, "secure", "flash already encrypted (development mode): re-flashed with its "
+                     "escrowed key"))
+    return key
+
+
+def _check_sealed(run: UnitRun) -> None:
+    """Read the config and keys back over esptool: no secret and no parsable NVS may be there in plaintext."""
+    profile = run.ctx.profile
+    slot = profile.config_slot()
+    if slot is None or run.config_image is None:
+        return
+    raw = run.session.read(slot.offset, slot.size)
+    secrets = [v.encode() for k in profile.keys if k.secret and (v := run.ctx.secrets.get(k.secret))]
+    leaked = any(v in raw for v in secrets)
+    try:
+        read_partition(raw)
+        parsed = True
+    except NvsError:
+        parsed = False
+    if leaked or parsed:
+        raise StepFailure("the config partition reads back " + ("with a secret in plaintext" if leaked else
+                          "as plaintext NVS") + " although flash encryption is on",
+                          "set the board aside and call the station's engineer: the profile's NVS encryption "
+                          "did not take")
+
+
 def flash(run: UnitRun) -> None:
     profile = run.ctx.profile
-    regions = list(run.ctx.firmware)
+    regions = list(run.firmware if run.firmware is not None else run.ctx.firmware)
     if run.config_image is not None:
         regions.append(("config", profile.config_slot().offset, run.config_image))
     if run.keys_image is not None:
@@ -345,6 +484,15 @@ def flash(run: UnitRun) -> None:
     run.attempt.written_regions = run.session.write_regions(regions, run.sink.on_region)
     if run.config_image is not None:
         run.was_quarantined = False  # the config region now is this unit's own (written or MD5-equal)
+    if run.flash_key is not None:
+        _check_sealed(run)
+    if run.late_burns:
+        _make_burns(run, run.late_burns, run.flash_key)
+        run.late_burns = []
+        _check_burned(run, run.ctx.profile.flash_encryption)
+    if run.flash_key is not None:
+        run.emit(LogLine(run.port, "secure", f"flash encryption on ({run.ctx.profile.flash_encryption} mode): "
+                         "eFuses read back as the profile says"))
 
 
 def boot(run: UnitRun) -> None:
@@ -366,6 +514,10 @@ def boot(run: UnitRun) -> None:
 def smoke(run: UnitRun) -> None:
     level = run.ctx.smoke_level or run.ctx.profile.checks.smoke
     _smoke(level, run)
+
+
+def _secure_on(run: UnitRun) -> bool:
+    return run.ctx.profile.flash_encryption != "off"
 
 
 def _boot_on(run: UnitRun) -> bool:
@@ -390,10 +542,12 @@ STEPS: tuple[Step, ...] = (
     Step("guard", guard),
     Step("serial", reserve_serial),  # write-ahead: nothing irreversible before this commit
     Step("config", build_config),
+    Step("secure", secure, _secure_on),  # eFuse burns, each journaled before it runs; then the regions encrypted
     Step("flash", flash),
     Step("boot", boot, _boot_on),
     Step("smoke", smoke, _smoke_on),
 )
+SECURE_STEPS = ("secure",)  # the steps a profile without [security] skips
 # every step a unit's durations can name, in order: the record is always the last
 STEP_NAMES: tuple[str, ...] = tuple(s.name for s in STEPS) + ("record",)
 
@@ -464,6 +618,10 @@ def provision_unit(job: UnitJob, ctx: StationContext, emit: Emit,
             _take_back_after_failure(run)
         session.close()
         _mark_quarantine(run)
+        partly = burns_left(attempt) if attempt.outcome != Outcome.PASSED else None
+        if partly:  # a unit stopped between its burns: the auditor and the operator see exactly which
+            attempt.error = f"{attempt.error}; {partly}" if attempt.error else partly
+            attempt.remedy = PARTLY_BURNED_REMEDY
         attempt.ended_at = now_iso()
         redact.current.fields(attempt)  # the record's texts (error, remedy, detail) hold no secret either
         t = time.monotonic()

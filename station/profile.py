@@ -68,6 +68,8 @@ DEVICE_CLASSES = ("wifi", "no-wifi", "other")
 SMOKE_LEVELS = ("none", "healthcheck", "pair")
 UNIT_SOURCES = ("serial", "device_id", "mac")
 ENCRYPTIONS = ("none", "per-unit", "per-lot")
+FLASH_ENCRYPTION = ("off", "development", "release")
+FLASH_ENCRYPTION_CHIPS = ("esp32", "esp32c3", "esp32s3")  # flashing/secure.py knows their eFuses
 BAUDS = (115200, 230400, 460800, 921600, 1500000, 2000000)  # the rates esptool uses
 CONNECTIONS = ("auto", "usb-serial-jtag", "uart-bridge")
 USB_SERIAL_JTAG_CHIPS = ("esp32c3", "esp32s3")  # the chips with their own USB-Serial/JTAG controller
@@ -194,9 +196,19 @@ class ConfigTable:
     keys: tuple[ConfigKey, ...] = ()
     """The keys written for each unit ([[config.keys]])."""
     encryption: Literal[ENCRYPTIONS] = "none"  # type: ignore[valid-type]
-    """NVS encryption of the config; only "none" is accepted until secure production (issue #18)."""
+    """NVS encryption of the config: keys made per unit or per lot, written to the keys partition; needs [security] flash_encryption (the keys partition is flash-encrypted)."""
     keys_partition: Name = "nvs_keys"
     """With encryption: the data/nvs_keys partition."""
+
+
+@schema(frozen=True, config=SCHEMA)
+class SecurityTable:
+    """[security]: flash encryption and Secure Boot v2, set up per unit by the station with eFuse burns that cannot be undone."""
+
+    flash_encryption: Literal[FLASH_ENCRYPTION] = "off"  # type: ignore[valid-type]
+    """off, development (the unit can be re-flashed: its key is escrowed in the record, encrypted) or release (the key is never stored; the ROM's plaintext download paths are disabled)."""
+    secure_boot: Flag = False
+    """Secure Boot v2: only firmware signed with the station's signing key (station.toml secure_boot_key, never in a profile) boots."""
 
 
 @schema(frozen=True, config=SCHEMA)
@@ -282,6 +294,8 @@ class ProfileFile:
     """How units get serial numbers: [serial]."""
     checks: Checks = dataclasses.field(default_factory=Checks)
     """What is checked after flashing: [checks]."""
+    security: SecurityTable = dataclasses.field(default_factory=SecurityTable)
+    """Flash encryption and secure boot, burned per unit: [security]."""
 
     @model_validator(mode="after")
     def _native_usb_needs_the_controller(self) -> "ProfileFile":
@@ -351,6 +365,8 @@ class Profile:
     flash_size: str | None = None  # as declared; None: the bootloader header's
     connection: str = "auto"  # auto | usb-serial-jtag | uart-bridge
     origin: str = "path"  # where the name led: path, profiles_dir or packaged example
+    flash_encryption: str = "off"  # off | development | release ([security])
+    secure_boot: bool = False
 
     @property
     def dir(self) -> Path:
@@ -465,6 +481,7 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
         product_id=spec.product_id, lot=spec.lot, encryption=spec.config.encryption,
         keys_partition=spec.config.keys_partition, partitions=_partitions(regions),
         flash_size=spec.flash_size, origin=found.origin, connection=spec.connection,
+        flash_encryption=spec.security.flash_encryption, secure_boot=spec.security.secure_boot,
     )
 
 
@@ -567,8 +584,12 @@ def read_region(r: Region, pin_note: str = "") -> tuple[bytes | None, Problem | 
 
 
 def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
-                  store_path: Path | None = None) -> list[Problem]:
-    """Everything that can be checked without a device. An empty list means ready."""
+                  store_path: Path | None = None, station_id: str | None = None,
+                  station_keys: "StationKeys | None" = None) -> list[Problem]:
+    """Everything that can be checked without a device (on station `station_id`). An empty list means ready.
+
+    `station_keys`: the station's own key files, which a secure profile needs (escrow, signing).
+    """
     problems: list[Problem] = []
     f = str(profile.path)
     chip = chip_facts(profile.chip)
@@ -622,6 +643,14 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
         problems.append(Problem(f, "firmware", "no app image for the partition the bootloader starts"))
 
     problems += _check_layout(profile, sizes, parts, bootloader_flash)
+    boot_image = images.get(chip.bootloader_offset)
+    if profile.secure_boot and boot_image is not None:
+        from flashing.secure import signed_size
+
+        end = chip.bootloader_offset + signed_size(len(boot_image))
+        if end > 0x8000:  # the signature sector would overwrite the partition table
+            problems.append(Problem(f, "security.secure_boot", f"the signed bootloader would end at 0x{end:x}, "
+                                    "past the partition table at 0x8000: build a smaller bootloader"))
     if profile.device_class == "other":
         if profile.config_partition or profile.keys:
             problems.append(Problem(f, "config", "'other' devices get no config partition"))
@@ -629,7 +658,8 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
         problems += _check_config(profile, parts)
         if app is not None and app.offset in images:
             problems += _check_firmware_reads(profile, read_manifest(images[app.offset][:MANIFEST_SPAN]))
-    problems += _check_serial(profile)
+    problems += _check_serial(profile, station_id)
+    problems += _check_security(profile, station_keys)
     secrets, secret_problems = resolve_secrets(profile, env, store_path)
     problems += secret_problems
     for k in profile.keys:
@@ -639,6 +669,83 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             problems.append(Problem(f, f"secrets.{k.secret}", f"{len(secrets[k.secret].encode())} bytes; "
                                     f"key {k.key!r} holds at most {k.max_length}"))
     return problems
+
+
+@dataclasses.dataclass(frozen=True)
+class StationKeys:
+    """The station-side key files a secure profile needs: never inside profiles/."""
+
+    station_key: Path | None = None  # the station's key: development mode escrows each unit's key under it
+    secure_boot_key: Path | None = None  # the RSA-3072 signing key of Secure Boot v2
+
+
+def _check_security(profile: Profile, keys: StationKeys | None) -> list[Problem]:
+    """What [security] will burn is possible on this chip and this station."""
+    f = str(profile.path)
+    problems = []
+    on = profile.flash_encryption != "off"
+    if (on or profile.secure_boot) and profile.chip not in FLASH_ENCRYPTION_CHIPS:
+        problems.append(Problem(f, "security", f"{profile.chip} is not a chip the station sets up flash "
+                                f"encryption or secure boot on ({', '.join(FLASH_ENCRYPTION_CHIPS)})"))
+    if profile.secure_boot and not on:
+        problems.append(Problem(f, "security.secure_boot", "the station sets secure boot up together with flash "
+                                "encryption: set flash_encryption too"))
+    if profile.secure_boot:
+        key = keys.secure_boot_key if keys else None
+        if key is None or not key.is_file():
+            problems.append(Problem(f, "security.secure_boot", "secure boot needs the station's signing key: "
+                                    "station.toml secure_boot_key names no readable file"
+                                    + (f" ({key})" if key else "")))
+        elif (why := _not_a_signing_key(key)) is not None:
+            problems.append(Problem(f, "security.secure_boot", f"station.toml secure_boot_key {key}: {why}"))
+    if profile.flash_encryption == "development" and keys is not None and keys.station_key is not None and \
+            not _can_hold(keys.station_key):
+        problems.append(Problem(f, "security.flash_encryption", "development mode escrows each unit's key "
+                                f"under the station's key, and this station has none and cannot make one "
+                                f"({keys.station_key}: not writable); fix station.toml key_file"))
+    return problems
+
+
+def _can_hold(key_file: Path) -> bool:
+    """The station's key is there, or can be made on first use (its nearest existing folder is writable)."""
+    if key_file.is_file():
+        return os.access(key_file, os.R_OK)
+    folder = key_file.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def _not_a_signing_key(path: Path) -> str | None:
+    """Why the file is not a Secure Boot v2 RSA-3072 private key (None: it is one)."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(path.read_bytes(), None)
+    except (OSError, ValueError, TypeError) as exc:
+        return f"not a readable PEM private key ({type(exc).__name__})"
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size != 3072:
+        return "Secure Boot v2 signs with an RSA-3072 key (espsecure generate-signing-key --version 2 --scheme rsa3072)"
+    return None
+
+
+def security_summary(profile: Profile) -> list[str]:
+    """What `profile check` says will be burned on every unit, in words (nothing: no [security])."""
+    if profile.flash_encryption == "off":
+        return []
+    from flashing.secure import burn_plan
+
+    lines = [f"flash encryption ({profile.flash_encryption} mode): each unit gets its own key, made on the "
+             "station; these eFuses are burned and can never be undone:"]
+    lines += [f"  {b.describe()}" for b in burn_plan(profile.chip, profile.flash_encryption, profile.secure_boot)]
+    if profile.secure_boot:
+        lines.append("  the bootloader and app are signed with the station's secure_boot_key (RSA-PSS): only "
+                     "firmware signed with it ever boots on these units")
+    lines.append("  the key is escrowed in the record, encrypted (the unit can be re-flashed)"
+                 if profile.flash_encryption == "development" else
+                 "  the key is never stored: the unit can never be re-flashed")
+    return lines
 
 
 def _written(profile: Profile, sizes: list[tuple[Region, int]], parts: list[Partition]) -> list[tuple[str, int, int]]:
@@ -705,19 +812,22 @@ def _check_firmware_reads(profile: Profile, manifest: object) -> list[Problem]:
     return problems
 
 
-def _check_serial(profile: Profile) -> list[Problem]:
-    """The longest serial the pattern gives fits the config key that carries it."""
+def _check_serial(profile: Profile, station_id: str | None) -> list[Problem]:
+    """The longest serial the pattern gives (with this station's id) fits the config key that carries it."""
     if not profile.serial_pattern:
         return []
     f = str(profile.path)
     try:
         pattern = SerialPattern.parse(profile.serial_pattern)
+        longest = pattern.longest(station_id)
     except SerialPatternError as exc:
         return [Problem(f, "serial.pattern", str(exc))]
-    longest = pattern.longest()
     n = len(longest.encode())
+    # a station id has no fixed width: the serial is checked on the station that runs it, and named
+    on, fix = ((f" on station {station_id!r}, station.toml station_id, {len(station_id.encode())} bytes",
+                ": shorten the station id or the pattern") if pattern.uses_station else ("", ""))
     return [Problem(f, "serial.pattern", f"gives serials up to {n} bytes ({longest!r} at the counter's maximum "
-                    f"{pattern.max_seq}); config.keys[{i}] ({k.key}) holds at most {k.max_length}")
+                    f"{pattern.max_seq}{on}); config.keys[{i}] ({k.key}) holds at most {k.max_length}{fix}")
             for i, k in enumerate(profile.keys) if k.unit == "serial" and k.max_length and n > k.max_length]
 
 
@@ -733,13 +843,18 @@ def _check_config(profile: Profile, parts: list[Partition]) -> list[Problem]:
     elif slot is not None and (slot.type, slot.subtype) != (1, 2):
         problems.append(Problem(f, "config.partition", f"{slot.name!r} is {slot.type_name}/{slot.subtype_name}, "
                                 "not data/nvs"))
-    if profile.encryption != "none":
+    if profile.encryption != "none" and profile.flash_encryption == "off":
         # the keys would sit in plaintext next to what they protect: not encryption, only its look
-        problems.append(Problem(f, "config.encryption", f"{profile.encryption!r} is refused: the station writes "
-                                "the nvs_keys partition in plaintext and neither enables nor checks flash "
-                                "encryption, so the keys sit beside the config they protect; use \"none\" "
-                                "until secure production (issue #18) declares how the keys partition is "
-                                "protected"))
+        problems.append(Problem(f, "config.encryption", f"{profile.encryption!r} needs [security] "
+                                "flash_encryption: without it the nvs_keys partition is written in plaintext "
+                                "beside the config it protects; set flash_encryption = \"development\" or "
+                                "\"release\", or encryption = \"none\""))
+    if profile.flash_encryption != "off" and profile.encryption == "none" and profile.keys:
+        # ESP-IDF never flash-encrypts an NVS partition: its secrets are protected by NVS encryption
+        problems.append(Problem(f, "config.encryption", "flash encryption does not cover the config: NVS "
+                                "partitions are never flash-encrypted (ESP-IDF), so the token would still be "
+                                "read back in plaintext; set encryption = \"per-unit\" or \"per-lot\" (its "
+                                "keys partition is flash-encrypted)"))
     if profile.encryption != "none" and parts:
         kslot = next((p for p in parts if p.name == profile.keys_partition), None)
         if kslot is None or (kslot.type, kslot.subtype) != (1, 4):

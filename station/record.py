@@ -40,6 +40,20 @@ production — extends this design, it does not replace it):
   forged line is set aside in `<spool>.rejected`, never applied. Spooled passes count
   for the duplicate guard while the process runs.
 
+- **Every eFuse burn, ahead of the burn** (secure production, issue #18). A burn cannot
+  be undone, so the started attempt carries its `burns` list (each burn: what it burns,
+  and its state `pending`, `burning` or `done`), and every change of it is a `burn` entry
+  of the attempt's journal, committed (`Record.note_burns`) before espefuse is called:
+  the whole plan first, then `burning` before each burn and `done` after it. If that
+  commit fails, the burn does not run. An attempt interrupted mid-set-up is settled as
+  `interrupted: efuses partly burned (done: …, may or may not have happened: …, not
+  started: …)`: the one `burning` burn is exactly the one the record cannot vouch for.
+- **Keys.** A unit's flash-encryption key is a secret: it never reaches the record. In
+  development mode it is escrowed (`key_escrow`): AES-256-GCM under a key derived from
+  the station's key for that purpose only (station/keys.py), with the attempt's uid as
+  associated data, sealed before the first burn; a rework finds it by MAC. In release
+  mode it is never stored.
+
 Secrets never reach the record: a token is kept as a keyed fingerprint only.
 """
 
@@ -196,16 +210,23 @@ class Attempt:
     session: str = ""  # the station process that ran it (see the module docstring)
     quarantine: bool = False  # the factory's test credentials were left on the unit (smoke `pair`)
     guard: str = ""  # with a central record: "central", or "local only" when it could not be asked (station/central.py)
+    flash_encryption: str = ""  # the profile's [security] mode when this attempt set it up (or reworked it)
+    # each eFuse burn of this attempt: {"burn", "fields", "state": pending | burning | done}, journaled before it runs
+    burns: list[dict] = field(default_factory=list)
+    key_escrow: str | None = None  # development mode: the unit's flash-encryption key, AES-GCM under a derived key
 
     def row(self) -> dict:
         d = asdict(self)
-        for k in ("firmware_hashes", "durations", "written_regions"):
+        for k in ("firmware_hashes", "durations", "written_regions", "burns"):
             d[k] = json.dumps(d[k], sort_keys=True)
         d["rework"] = int(self.rework)
         d["quarantine"] = int(self.quarantine)
         d["outcome"] = str(self.outcome)
         return d
 
+
+# the journal entry kinds that carry an attempt row: its states (`burn`: before and after each eFuse burn)
+ATTEMPT_KINDS = ("started", "burn", "finished", "recorded", "interrupted")
 
 # the attempt columns every journal entry carries (the row, less the projection's own keys)
 ATTEMPT_COLUMNS = tuple(f.name for f in fields(Attempt))
@@ -548,10 +569,32 @@ class Record:
                     a.error = ("interrupted: the station stopped (killed, crashed or lost power) during this "
                                f"attempt; the board may hold serial {a.serial} and the vendor's parameters")
                     a.remedy = "put the board back on the line: a new attempt keeps its serial"
+                    if a.burns:
+                        a.error, a.remedy = burns_interrupted(a)
                     settled.append({**a.row(), "id": self._project(conn, a, "interrupted")})
             except sqlite3.Error:
                 break  # a locked or full database: the next open settles them
         return settled
+
+    def note_burns(self, a: Attempt) -> None:
+        """Journal the started attempt's burns as they stand now, before (or after) an eFuse burn.
+
+        Raises RecordError when the commit fails: the burn it announces must then not run.
+        """
+        try:
+            with self.atomic() as conn:
+                self._project(conn, a, "burn")
+        except (sqlite3.Error, OSError) as exc:
+            raise self._fault(exc, "recording an eFuse burn before it is made") from None
+
+    def escrowed_key(self, mac: str) -> tuple[str, str] | None:
+        """(attempt uid, escrow) of the board's latest attempt that escrowed a flash-encryption key."""
+        try:
+            row = self.db().execute("select uid, key_escrow from attempts where mac = ? and key_escrow is not null "
+                                    "order by id desc limit 1", [mac]).fetchone()
+        except sqlite3.Error as exc:
+            raise self._fault(exc, "looking for the board's escrowed key") from None
+        return (row[0], row[1]) if row else None
 
     def unsettled_interrupted(self) -> list[dict]:
         """Interrupted attempts whose board has had no attempt since (for the operator)."""
@@ -938,6 +981,7 @@ class Record:
         latest: dict[str, dict] = {}  # attempt uid -> its latest entry
         units: dict[str, tuple[dict, dict]] = {}  # mac -> (unit row as last journaled, entry)
         counters: dict[str, tuple[int, dict]] = {}
+        blocks: dict[tuple[str, int], tuple[dict, dict]] = {}  # serial blocks leased centrally
         checkpoints = self.checkpoints() + list(extra_checkpoints)
         signed_at = {cp["last_id"] for cp in checkpoints}
         by_id: dict[int, dict] = {}  # only the entries a checkpoint names: memory stays flat
@@ -963,14 +1007,19 @@ class Record:
             body = json.loads(e["body"])
             if e["kind"] == "counter":
                 counters[body["name"]] = (body["value"], e)
-            elif e["kind"] not in ("admin", "unit", "block"):
+            elif e["kind"] == "block":
+                blocks[(body["counter"], body["first"])] = (body, e)
+            elif e["kind"] in ATTEMPT_KINDS:
                 latest[e["attempt_uid"]] = e
+            elif e["kind"] not in ("admin", "unit"):
+                problems.append(f"station {station}: journal entry {e['id']} is of an unknown kind {e['kind']!r}")
             if e["unit"]:
                 unit = json.loads(e["unit"])
                 units[unit["mac"]] = (unit, e)
         problems += self._check_attempts(latest, broken)
         problems += self._check_units(units, broken)
         problems += self._check_counters(counters, broken)
+        problems += self._check_blocks(blocks, broken)
         problems += self._check_checkpoints(checkpoints, by_id, trusted)
         return problems
 
@@ -1029,6 +1078,20 @@ class Record:
                                 "the station's back")
         for name, (value, e) in counters.items():
             problems.append(f"serial counter {name!r} was deleted (journal entry {e['id']} set it to {value})")
+        return problems
+
+    def _check_blocks(self, blocks: dict[tuple[str, int], tuple[dict, dict]], broken: set[str]) -> list[str]:
+        if broken:
+            return []
+        problems = []
+        for row in self.db().query("select * from blocks order by id"):
+            journaled = blocks.pop((row["counter"], row["first"]), None)
+            if journaled is None or any(row[k] != v for k, v in journaled[0].items()):
+                problems.append(f"serial block {row['first']}-{row['last']} of {row['counter']!r} is not what the "
+                                "journal recorded when it was leased: it was inserted or widened behind the "
+                                "station's back (serials another station holds could be issued twice)")
+        for (counter, first), (body, e) in blocks.items():
+            problems.append(f"serial block {first}-{body['last']} of {counter!r} was deleted (journal entry {e['id']})")
         return problems
 
     @staticmethod
@@ -1095,7 +1158,7 @@ class Record:
         if not rows:
             return None
         row = rows[0]
-        for k, empty in (("durations", {}), ("firmware_hashes", {}), ("written_regions", [])):
+        for k, empty in (("durations", {}), ("firmware_hashes", {}), ("written_regions", []), ("burns", [])):
             try:
                 row[k] = json.loads(row[k]) if row[k] else empty
             except ValueError:
@@ -1118,8 +1181,8 @@ def _signed(key: Ed25519PublicKey, cp: dict) -> bool:
 
 def _attempt_from_row(row: dict) -> Attempt:
     d = {k: row[k] for k in ATTEMPT_COLUMNS if k in row}
-    for k in ("firmware_hashes", "durations", "written_regions"):
-        d[k] = json.loads(d[k]) if d.get(k) else ({} if k != "written_regions" else [])
+    for k in ("firmware_hashes", "durations", "written_regions", "burns"):
+        d[k] = json.loads(d[k]) if d.get(k) else ({} if k not in ("written_regions", "burns") else [])
     d["rework"] = bool(d.get("rework"))
     d["quarantine"] = bool(d.get("quarantine"))
     return Attempt(**d)
@@ -1154,6 +1217,37 @@ def m005_quarantine(db: Database) -> None:
     db["attempts"].add_column("quarantine", int)
 
 
+def burns_interrupted(a: Attempt) -> tuple[str, str]:
+    """What an interrupted attempt's burns say: which are done, which may have happened, which never ran."""
+    partly = burns_left(a)
+    if partly is None:
+        done = [b["burn"] for b in a.burns]
+        return (f"interrupted after every eFuse burn was made ({'; '.join(done)}): the board's flash encryption "
+                f"is set up; it may hold serial {a.serial} and part of its firmware",
+                "put the board back on the line in the same mode: a development-mode unit is re-flashed with its "
+                "escrowed key; a release-mode unit cannot be re-flashed: set it aside")
+    return (f"interrupted: {partly}; the board may hold serial {a.serial}", PARTLY_BURNED_REMEDY)
+
+
+PARTLY_BURNED_REMEDY = ("set the board aside for the engineer: read its eFuses (espefuse summary) before anything "
+                        "else; its burns cannot be undone")
+
+
+def burns_left(a: Attempt) -> str | None:
+    """"efuses partly burned (done: …, may or may not have happened: …, not started: …)", or None: all done or none planned."""
+    done = [b["burn"] for b in a.burns if b["state"] == "done"]
+    maybe = [b["burn"] for b in a.burns if b["state"] == "burning"]
+    never = [b["burn"] for b in a.burns if b["state"] == "pending"]
+    if not maybe and not never:
+        return None
+    words = [f"done: {'; '.join(done) or 'none'}"]
+    if maybe:
+        words.append(f"may or may not have happened: {'; '.join(maybe)}")
+    if never:
+        words.append(f"not started: {'; '.join(never)}")
+    return f"efuses partly burned ({', '.join(words)})"
+
+
 @migrations()
 def m006_central(db: Database) -> None:
     # issue #17: serial blocks leased from the central record, and how the duplicate guard was asked
@@ -1161,3 +1255,11 @@ def m006_central(db: Database) -> None:
                          "station_id": str, "leased_at": str}, pk="id", not_null={"counter", "first", "last"})
     db["blocks"].create_index(["counter", "first"])
     db["attempts"].add_column("guard", str)
+
+
+@migrations()
+def m007_secure_production(db: Database) -> None:
+    # issue #18: the attempt's flash-encryption mode, its eFuse burns (journaled before each) and the escrowed key
+    db["attempts"].add_column("flash_encryption", str)
+    db["attempts"].add_column("burns", str)
+    db["attempts"].add_column("key_escrow", str)

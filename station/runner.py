@@ -12,7 +12,7 @@ from typing import Mapping
 from .config import ConfigError, StationConfig
 from .events import Emit, UnitResult
 from .pipeline import StationContext, UnitJob, load_firmware, provision_unit
-from .profile import ProfileError, check_profile, load_profile, resolve_secrets
+from .profile import ProfileError, StationKeys, check_profile, load_profile, resolve_secrets
 from .record import Record, station_key
 from .secrets import Redactor
 from .smoke import FactoryAccounts, SmokeFailure, make_reach, resolve_nmcli
@@ -38,7 +38,9 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
     prof = load_profile(profile or station.default_profile, station.profiles_dir)
     if baud:
         prof = dataclasses.replace(prof, baud=baud)  # the content hash stays the profile file's
-    problems = check_profile(prof, env, station.secrets_file)
+    key = station_key(station.key_file)  # made on first use: a development-mode profile escrows under it
+    problems = check_profile(prof, env, station.secrets_file, station.station_id,
+                             StationKeys(station.key_file, station.secure_boot_key))
     if problems:
         raise ProfileError(problems)
     secrets, _ = resolve_secrets(prof, env, station.secrets_file)
@@ -62,7 +64,6 @@ def open_station(profile: str | None = None, config: Path | None = None, db: Pat
 
         password = central_password(station.secrets_file, os.environ if env is None else env)
         redactor = redactor.with_values([password])  # one redaction point: the database password too
-    key = station_key(station.key_file)
     try:
         record = open_record(station, db, key)
     except Exception as exc:

@@ -512,7 +512,7 @@ class StationApp(App):
             (True, " · ", [named("profile ", prof.name, f" ({say(prof.title)})"),
                            Text(f"fw {say(prof.firmware_version()) or '?'}"), Text(f"config {prof.content_hash[:8]}")]),
             (False, " · ", [named("station ", line.ctx.station.station_id), named("operator ", line.operator),
-                            named("lot ", line.lot)]),
+                            named("lot ", line.lot), *self._central()]),
             (True, "  ", [count("PASS", "passed", line.passed), count("FAIL", "failed", line.failed),
                           count("ABORTED", "aborted", line.aborted), count("ERROR", "error", line.errors),
                           Text(f"yield {y}"), Text(f"{line.units_per_hour:.0f} units/h"), Text(f"cycle {cyc}")]),
@@ -525,6 +525,13 @@ class StationApp(App):
         if len(lines) != self._header_rows:  # a folded header takes its rows from the cards
             self._header_rows = len(lines)
             self._columns()
+
+    def _central(self) -> list[Text]:
+        central = self.line.ctx.central
+        if central is None:
+            return []  # a station alone: nothing to say
+        words, warn = central.words()
+        return [Text(f" {words} ", style="reverse yellow") if warn else Text(words)]
 
     def _poll(self) -> None:
         self.line.poll()

@@ -21,11 +21,14 @@ SHARED = Path(os.environ.get("STATION_SHARED_DIR", REPO.parent / "shared"))
 THREAD_GRACE_S = 5.0  # a closed owner joins its threads; this only covers ones in their last steps
 
 
-def wait_until(cond, what: str, timeout: float = 15.0, poke=None) -> None:
-    """Wait for a condition, polling it, up to a deadline (never a fixed sleep); `poke` runs between polls."""
+def wait_until(cond, what: str, timeout: float = 15.0, poke=None, why=None) -> None:
+    """Wait for a condition, polling it, up to a deadline (never a fixed sleep); `poke` runs between polls.
+
+    `why`, when given, says what stood in the way if the deadline passes.
+    """
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, f"not reached: {what}"
+        assert time.monotonic() < deadline, f"not reached: {what}" + (f" ({why()})" if why else "")
         if poke:
             poke()
         time.sleep(0.05)

@@ -88,7 +88,11 @@ def sweep_stale(tmp: Path | None = None) -> list[Path]:
 
 
 class PgCluster:
-    """One PostgreSQL data folder and its server; `stop()` and `start()` keep the folder and the port."""
+    """One PostgreSQL data folder and its server; `stop()` and `start()` keep the folder and the port.
+
+    Start it from a thread that outlives the server (pytest's main thread, as fixtures and tests run, also
+    under xdist): the parent-death signal follows the thread that forked, not the process.
+    """
 
     def __init__(self, bindir: Path, root: Path):
         self.bindir, self.root = bindir, root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import psycopg
 import pytest
 
 from tests.conftest import REPO, pg_bindir, wait_until
-from tests.pg import PgCluster, _alive, sweep_stale
+import tests.pg as pg
+from tests.pg import PgCluster, _alive, free_port, sweep_stale
 
 
 def _children(pid: int) -> list[int]:
@@ -63,6 +65,30 @@ def test_stop_and_start_keep_the_data_and_the_port(pg_own):
     assert pg_own.port == port and pg_own.proc.pid != pid
     with psycopg.connect(pg_own.url()) as con:
         assert con.execute("SELECT serial FROM units").fetchall() == [("RLY-00001",)]
+
+
+def test_a_taken_port_is_left_for_another_and_a_restart_says_why_it_failed(pg_own, monkeypatch):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        offered = [taken.getsockname()[1]]  # "free" when asked, taken by the time postgres binds it
+        monkeypatch.setattr(pg, "free_port", lambda: offered.pop() if offered else free_port())
+        fresh = PgCluster.create(pg_bindir())
+        try:
+            assert not offered and fresh.port != taken.getsockname()[1]
+            psycopg.connect(fresh.url()).close()
+        finally:
+            fresh.destroy()
+    # a restart keeps its port: taken meanwhile, it fails, and the server's own words say why
+    port = pg_own.port
+    pg_own.stop()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        with pytest.raises(pg.PgError, match=rf"(?s)postgres exited .* on port {port}; its log:.*could not bind"):
+            pg_own.start()
+    pg_own.start()
+    assert pg_own.port == port
 
 
 def test_kill_9_of_the_owner_leaves_no_live_postgres():

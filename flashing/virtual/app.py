@@ -130,7 +130,7 @@ class TwoSmartApp:
 
     # -- configuration ----------------------------------------------------------------------
     def _slot(self):
-        parts = parse_partition_table(self.dev.flash.read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+        parts = parse_partition_table(self.dev.cache_read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
         return next((p for p in parts if p.name == self.partition), None)
 
     def _load_config(self) -> str | None:
@@ -141,12 +141,12 @@ class TwoSmartApp:
         if slot is None:
             return f"no partition {self.partition!r} in the partition table"
         if self.encrypted:
-            parts = parse_partition_table(self.dev.flash.read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+            parts = parse_partition_table(self.dev.cache_read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
             kslot = next((p for p in parts if p.type == 1 and p.subtype == 4), None)
             if kslot is None:
                 return "NVS encryption is on but there is no nvs_keys partition"
             try:
-                self.keys = read_keys_partition(self.dev.flash.read(kslot.offset, kslot.size))
+                self.keys = read_keys_partition(self.dev.cache_read(kslot.offset, kslot.size))
             except NvsError as exc:
                 return f"NVS encryption keys unusable: {exc}"
         image = self.dev.flash.read(slot.offset, slot.size)

@@ -36,6 +36,7 @@ from ..images import (
     select_boot,
 )
 from .chips import ChipModel
+from .secure_boot import verify_app
 
 SIZE_NAMES = {0: "1MB", 1: "2MB", 2: "4MB", 3: "8MB", 4: "16MB"}
 FREQ_NAMES = {0x0: "40MHz", 0x1: "26.7MHz", 0x2: "20MHz", 0xF: "80MHz"}
@@ -74,8 +75,17 @@ class _Log:
 
 
 def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_size: int,
-                    reset_cause: str, write: Callable[[int, bytes], None] | None = None) -> BootResult:
+                    reset_cause: str, write: Callable[[int, bytes], None] | None = None,
+                    plaintext_flashes_left: int | None = None,
+                    secure_boot: tuple[bytes, ...] | None = None) -> BootResult:
     """Boot from flash as the ROM and the 2nd-stage bootloader do; the log they print and the app that runs.
+
+    `read` is flash as the CPU sees it through the cache: on a chip with flash encryption on it
+    decrypts, so a plaintext image reads as noise and fails the image checks with the real text.
+    `plaintext_flashes_left` (encryption on) is what the bootloader reports as it checks encryption
+    (ESP-IDF bootloader_support/src/flash_encrypt.c, esp_flash_encrypt_state).
+    `secure_boot` (Secure Boot v2 on) holds the trusted key digests each app's signature is checked
+    against (bootloader_support/src/secure_boot_v2, esp_image_format.c verify_secure_boot_signature).
 
     `write(offset, sector)` erases and programs one flash sector: the bootloader sets otadata[0]
     when it starts ota_0 with blank otadata and no factory app (without it, that write is skipped).
@@ -132,11 +142,13 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
         log.i("boot", f"{n:2d} {p.name:<16} {partition_usage(p):<16} {p.type:02x} {p.subtype:02x} "
                       f"{p.offset:08x} {p.size:08x}", 1)
     log.i("boot", "End of partition table")
-    return _load_app(chip, read, write, flash_size, parts, log)
+    return _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left, secure_boot)
 
 
 def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None] | None,
-              flash_size: int, parts: list[Partition], log: _Log) -> BootResult:
+              flash_size: int, parts: list[Partition], log: _Log,
+              plaintext_flashes_left: int | None = None,
+              secure_boot: tuple[bytes, ...] | None = None) -> BootResult:
     """otadata's choice, then each candidate app in the bootloader's order until one loads."""
     ota_info = next((p for p in parts if p.type == 1 and p.subtype == 0x00), None)
     otadata = None
@@ -175,15 +187,42 @@ def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callabl
             first_error = first_error or msg
             _not_bootable(log, index)
             continue
+        if secure_boot is not None and not _signature_checked(read, part, app.length, secure_boot, log):
+            first_error = first_error or "Secure Boot V2 verification failed"
+            _not_bootable(log, index)
+            continue
         if index == TEST_APP_INDEX:
             log.w("boot", "Falling back to test app as only bootable partition")
         log.i("boot", f"Loaded app from partition at offset 0x{part.offset:x}")
         if choice.initial and index > FACTORY_INDEX and write is not None and ota_info is not None:
             write(ota_info.offset, ota_select_entry(index + 1, OTA_IMG_VALID).ljust(SECTOR, b"\xff"))
             log.i("boot", f"Set actual ota_seq={index + 1} in otadata[0]")
+        if secure_boot is not None:
+            log.i("secure_boot_v2", "enabling secure boot v2...", 0)
+            log.i("secure_boot_v2", "secure boot v2 is already enabled, continuing..")
+        if plaintext_flashes_left is not None:
+            log.i("boot", "Checking flash encryption...", 0)
+            log.i("flash_encrypt", f"flash encryption is enabled ({plaintext_flashes_left} plaintext flashes left)")
         return _app_start(app.app, part, log)
     log.e("boot", "No bootable app partitions in the partition table")
     return BootResult(log.text(), None, None, first_error or "no bootable app partition")
+
+
+def _signature_checked(read: Callable[[int, int], bytes], part: Partition, length: int,
+                       trusted: tuple[bytes, ...], log: _Log) -> bool:
+    """The bootloader's Secure Boot v2 check of one app, with its log lines."""
+    log.i("secure_boot_v2", "Verifying with RSA-PSS...")
+    verdict = verify_app(read, part.offset, length, trusted)
+    if verdict.ok:
+        log.i("secure_boot_v2", "Signature verified successfully!", 8)
+        return True
+    if verdict.rom_line:
+        log.raw(verdict.rom_line)
+    log.e("secure_boot_v2", "Secure Boot V2 verification failed.", 1)
+    log.e("esp_image", "Secure boot signature verification failed", 3)
+    log.i("esp_image", "Calculating simple hash to check for corruption...", 1)
+    log.w("esp_image", "image valid, signature bad", 60)
+    return False
 
 
 def _not_bootable(log: _Log, index: int) -> None:

@@ -80,37 +80,26 @@ class ChipModel:
     def has_usb_serial_jtag(self) -> bool:
         return self.usb_reset is not None
 
-    def efuse_registers(self, mac: bytes) -> dict[int, int]:
-        """The eFuse words esptool reads for MAC, package and revision."""
+    def factory_efuses(self, mac: bytes) -> dict[int, dict[int, int]]:
+        """What the factory burns into a new chip's eFuses: {block: {word: bits}} (MAC, package, revision).
+
+        Word positions are espefuse's field table for the chip (MAC, MAC_CRC, CHIP_VER_REV1/2,
+        CK8M_FREQ on ESP32; MAC, WAFER_VERSION_MINOR_LO on BLOCK1 of ESP32-C3/S3).
+        """
         if self.key == "esp32":
-            base = 0x3FF5A000
             word1 = struct.unpack(">I", mac[2:6])[0]
-            word2 = (0x5A << 16) | struct.unpack(">H", mac[0:2])[0]  # 0x5A: MAC CRC byte
+            word2 = (_esp_crc8(mac) << 16) | struct.unpack(">H", mac[0:2])[0]
             word3 = (1 << 9) | (1 << 15)  # package D0WD, revision bit 0
-            word4 = ESP32_CK8M
             word5 = 1 << 20  # revision bit 1 -> with APB_CTL_DATE bit: v3.0
-            return {
-                base + 0x04: word1,
-                base + 0x08: word2,
-                base + 0x0C: word3,
-                base + 0x10: word4,
-                base + 0x14: word5,
-            }
-        base = 0x60008800 if self.key == "esp32c3" else 0x60007000
+            return {0: {1: word1, 2: word2, 3: word3, 4: ESP32_CK8M, 5: word5}}
         mac0 = struct.unpack(">I", mac[2:6])[0]
         mac1 = struct.unpack(">H", mac[0:2])[0]
-        block1 = base + 0x44
         minor = 4 if self.key == "esp32c3" else 2
-        return {
-            block1: mac0,
-            block1 + 4: mac1,
-            block1 + 12: (minor & 0x7) << 18,  # package 0, minor revision low bits
-            block1 + 20: 0,  # major revision 0
-        }
+        return {1: {0: mac0, 1: mac1, 3: (minor & 0x7) << 18}}  # package 0, major revision 0
 
     def registers(self, mac: bytes) -> dict[int, int]:
+        """The chip's non-eFuse registers esptool reads (the eFuses live in `efuse.EfuseArray`)."""
         regs = {0x40001000: self.magic_value}
-        regs.update(self.efuse_registers(mac))
         regs.update(self.extra_registers)
         return regs
 
@@ -187,6 +176,16 @@ ESP32S3 = ChipModel(
     rtc_wdt=RtcWatchdog(0x60008098, 0x6000809C, 0x600080B0),
     unattached_flash_id=0x000000,
 )
+
+def _esp_crc8(mac: bytes) -> int:
+    """The ESP32 ROM's esp_crc8 over the MAC (CRC-8, reflected polynomial 0x8C), as MAC_CRC holds it."""
+    crc = 0
+    for b in mac:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x8C if crc & 1 else crc >> 1
+    return crc
+
 
 CHIPS: dict[str, ChipModel] = {c.key: c for c in (ESP32, ESP32C3, ESP32S3)}
 

@@ -30,6 +30,8 @@ from ..firmware import read_manifest
 from .app import TwoSmartApp
 from .boot import boot_from_flash
 from .chips import ESP32_CK8M, ESP32_RTC_CALI, ChipModel, chip_by_name
+from .crypt import FlashCipher
+from .efuse import EfuseArray
 from .loader import Loader, known_stubs
 from .nor import NorFlash, sfdp_table
 from .slip import SlipDecoder, encode
@@ -66,6 +68,7 @@ class Faults:
     no_download_mode: bool = False  # IO0 never reaches the chip: always boots flash
     unplug_after: int | None = None  # host bytes until the cable is pulled
     hang_after: int | None = None  # host bytes until the chip hangs: powered, silent
+    hang_after_burns: int | None = None  # eFuse program commands completed before the chip hangs on the next
     garble_above: int | None = None  # baud above which the link corrupts bytes
     # pairing server "down", answering 500 ("error"), or "hang"; a buggy firmware's /pair only: "pair_hang",
     # "pair_drop" (closes without a reply), "pair_echo"; "echo": every request answered 500 with what it knows
@@ -151,6 +154,8 @@ class VirtualDevice:
         flash_path = self.state_dir / f"device-{index}.flash" if self.state_dir else None
         self.flash = NorFlash(self.flash_size, flash_path)
         self.sfdp = sfdp_table(self.flash.part)
+        efuse_path = self.state_dir / f"device-{index}.efuse.json" if self.state_dir else None
+        self.efuse = EfuseArray(self.chip.key, self.chip.factory_efuses(self.mac), efuse_path)
         self.regs: dict[int, int] = {}
         self._reset_registers()
         self.sinks: list[Sink] = []
@@ -224,6 +229,25 @@ class VirtualDevice:
 
     def _reset_registers(self) -> None:
         self.regs = dict(self.chip.registers(self.mac))
+        self.efuse.reset()
+
+    # -- the flash-encryption engine and the cache ------------------------------------
+    def flash_cipher(self) -> FlashCipher | None:
+        """The engine with the key burned in the eFuses; None while no key is burned."""
+        key = self.efuse.flash_key()
+        return FlashCipher(*key) if key else None
+
+    def cache_read(self, offset: int, length: int) -> bytes:
+        """Flash as the CPU sees it through the cache: decrypted while flash encryption is on."""
+        cipher = self.flash_cipher() if self.efuse.flash_encryption_enabled else None
+        if cipher is None:
+            return self.flash.read(offset, length)
+        return cipher.read(self.flash.read, offset, length)
+
+    @property
+    def secure_download(self) -> bool:
+        """The ROM runs Secure Download Mode: ENABLE_SECURITY_DOWNLOAD burned (or the fault set)."""
+        return self.faults.secure_download or self.efuse.secure_download
 
     # -- thread-safe entry points (any thread) --------------------------------------
     def host_write(self, data: bytes, host_baud: int | None, t: float | None = None) -> None:
@@ -295,6 +319,7 @@ class VirtualDevice:
         def do():
             self._unplug()
             self.mac = mac or self.chip.mac_oui + bytes(self.rng.randrange(256) for _ in range(3))
+            self.efuse.blank(self.chip.factory_efuses(self.mac))
             self._reset_registers()
             self.flash.wipe()
             self.faults = Faults(**(faults or {}))
@@ -341,6 +366,8 @@ class VirtualDevice:
             "flash_file": str(self.flash.path) if self.flash.path else None,
             "usb_serial_jtag": self.usb_serial_jtag,
             "watchdog_armed": self._wdt_armed is not None,
+            "flash_encryption": self.efuse.flash_encryption_enabled,
+            "download_disabled": self.efuse.download_disabled,
         }
 
     def usb_descriptor(self) -> dict:
@@ -441,8 +468,8 @@ class VirtualDevice:
     def _start(self, download: bool, cause: str) -> None:
         if not self.powered:
             return
-        if self.faults.no_download_mode:
-            download = False
+        if self.faults.no_download_mode or self.efuse.download_disabled:
+            download = False  # DIS_DOWNLOAD_MODE: the ROM boots from flash whatever IO0 says
         self._stop_app()
         self._timers.clear()
         self.decoder.reset()
@@ -470,7 +497,10 @@ class VirtualDevice:
             return
         self.loader = None
         self.baud = 115200
-        result = boot_from_flash(self.chip, self.flash.read, self.flash.size, reset_text)
+        encrypted = self.efuse.flash_encryption_enabled
+        result = boot_from_flash(self.chip, self.cache_read, self.flash.size, reset_text,
+                                 plaintext_flashes_left=self.efuse.plaintext_flashes_left if encrypted else None,
+                                 secure_boot=self.efuse.secure_boot_digests())
         self._print(result.log)
         self.boot_error = result.error
         if result.app is None:
@@ -482,7 +512,7 @@ class VirtualDevice:
         self.app = result.app
         if self.faults.panic_after is not None:
             self.schedule(self.faults.panic_after, self._panic)
-        manifest = read_manifest(self.flash.read(result.app_offset, 8192))
+        manifest = read_manifest(self.cache_read(result.app_offset, 8192))
         if manifest and manifest.get("sdk") == "2smart":
             self.runtime = TwoSmartApp(self, manifest, result.app.version)
             self.runtime.start()
@@ -688,11 +718,21 @@ class VirtualDevice:
         return ESP32_RTC_CALI * 15625 * ESP32_CK8M / 40
 
     def read_register(self, addr: int) -> int:
+        if self.efuse.owns(addr):
+            return self.efuse.read(addr)
         if addr == self.chip.uart_clkdiv_reg:
             return int(40_000_000 / (self.baud or self.host_baud or 115200)) & 0xFFFFF
         return self.regs.get(addr, 0)
 
     def write_register(self, addr: int, value: int, mask: int = 0xFFFFFFFF) -> None:
+        if self.efuse.owns(addr):
+            if self.faults.hang_after_burns is not None and self.efuse.is_program(addr, value, mask):
+                if self.efuse.programs >= self.faults.hang_after_burns:
+                    self._stop_app()
+                    self.mode, self.loader = "halted", None  # a brown-out as the burn starts: nothing burned
+                    return
+            self.efuse.write(addr, value, mask)
+            return
         wdt = self.chip.rtc_wdt
         if wdt and addr in wdt.registers[:2] and self.regs.get(wdt.wprotect, 0) != wdt.wkey:
             return  # write-protected: esptool unlocks with the key first

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from .crypt import FlashCipher
 from .nor import SECTOR
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ ERASE_FLASH, ERASE_REGION, READ_FLASH, RUN_USER_CODE = 0xD0, 0xD1, 0xD2, 0xD3
 
 SYNC_DATA = b"\x07\x07\x12\x20" + b"\x55" * 32
 ROM_SYNC_VALUE = 0x20120707
+
+# ESP32-S3 ROM: rom_spiflash_legacy_funcs.read, the pointer esptool aims at its stub when secure
+# boot keeps the ROM from running uploaded code (esptool loader.run_stub, "secure_boot_workflow")
+S3_ROM_READ_FUNC_PTR = 0x3FCEF688
 
 # ROM error codes (second status byte)
 ROM_INVALID_MSG, ROM_FAILED, ROM_BAD_CRC = 0x05, 0x06, 0x07
@@ -103,6 +108,8 @@ class _Write:
     written: int = 0
     erased_to: int = 0  # stub erases as it goes
     inflater: "zlib._Decompress | None" = None
+    cipher: FlashCipher | None = None  # FLASH_BEGIN's encrypt flag: the engine encrypts on the way in
+    pending: bytes = b""  # plaintext short of a whole 16-byte block, waiting for the rest
 
 
 @dataclass
@@ -160,7 +167,7 @@ class Loader:
         supported = STUB_OPCODES if self.in_stub else ROM_OPCODES
         if op == GET_SECURITY_INFO and not self.chip.rom_has_security_info:
             supported = set()
-        if op not in supported or (self.dev.faults.secure_download
+        if op not in supported or (self.dev.secure_download
                                    and not self.in_stub and op not in SDM_ALLOWED):
             self.fail(op, CommandError(ROM_INVALID_MSG, STUB_NOT_IMPLEMENTED))
             return
@@ -195,8 +202,10 @@ class Loader:
         self.reply(op)
 
     def _security_info(self, op, data, chk):
-        flags = 0x4 if self.dev.faults.secure_download else 0
-        payload = struct.pack("<IBBBBBBBBII", flags, 0, 0, 0, 0, 0, 0, 0, 0,
+        efuse = self.dev.efuse
+        flags = efuse.security_flags() | (0x4 if self.dev.faults.secure_download else 0)
+        purposes = (efuse.key_purposes() + [0] * 7)[:7]
+        payload = struct.pack("<IBBBBBBBBII", flags, efuse.crypt_cnt, *purposes,
                               self.chip.image_chip_id, 1)
         self.reply(op, 0, payload)
 
@@ -250,6 +259,9 @@ class Loader:
         if stub is None:
             self.dev.run_unknown_ram_code(entry)
             return
+        self._start_stub(stub)
+
+    def _start_stub(self, stub: KnownStub) -> None:
         self.stub = stub
         self.write = None
         self.dev.flash_attached = True  # the stub attaches the flash as it starts
@@ -275,11 +287,13 @@ class Loader:
         if not self.in_stub and len(data) != (16 if self.chip.key == "esp32" else 20):
             raise CommandError(ROM_INVALID_MSG, STUB_BAD_DATA_LEN)
         size, blocks, block_size, offset = struct.unpack("<IIII", data[:16])
+        encrypt = len(data) == 20 and struct.unpack("<I", data[16:])[0] != 0
+        cipher = self._encryption_engine(offset) if encrypt else None
         flash = self.dev.flash
         limit = flash.size if self.in_stub else min(flash.size, self.param_size)
         if offset + size > limit:
             raise CommandError(ROM_FAILED, STUB_BAD_DATA_LEN)
-        w = _Write(offset, size, blocks, block_size, compressed)
+        w = _Write(offset, size, blocks, block_size, compressed, cipher=cipher)
         if compressed:
             w.inflater = zlib.decompressobj()
         if not self.in_stub:
@@ -294,6 +308,18 @@ class Loader:
             w.erased_to = offset - offset % SECTOR  # the stub erases as data arrives
         self.write = w if size or blocks else None
         self.reply(op)
+
+    def _encryption_engine(self, offset: int) -> FlashCipher:
+        """The engine for an encrypted write, or the refusal a chip gives.
+
+        DIS_DOWNLOAD_MANUAL_ENCRYPT (release mode) takes the engine away from the download
+        mode, and with no key burned there is nothing to encrypt with: either way the
+        write fails rather than store plaintext where ciphertext was asked for.
+        """
+        cipher = self.dev.flash_cipher()
+        if self.dev.efuse.manual_encrypt_disabled or cipher is None or offset % 16:
+            raise CommandError(ROM_FAILED, STUB_SPI_FAILED)
+        return cipher
 
     def _flash_begin(self, op, data, chk):
         self._begin(op, data, chk, compressed=False)
@@ -332,7 +358,7 @@ class Loader:
             if not self.in_stub and length != w.block_size:
                 raise CommandError(ROM_INVALID_MSG, STUB_BAD_DATA_LEN)
             out = payload
-        room = max(0, w.size - w.written)
+        room = max(0, w.size - w.written - len(w.pending))
         if len(out) > room:
             if compressed and self.in_stub:
                 raise CommandError(ROM_FAILED, STUB_TOO_MUCH_DATA)
@@ -342,10 +368,12 @@ class Loader:
         self.reply(op)
 
     def _program(self, w: _Write, out: bytes) -> None:
+        addr = w.offset + w.written
+        if w.cipher is not None:
+            out = self._encrypt(w, addr, out)
         if not out:
             return
         flash = self.dev.flash
-        addr = w.offset + w.written
         end = addr + len(out)
         if end > flash.size:
             raise CommandError(ROM_FLASH_WRITE_ERR, STUB_SPI_FAILED)
@@ -362,6 +390,15 @@ class Loader:
         cost += flash.program(addr, out)
         w.written += len(out)
         self.dev.flash_busy(cost, pipelined=self.in_stub)
+
+    @staticmethod
+    def _encrypt(w: _Write, addr: int, out: bytes) -> bytes:
+        """Ciphertext for the whole 16-byte blocks received so far; the rest waits for its block."""
+        data = w.pending + out
+        complete = w.written + len(data) >= w.size
+        keep = 0 if complete else len(data) % 16
+        w.pending = data[len(data) - keep:] if keep else b""
+        return w.cipher.encrypt(addr, data[:len(data) - keep])
 
     def _end(self, op, data, chk):
         (flag,) = struct.unpack("<I", data)
@@ -394,6 +431,12 @@ class Loader:
 
     def _read_slow(self, op, data, chk):
         offset, length = struct.unpack("<II", data)
+        hijacked = self.dev.regs.get(S3_ROM_READ_FUNC_PTR) if self.chip.key == "esp32s3" else None
+        stub = self._recognise_stub(hijacked) if hijacked else None
+        if stub is not None:
+            self.ram.clear()
+            self._start_stub(stub)  # the ROM's read went through the pointer into the stub
+            return
         if self.dev.faults.flash_dead:
             raise CommandError(ROM_FLASH_READ_ERR, STUB_SPI_FAILED)
         if length > 64 or offset + length > min(self.dev.flash.size, self.param_size):

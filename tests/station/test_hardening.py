@@ -176,17 +176,17 @@ def test_firmware_is_read_once_and_a_file_swapped_after_the_check_is_refused(sta
 
 # -- NVS encryption, per-lot keys and derived keys --------------------------------------------
 
-def test_nvs_encryption_is_refused_until_the_keys_partition_is_protected(station_env, capsys):
+def test_nvs_encryption_is_refused_without_flash_encryption(station_env, capsys):
     encrypted_profile(station_env, "per-unit")
     rc, _, err = run_station(capsys, "profile", "check", "relay")
-    assert rc == 2 and "config.encryption: 'per-unit' is refused" in err and "issue #18" in err
+    assert rc == 2 and "config.encryption: 'per-unit' needs [security] flash_encryption" in err
     with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
         rc, _, _ = run_station(capsys, "flash", "--port", bench[0].url, "--json")
         assert rc == 2 and bench[0].device.flash.read(0x10000, 16) == b"\xff" * 16
 
 
 def unchecked_station(env: Path) -> StationContext:
-    """The pipeline with an encrypted profile, past `profile check` (which refuses it, see above)."""
+    """The pipeline with an encrypted profile, past `profile check` (which refuses it without flash encryption, see above)."""
     station = StationConfig.load(env / "station.toml")
     profile = load_profile(env / "profiles/relay")
     values, _ = resolve_secrets(profile)
@@ -232,7 +232,7 @@ def test_derived_keys_differ_by_purpose():
 
 
 def test_per_unit_encrypted_config_round_trips_through_the_virtual_device(station_env):
-    """Kept for secure production (issue #18): the pipeline's NVS encryption itself still works."""
+    """The pipeline's NVS encryption itself, on a board without flash encryption (the secure profile adds it)."""
     from flashing.nvs import keys_partition, new_keys
 
     encrypted_profile(station_env, "per-unit")

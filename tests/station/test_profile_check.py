@@ -90,7 +90,7 @@ def test_region_over_the_nvs_keys_partition(station_env, capsys):
     replace_firmware(station_env, partitions=DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, 0x196000, 0x1000)],
                      manifest=twosmart_manifest(encrypted=True))
     edit(station_env, 'namespace = "2smart"', 'namespace = "2smart"\nencryption = "per-unit"')
-    refused(capsys, r"config.encryption: 'per-unit' is refused")  # until issue #18 (test_hardening.py)
+    refused(capsys, r"config.encryption: 'per-unit' needs \[security\] flash_encryption")  # (test_hardening.py)
     add_region(station_env, 0x196000)
     refused(capsys, r"firmware: firmware region 0x196000 \(extra\) \(0x196000-0x196bff\) overlaps keys partition "
                     r"'nvs_keys' \(0x196000-0x196fff\)")

@@ -1,0 +1,291 @@
+"""The secure profile ([security]): flash encryption set up per unit with the real espefuse, espsecure and esptool.
+
+Oracles outside the code under test: the board's own eFuses and engine (the virtual chip
+decrypts through its cache exactly what espsecure encrypts: tests/flashing/test_flash_encryption.py),
+`esptool read-flash` of the config partition read with our NVS reader, the board's boot and
+pairing server, and the record reopened after a real kill -9.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import sqlite3
+
+import pytest
+
+from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
+from flashing.images import Partition
+from flashing.nvs import NvsError, read_partition
+from flashing.virtual.bench import VirtualBench
+from station.record import Record
+from tests.conftest import esptool_cli
+from tests.station.conftest import TOKEN, json_lines, pin_firmware, run_station
+from tests.station.test_record_guarantees import Proc
+
+CONFIG, KEYS = 0x190000, 0x196000  # the config and nvs_keys partitions of the firmware below
+
+
+def secure_profile(env, chip: str = "esp32c3", mode: str = "development", encryption: str = "per-unit",
+                   extra: str = "") -> str:
+    """The relay profile on `chip`, built with NVS encryption, with [security] flash_encryption = mode."""
+    parts = DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, KEYS, 0x1000)]
+    fw = build_firmware(chip, project="relay", version="1.4.2", app_size=150_000, partitions=parts,
+                        manifest=twosmart_manifest(encrypted=True))
+
+    def edit(text: str) -> str:
+        text = text.replace('chip = "esp32"', f'chip = "{chip}"')
+        text = text.replace('offset = "0x1000"', f'offset = "{fw.bootloader_offset:#x}"')
+        text = text.replace('namespace = "2smart"', f'namespace = "2smart"\nencryption = "{encryption}"')
+        return text + f'\n[security]\nflash_encryption = "{mode}"\n{extra}'
+
+    pin_firmware(env, fw, edit)
+    return "relay"
+
+
+def board_key(dev) -> bytes:
+    """The flash-encryption key as the chip's engine holds it (what the station burned)."""
+    return dev.call(dev.efuse.flash_key)[1]
+
+
+def forms(key: bytes) -> list[bytes]:
+    h = key.hex()
+    return [key, h.encode(), h.upper().encode(), base64.b64encode(key)]
+
+
+def read_back(url: str, chip: str, tmp_path, offset: int, size: int) -> bytes:
+    out = tmp_path / f"read-{offset:x}.bin"
+    r = esptool_cli("--chip", chip, "-p", url, "read-flash", hex(offset), hex(size), str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out.read_bytes()
+
+
+# -- profile check ------------------------------------------------------------------------------
+
+def test_profile_check_says_what_is_burned(station_env, capsys):
+    secure_profile(station_env, "esp32c3", "release")
+    rc, out, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 0, err
+    assert "flash encryption (release mode)" in out and "can never be undone" in out
+    for fuse in ("BLOCK_KEY0 purpose XTS_AES_128_KEY", "SPI_BOOT_CRYPT_CNT", "DIS_DOWNLOAD_MANUAL_ENCRYPT",
+                 "DIS_PAD_JTAG", "DIS_USB_JTAG"):
+        assert fuse in out, out
+    assert "never stored" in out
+
+
+@pytest.mark.parametrize("case, words", [
+    ("no nvs encryption", "flash encryption does not cover the config"),
+    ("nvs encryption alone", "'per-unit' needs [security] flash_encryption"),
+    ("secure boot without a key", "secure boot needs the station's signing key"),
+])
+def test_profile_check_refuses_impossible_combinations(station_env, capsys, case, words):
+    if case == "no nvs encryption":
+        secure_profile(station_env, encryption="none")
+    elif case == "nvs encryption alone":
+        secure_profile(station_env, mode="off")
+    else:
+        secure_profile(station_env, extra="secure_boot = true\n")
+    rc, _, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 2 and words in err, err
+    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:  # and nothing is burned
+        rc, _, _ = run_station(capsys, "flash", "--port", bench[0].url, "--json")
+        assert rc == 2 and not bench[0].device.state()["flash_encryption"]
+        assert bench[0].device.flash.read(0x10000, 16) == b"\xff" * 16
+
+
+# -- a unit end to end ---------------------------------------------------------------------------
+
+CHIPS = ["esp32c3", pytest.param("esp32", marks=pytest.mark.slow), pytest.param("esp32s3", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+def test_secure_unit_passes_and_its_config_reads_back_sealed(station_env, capsys, tmp_path, chip):
+    secure_profile(station_env, chip, "development")
+    with VirtualBench(1, chip, run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"]
+        assert rc == 0 and finished[0]["outcome"] == "passed", (finished, err[-2000:])
+        assert "secure" in finished[0]["durations"]
+        state = dev.state()
+        assert state["flash_encryption"] and state["mode"] == "app"  # it booted, and the smoke test passed
+
+        # esptool read-flash returns ciphertext: no token, no NVS the reader can parse, no plain keys
+        config = read_back(url, chip, tmp_path, CONFIG, 0x6000)
+        assert TOKEN.encode() not in config
+        with pytest.raises(NvsError):
+            read_partition(config)
+        keys_raw = read_back(url, chip, tmp_path, KEYS, 0x1000)
+        plain_keys = dev.call(lambda: dev.cache_read(KEYS, 0x1000))  # as the app reads them, decrypted
+        assert keys_raw != plain_keys and plain_keys[:64] not in keys_raw
+        assert dev.call(lambda: dev.runtime.config["token"]) == TOKEN  # the firmware itself decrypted its config
+
+        key = board_key(dev)
+        rc, out2, err2 = run_station(capsys, "export", "--format", "jsonl", "--out", str(tmp_path / "x.jsonl"),
+                                     "--outcome", "passed")
+        exported = (tmp_path / "x.jsonl").read_bytes()
+    row = Record(station_env / "station.db").attempts(1)[0]
+    assert row["flash_encryption"] == "development"
+    assert [b["state"] for b in json.loads(row["burns"])] == ["done"] * len(json.loads(row["burns"]))
+    assert row["key_escrow"].startswith("aes-gcm:")
+    # the key itself appears nowhere: database (and its WAL), --json output, stderr, export
+    haystacks = {p.name: p.read_bytes() for p in station_env.glob("station.db*") if p.is_file()}
+    haystacks.update(stdout=out.encode(), stderr=err.encode(), export=exported, export_out=(out2 + err2).encode())
+    for where, data in haystacks.items():
+        for form in forms(key):
+            assert form not in data, f"the flash-encryption key found in {where}"
+
+
+# -- rework ----------------------------------------------------------------------------------------
+
+def test_development_unit_is_reworked_with_its_escrowed_key(station_env, capsys):
+    secure_profile(station_env, "esp32c3", "development")
+    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        rc, _, err = run_station(capsys, "flash", "--port", url)
+        assert rc == 0, err
+        burned = dev.call(lambda: [list(b) for b in dev.efuse.burned])
+        dev.flash.erase(0x10000, 0x1000)  # the app damaged: only a re-flash brings it back
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--rework", "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+        assert rc == 0 and finished["outcome"] == "passed", (finished, err[-2000:])
+        assert "app" in finished["written_regions"]
+        assert dev.state()["mode"] == "app"
+        assert dev.call(lambda: [list(b) for b in dev.efuse.burned]) == burned  # not one bit burned again
+    rework = Record(station_env / "station.db").attempts(1)[0]
+    assert rework["rework"] and json.loads(rework["burns"] or "[]") == [] and rework["key_escrow"]
+
+
+def test_release_unit_rework_is_refused_and_nothing_written(station_env, capsys):
+    secure_profile(station_env, "esp32c3", "release")
+    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        rc, _, err = run_station(capsys, "flash", "--port", url)
+        assert rc == 0, err
+        flash_before = dev.flash.read(0, 0x200000)
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--rework", "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+        assert finished["outcome"] == "failed" and finished["failed_step"] == "secure", finished
+        assert "release mode: it cannot be re-flashed" in finished["error"]
+        assert dev.flash.read(0, 0x200000) == flash_before
+
+
+# -- the record written ahead of every burn ------------------------------------------------------
+
+def test_kill_9_mid_burn_is_recorded_with_exactly_the_burns_done(station_env):
+    secure_profile(station_env, "esp32c3", "release")
+    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        # the key burn takes two program commands; the chip hangs as the third (the crypt count) starts
+        dev.set_fault("hang_after_burns", 2)
+        station = Proc(["flash", "--port", url, "--json"], cwd=station_env)
+        try:
+            station.until(lambda: dev.state()["mode"] == "halted")
+            station.p.send_signal(signal.SIGKILL)
+            assert station.finish() == -signal.SIGKILL
+        finally:
+            station.stop()
+        assert dev.call(lambda: dev.efuse.burned_field("SPI_BOOT_CRYPT_CNT")) == 0  # what the board holds
+        assert dev.call(dev.efuse.flash_key) is not None  # the key burn itself was done
+    con = sqlite3.connect(station_env / "station.db")
+    con.row_factory = sqlite3.Row
+    assert con.execute("select outcome from attempts").fetchone()["outcome"] == "started"  # nobody settled it yet
+    kinds = [r["kind"] for r in con.execute("select kind from journal where attempt_uid != '' order by id")]
+    con.close()
+    assert kinds.count("burn") == 4  # the plan, key burning, key done, crypt count burning: each before its burn
+
+    record = Record(station_env / "station.db", key=bytes.fromhex((station_env / "station.key").read_text()))
+    try:
+        assert len(record.settled) == 1
+        row = record.attempts(1)[0]
+        assert row["outcome"] == "interrupted"
+        assert row["error"].startswith("interrupted: efuses partly burned (done: key (BLOCK_KEY0 purpose "
+                                       "XTS_AES_128_KEY"), row["error"]
+        assert "may or may not have happened: enable (SPI_BOOT_CRYPT_CNT)" in row["error"]
+        assert "not started: release (DIS_DOWNLOAD_MANUAL_ENCRYPT" in row["error"]
+        assert [b["state"] for b in json.loads(row["burns"])] == ["done", "burning", "pending"]
+        assert record.verify_chain() == []
+    finally:
+        record.close()
+
+
+# -- Secure Boot v2 ------------------------------------------------------------------------------
+
+def test_profile_check_refuses_a_signed_bootloader_over_the_partition_table(station_env, capsys):
+    from tests.flashing.test_secure_boot import signing_key
+
+    key = signing_key(station_env, "secure-boot.pem")
+    with open(station_env / "station.toml", "a") as f:
+        f.write(f'secure_boot_key = "{key.name}"\n')
+    secure_profile(station_env, "esp32", "development", extra="secure_boot = true\n")  # bootloader at 0x1000
+    rc, _, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 2 and "the signed bootloader would end at 0x9000, past the partition table at 0x8000" in err, err
+
+
+# ESP32 is not here: the generated 26 KB bootloader at 0x1000, signed, would reach the partition table (profile check)
+@pytest.mark.parametrize("chip", ["esp32c3", pytest.param("esp32s3", marks=pytest.mark.slow)])
+def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tmp_path, chip):
+    from tests.flashing.test_secure_boot import signing_key
+
+    key = signing_key(station_env, "secure-boot.pem")  # a station file, outside profiles/
+    with open(station_env / "station.toml", "a") as f:
+        f.write(f'secure_boot_key = "{key.name}"\n')
+    secure_profile(station_env, chip, "development", extra="secure_boot = true\n")
+    rc, out, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 0 and "BLOCK_KEY1 purpose SECURE_BOOT_DIGEST0" in out and "SECURE_BOOT_EN" in out, err
+    with VirtualBench(1, chip, run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+        assert rc == 0 and finished["outcome"] == "passed", (finished, err[-2000:])
+        log = dev.console_text()
+        assert "secure_boot_v2: Signature verified successfully!" in log, log
+        assert dev.call(lambda: dev.efuse.field("SECURE_BOOT_EN")) == 1
+        # an app the station did not sign no longer boots on this unit (written encrypted, as an attacker with
+        # the escrowed key could): the board's own check, not the station's
+        fw = build_firmware(chip, project="relay", version="1.4.2", app_size=150_000,
+                            partitions=DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, KEYS, 0x1000)],
+                            manifest=twosmart_manifest(encrypted=True))
+        from flashing.secure import encrypt_region
+
+        app = encrypt_region(chip, board_key(dev), 0x10000, fw.app)
+        dev.flash.erase(0x10000, -(-len(app) // 0x1000) * 0x1000 + 0x2000)
+        dev.flash.program(0x10000, app)
+        dev.reset("app")
+        assert "image valid, signature bad" in dev.console_text()
+    burns = [b["burn"] for b in json.loads(Record(station_env / "station.db").attempts(1)[0]["burns"])]
+    assert [b.split(" ")[0] for b in burns] == ["key", "enable", "secure-boot-digest", "secure-boot"]
+
+
+def test_abort_between_burns_names_the_burns_done_and_not_started(station_env):
+    import threading
+
+    from station.events import LogLine
+    from station.pipeline import UnitJob, provision_unit
+    from station.runner import open_station
+
+    secure_profile(station_env, "esp32c3", "development")
+    ctx = open_station("relay", station_env / "station.toml")
+    cancel = threading.Event()
+
+    def operator(event) -> None:  # F8 as the second burn is announced
+        if isinstance(event, LogLine) and event.text.startswith("burning enable"):
+            cancel.set()
+
+    ctx.observers.append(operator)
+    try:
+        with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+            dev = bench[0].device
+            result = provision_unit(UnitJob(bench[0].url), ctx, lambda e: None, cancel)
+            assert dev.call(lambda: dev.efuse.burned_field("SPI_BOOT_CRYPT_CNT")) == 0
+            assert dev.call(dev.efuse.flash_key) is not None
+            assert dev.flash.read(0x10000, 16) == b"\xff" * 16  # nothing written
+        assert (result.outcome, result.failed_step) == ("aborted", "secure")
+        assert result.error == ("aborted by the operator; efuses partly burned (done: key (BLOCK_KEY0 purpose "
+                                "XTS_AES_128_KEY (read- and write-protected)), not started: enable "
+                                "(SPI_BOOT_CRYPT_CNT))"), result.error
+        row = ctx.record.attempts(1)[0]
+        assert row["error"] == result.error and "espefuse summary" in row["remedy"]
+    finally:
+        ctx.close()
