@@ -528,9 +528,10 @@ class Central:
             try:
                 self.lease(counter, max_value)
             except CentralError:
-                with self._want_lock:
-                    self._want.setdefault(counter, max_value)  # asked again on the next round
-                raise
+                with self._want_lock:  # asked again on the next round; the push below still tries on its own
+                    for name, top in want.items():
+                        self._want.setdefault(name, top)
+                return
             except RecordError:
                 pass  # exhausted, or the local record is held: the unit that needs it says so
 
