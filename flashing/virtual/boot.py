@@ -112,6 +112,13 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     else:
         log.raw("SPIWP:0xee")
         log.raw(f"mode:{mode}, clock div:1")
+        if secure_boot is not None:  # the ROM checks the bootloader's own signature before it loads it
+            # the ROM's lines as a C3 with secure boot prints them (a device log); the failure line by analogy
+            log.raw("Valid secure boot key blocks: " + " ".join(str(i) for i in range(len(secure_boot))))
+            if not verify_app(read, chip.bootloader_offset, bl.length, secure_boot).ok:
+                log.raw("secure boot verification failed")
+                return BootResult(log.text(), None, None, "the ROM's secure boot check of the bootloader failed")
+            log.raw("secure boot verification succeeded")
         for _, addr, length in bl.segments:
             log.raw(f"load:0x{addr:08x},len:0x{length:x}")
     log.raw(f"entry 0x{bl.entry:08x}")

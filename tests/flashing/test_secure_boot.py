@@ -56,6 +56,11 @@ def test_only_an_app_signed_with_the_burned_key_boots(make_bench, tmp_path, chip
                     *[a for off, _ in fw.regions() for a in (hex(off), str(tmp_path / f"r{off:x}.bin"))])
     assert r.returncode == 0, r.stdout + r.stderr
     key = signing_key(tmp_path, "trusted.pem")
+    if chip != "esp32":  # the C3/S3 ROM checks the bootloader's own signature first (not modelled on ESP32)
+        boot_image = tmp_path / f"r{fw.bootloader_offset:x}.bin"
+        r = esptool_cli("--chip", chip, "-p", slot.url, "write-flash", hex(fw.bootloader_offset),
+                        str(signed(tmp_path, key, boot_image)))
+        assert r.returncode == 0, r.stdout + r.stderr
     if chip == "esp32":  # v3.0: one digest, in BLOCK2; ABS_DONE_1 turns Secure Boot v2 on
         burn(slot.url, chip, "burn-key-digest", str(key))
         burn(slot.url, chip, "burn-efuse", "ABS_DONE_1")
@@ -69,6 +74,8 @@ def test_only_an_app_signed_with_the_burned_key_boots(make_bench, tmp_path, chip
     assert "secure_boot_v2: Verifying with RSA-PSS..." in log
     assert "secure_boot_v2: Signature verified successfully!" in log
     assert "app: relay 1.0.0 running" in log
+    if chip != "esp32":
+        assert "Valid secure boot key blocks: 0\nsecure boot verification succeeded\n" in log.replace("\r", "")
 
     # unsigned, and longer than the signed one: its signature sector lies in erased flash
     bigger = tmp_path / "unsigned.bin"
@@ -90,3 +97,23 @@ def test_only_an_app_signed_with_the_burned_key_boots(make_bench, tmp_path, chip
     burn(slot.url, chip, "burn-efuse", "SECURE_BOOT_KEY_REVOKE0")
     log = boot_with_app(slot, chip, signed(tmp_path, key, app))
     assert slot.device.state()["mode"] == "bootloop", log
+
+
+def test_an_unsigned_bootloader_stops_in_the_rom_when_secure_boot_is_on(make_bench, tmp_path):
+    chip = "esp32c3"
+    slot = make_bench(1, chip)[0]
+    fw = build_firmware(chip, app_size=60_000, manifest={"sdk": "plain"})
+    for offset, data in fw.regions():
+        (tmp_path / f"r{offset:x}.bin").write_bytes(data)
+    key = signing_key(tmp_path, "trusted.pem")
+    app = tmp_path / f"r{fw.app_offset:x}.bin"
+    app.write_bytes(signed(tmp_path, key, app).read_bytes())  # only the app is signed
+    r = esptool_cli("--chip", chip, "-p", slot.url, "write-flash",
+                    *[a for off, _ in fw.regions() for a in (hex(off), str(tmp_path / f"r{off:x}.bin"))])
+    assert r.returncode == 0, r.stdout + r.stderr
+    burn(slot.url, chip, "burn-key-digest", "BLOCK_KEY0", str(key), "SECURE_BOOT_DIGEST0")
+    burn(slot.url, chip, "burn-efuse", "SECURE_BOOT_EN")
+    log = boot_with_app(slot, chip, app)
+    assert slot.device.state()["mode"] == "bootloop", log
+    assert "secure boot verification failed" in log
+    assert "2nd stage bootloader" not in log  # the ROM never ran it
