@@ -83,6 +83,8 @@ def test_a_taken_port_is_left_for_another_and_a_restart_says_why_it_failed(pg_ow
     port = pg_own.port
     pg_own.stop()
     with socket.socket() as squatter:
+        # the stopped server's own connections may leave TIME_WAIT on its port: bind as postgres does
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", port))
         squatter.listen()
         with pytest.raises(pg.PgError, match=rf"(?s)postgres exited .* on port {port}; its log:.*could not bind"):
