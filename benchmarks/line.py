@@ -140,27 +140,20 @@ def rework(tmp: Path) -> list[tuple[str, dict, dict]]:
 
 def secure_profiles(tmp: Path, chip: str, mode: str) -> Path:
     """The relay profile on `chip` (1 MB app as the example's), NVS encryption per unit, flash encryption `mode`."""
-    import hashlib
     import shutil
 
     from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
     from flashing.images import Partition
+    from tests.station.conftest import pin_firmware
 
-    d = tmp / "profiles" / "relay"
-    shutil.copytree(REPO / "profiles" / "relay", d)
+    shutil.copytree(REPO / "profiles" / "relay", tmp / "profiles" / "relay")
     parts = DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, 0x196000, 0x1000)]
     fw = build_firmware(chip, project="relay", version="1.4.2", partitions=parts,
                         manifest=twosmart_manifest(encrypted=True))
-    text = (d / "profile.toml").read_text()
-    for name, data in (("bootloader.bin", fw.bootloader), ("partition-table.bin", fw.partition_table),
-                       ("relay.bin", fw.app)):
-        old = hashlib.sha256((d / "firmware" / name).read_bytes()).hexdigest()
-        (d / "firmware" / name).write_bytes(data)
-        text = text.replace(old, hashlib.sha256(data).hexdigest())
-    text = text.replace('chip = "esp32"', f'chip = "{chip}"').replace(
+    pin_firmware(tmp, fw, lambda text: text.replace('chip = "esp32"', f'chip = "{chip}"').replace(
         'offset = "0x1000"', f'offset = "{fw.bootloader_offset:#x}"').replace(
         'namespace = "2smart"', 'namespace = "2smart"\nencryption = "per-unit"')
-    (d / "profile.toml").write_text(text + f'\n[security]\nflash_encryption = "{mode}"\n')
+        + f'\n[security]\nflash_encryption = "{mode}"\n')
     return tmp / "profiles"
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from flashing.firmware import build_firmware
-from tests.conftest import esptool_cli, wait_until
+from tests.conftest import esptool_cli
 from tests.flashing.test_efuse import burn
+from tests.flashing.test_flash_encryption import flash_and_boot
 
 
 def espsecure(*args: str) -> None:
@@ -37,11 +38,7 @@ def signed(tmp_path: Path, key: Path, image: Path) -> Path:
 
 
 def boot_with_app(slot, chip: str, app: Path) -> str:
-    r = esptool_cli("--chip", chip, "-p", slot.url, "write-flash", "0x10000", str(app))
-    assert r.returncode == 0, r.stdout + r.stderr
-    slot.device.reset("app")
-    wait_until(lambda: slot.device.state()["mode"] in ("app", "bootloop"), "the board to boot")
-    return slot.device.console_text()
+    return flash_and_boot(slot, chip, [(0x10000, app)], encrypt=False)
 
 
 @pytest.mark.parametrize("chip", ["esp32c3", pytest.param("esp32s3", marks=pytest.mark.slow),
