@@ -17,6 +17,7 @@ import pytest
 
 from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
 from flashing.images import Partition
+from flashing.mqtt_client import MqttClient
 from flashing.nvs import NvsError, read_partition
 from flashing.virtual.bench import VirtualBench
 from station.record import Record
@@ -289,3 +290,35 @@ def test_abort_between_burns_names_the_burns_done_and_not_started(station_env):
         assert row["error"] == result.error and "espefuse summary" in row["remedy"]
     finally:
         ctx.close()
+
+
+def test_a_secure_unit_pairs_with_the_factory_broker_and_keeps_its_own_sealed_config(station_env, mosquitto,
+                                                                                   monkeypatch, capsys, tmp_path):
+    """The issue's "boots and pairs": the smoke test's `pair` level (the unit's own test account on a real
+    Mosquitto, `/pair`, its MQTT login), then the unit's own config written back, still unreadable."""
+    from tests.station.test_smoke import ADMIN_PASSWORD, MONITOR_PASSWORD, smoke_config
+
+    monkeypatch.setenv("STATION_MONITOR_PASSWORD", MONITOR_PASSWORD)
+    monkeypatch.setenv("STATION_BROKER_ADMIN_PASSWORD", ADMIN_PASSWORD)
+    smoke_config(station_env, mosquitto, timeout=15)
+    secure_profile(station_env, "esp32c3", "development")
+    ready: list[str] = []
+    watcher = MqttClient(mosquitto.host, mosquitto.port, "test-watcher", mosquitto.monitor_user, MONITOR_PASSWORD)
+    assert watcher.connect() is None
+    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        try:  # the unit's own MQTT login, seen at the broker: it published its $state ready
+            watcher.subscribe("+/sweet-home/+/$state",
+                              lambda m: ready.append(m.topic.split("/")[2]) if m.payload == b"ready" else None)
+            rc, out, err = run_station(capsys, "flash", "--port", url, "--json", "--smoke", "pair")
+        finally:
+            watcher.close()
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"]
+        assert rc == 0 and finished[0]["outcome"] == "passed", (finished, err[-2000:])
+        assert not finished[0]["quarantine"]
+        assert dev.mac_text.replace(":", "-") in ready
+        assert dev.call(lambda: dev.runtime.config["token"]) == TOKEN  # its own token again, not the test one
+        config = read_back(url, "esp32c3", tmp_path, CONFIG, 0x6000)
+        assert TOKEN.encode() not in config
+        with pytest.raises(NvsError):
+            read_partition(config)
