@@ -109,7 +109,10 @@ def test_no_secret_reaches_the_record_exports_json_or_stderr_on_any_failure(secr
     for level, faults in runs.items():
         with VirtualBench(len(faults), "esp32", run_dir=secret_env / f"run-{level}") as bench:
             for slot, (fault, value) in zip(bench.slots, faults):
-                slot.device.mqtt_retry_s = 0.3
+                # quick retries only where the MQTT login is the test: elsewhere a retry line every 0.3 s fills
+                # the console tail kept as a failure's detail, and on a loaded host pushes the boot log's SSID
+                # line (the positive control below) out of it
+                slot.device.mqtt_retry_s = 0.3 if level == "pair" else 30.0
                 if fault:
                     slot.device.set_fault(fault, value)
             ports_of[level] = [s.url for s in bench.slots]
