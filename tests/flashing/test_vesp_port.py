@@ -17,6 +17,7 @@ from flashing.nvs import NvsEntry, build_partition
 from flashing.virtual.bench import ControlClient, VirtualBench
 from flashing.virtual.slip import encode
 from station.demo_broker import DemoBroker
+from tests.conftest import wait_until
 from tests.flashing.test_virtual_board import flash_firmware
 
 REOPENS = 50
@@ -118,10 +119,8 @@ def test_close_from_another_thread_wakes_a_waiting_read(make_bench):
     reader = threading.Thread(target=read, name="test-reader")
     reader.start()
     try:
-        deadline = time.monotonic() + 5
-        while not waiting_in(reader, "_fill"):
-            assert time.monotonic() < deadline and reader.is_alive(), outcome
-            time.sleep(0.005)
+        wait_until(lambda: waiting_in(reader, "_fill") or not reader.is_alive(), "the reader waits in _fill", 5)
+        assert reader.is_alive(), outcome
         closed = time.monotonic()
         port.close()
     finally:
@@ -149,10 +148,8 @@ def test_closing_a_bench_leaves_no_thread_behind(tmp_path):
         for slot in bench.slots:
             slot.device.reset("app")
         # board 0 logged in to the broker, board 1 serving pairing on its access point
-        deadline = time.monotonic() + 10
-        while "connected, publishing" not in bench[0].device.console_text():
-            assert time.monotonic() < deadline, bench[0].device.console_text()
-            time.sleep(0.02)
+        wait_until(lambda: "connected, publishing" in bench[0].device.console_text(), "board 0 logged in", 10,
+                   why=bench[0].device.console_text)
         assert bench[1].device.state()["app_mode"] == "ap"
         held = serial.serial_for_url(bench[1].url, timeout=0.1)  # a host that keeps the port open
         assert len(ControlClient(bench.control.path).request("list")["devices"]) == 2

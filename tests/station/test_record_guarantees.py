@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from station.pipeline import UnitJob, provision_unit
 from station.profile import load_profile
 from station.record import Attempt, Record, RecordError, SerialPlan, now_iso
 from station.runner import open_record, open_station
+from tests.conftest import wait_until
 from tests.station.conftest import REPO
 
 PY = sys.executable
@@ -53,13 +53,13 @@ class Proc:
             lines.append(line.rstrip("\n"))
 
     def until(self, cond, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not reached; stdout {self.out[-5:]}, stderr {self.err[-5:]}")
-            if self.p.poll() is not None and not any(t.is_alive() for t in self._readers) and not cond():
-                raise AssertionError(f"process ended ({self.p.returncode}); stderr {self.err[-10:]}")
-            time.sleep(0.02)
+        def ended() -> bool:  # the process is gone and all it printed is read: cond can no longer come true
+            return self.p.poll() is not None and not any(t.is_alive() for t in self._readers)
+
+        wait_until(lambda: cond() or ended(), "the process's output", timeout,
+                   why=lambda: f"stdout {self.out[-5:]}, stderr {self.err[-5:]}")
+        if not cond():
+            raise AssertionError(f"process ended ({self.p.returncode}); stderr {self.err[-10:]}")
 
     def events(self) -> list[dict]:
         return [json.loads(line) for line in list(self.out) if line.startswith("{")]
