@@ -741,7 +741,7 @@ def _smoke(level: str, run: UnitRun) -> None:
         if not settings.url:  # the address comes from the console
             run.boot_log = wait_for_address(run.boot_log, console, settings.timeout_s, run.cancel.is_set)
         base = reach.open(run.boot_log, run.mac, f"{profile.title} AP" if profile.title else None)
-        healthcheck(base, settings.timeout_s)
+        healthcheck(base, settings.timeout_s, run.cancel.is_set)
         if level == "pair":
             run.broker_account = ctx.unit_accounts().create(run.attempt.device_id)
             run.redact.learn([run.broker_account.token, run.broker_account.email])
