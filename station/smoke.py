@@ -366,18 +366,20 @@ def _where(url: str) -> str:
     return f"{u.scheme}://{u.netloc.rpartition('@')[2]}{u.path}"  # no user:password@ either
 
 
-def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES) -> tuple[int, str]:
+def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES,
+             deadline: float | None = None) -> tuple[int, str]:
     """GET `url`: status and body, within `timeout` overall and at most `max_bytes` of body.
 
     A server that trickles bytes, or streams without end, fails the unit at the deadline
-    or the cap instead of holding (or filling) the station.
+    or the cap instead of holding (or filling) the station. `deadline` (monotonic) is when
+    `timeout` started to run, for a caller that asks again within one timeout.
     """
     u = urlsplit(url)
     if u.scheme != "http" or not u.hostname:
         raise SmokeFailure(f"the pairing server's address {_where(url)} is not an http:// URL",
                            "fix station.toml [smoke] url")
-    deadline = time.monotonic() + timeout
-    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    deadline = time.monotonic() + timeout if deadline is None else deadline
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=max(deadline - time.monotonic(), 0.05))
     raw: socket.socket | None = None
     body = bytearray()
     try:
@@ -429,7 +431,7 @@ def healthcheck(base: str, timeout: float, cancelled: Callable[[], bool] = lambd
     deadline = time.monotonic() + timeout
     while True:
         try:
-            status, body = http_get(base + "/healthcheck", max(deadline - time.monotonic(), REFUSED_RETRY_S))
+            status, body = http_get(base + "/healthcheck", timeout, deadline=deadline)
             break
         except NotListening:
             if time.monotonic() + REFUSED_RETRY_S >= deadline or cancelled():

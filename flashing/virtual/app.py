@@ -76,6 +76,9 @@ class TwoSmartApp:
             self.mode = "config-error"
             return
         ssid = self.config.get("ssid")
+        # listening (and its port logged) before the address: a station that reads the address
+        # has the port in the same log, never port 80's default (a real board's port)
+        self._start_server()
         if self.device_class == "no-wifi":
             self.log("I", "eth", "link up, 100 Mbps full duplex")
             self._address(f"IP: {self.dev.net_ip}\n")
@@ -88,7 +91,6 @@ class TwoSmartApp:
             self.log("I", "wifi_ap", f'access point "{self.title} AP" started')
             self._address(f"AP IP address: {self.dev.net_ip}\n")
             self.mode = "ap"
-        self._start_server()
         if self.mode == "network" and self.config.get("token") and self.config.get("email"):
             self._spawn(threading.Thread(target=self._mqtt_loop, daemon=True,
                                          name=f"vdev-{self.dev.index}-mqtt"))
