@@ -393,11 +393,11 @@ def _burn_new_key(run: UnitRun) -> bytes:
     plan = burn_plan(chip, mode, ctx.profile.secure_boot)
     a.burns = [{"burn": b.describe(), "state": "pending"} for b in plan]
     ctx.record.note_burns(a)  # the whole plan, committed before the first burn
-    # release mode's disables come last, after the ciphertext is written and read back (the flash step):
+    # release mode's burns come last, after the ciphertext is written and read back (the flash step):
     # esptool refuses plain writes once DIS_DOWNLOAD_MANUAL_ENCRYPT is burned
     planned = list(zip(plan, a.burns))
-    run.late_burns = [(b, e) for b, e in planned if b.name == "release"]
-    _make_burns(run, [(b, e) for b, e in planned if b.name != "release"], key)
+    run.late_burns = [(b, e) for b, e in planned if b.after_flash]
+    _make_burns(run, [(b, e) for b, e in planned if not b.after_flash], key)
     _check_burned(run, "development")  # encryption on, no release disable yet
     return key
 
