@@ -250,8 +250,17 @@ def read_state(esp, chip: str) -> EfuseState:
     return EfuseState(int(cnt), bool(key), fields, boot, chip, values, protected)
 
 
-def check_state(state: EfuseState, mode: str, secure_boot: bool = False) -> list[str]:
-    """What differs between the eFuses read back and what the profile's mode burns (nothing: they match)."""
+# what ESP-IDF's bootloader burns in development mode besides the plan's key and count, when it makes the key
+# itself (esp_flash_encryption_enable_secure_features, default Kconfig: only the ROM's encrypted download stays)
+CHIP_KEY_DEVELOPMENT = {chip: tuple(f for f in fields if f not in ("DISABLE_DL_ENCRYPT", "DIS_DOWNLOAD_MANUAL_ENCRYPT"))
+                        for chip, fields in RELEASE_DISABLES.items()}
+
+
+def check_state(state: EfuseState, mode: str, secure_boot: bool = False, chip_key: bool = False) -> list[str]:
+    """What differs between the eFuses read back and what the profile's mode burns (nothing: they match).
+
+    `chip_key`: the chip's own bootloader burned them on its first boot (ESP-IDF's choices for the mode).
+    """
     problems = []
     if secure_boot != state.secure_boot:
         problems.append("secure boot is " + ("not enabled" if secure_boot else "enabled, the profile does not ask for it"))
@@ -268,13 +277,15 @@ def check_state(state: EfuseState, mode: str, secure_boot: bool = False) -> list
     want: dict[str, int] = {}
     for b in plan:  # a later burn of the same field (the crypt count to its maximum) is what it reads
         want.update(b.values)
+    if chip_key and mode == "development":
+        want.update((f, 1) for f in CHIP_KEY_DEVELOPMENT[state.chip])
     reported = set(state.release_fields) if mode == "release" else set()  # said above
     wrong = [f"{f} reads {state.fields[f]:#x}, not {v:#x}" for f, v in want.items()
              if f in state.fields and state.fields[f] != v and f not in reported]
     if wrong:
         problems.append("; ".join(wrong))
     extra = [f for f, v in state.fields.items() if v and f not in want and f not in ("ABS_DONE_1", "SECURE_BOOT_EN")]
-    if mode == "development" and any(f in state.release_fields for f in extra):
+    if mode == "development" and any(f in state.release_fields for f in extra):  # the ROM's encrypted download
         problems.append(f"development mode, but release-mode eFuses are burned ({', '.join(extra)})")
     elif extra:
         problems.append(f"{', '.join(extra)} burned, which the profile does not burn")
