@@ -19,14 +19,17 @@ Everything here goes through espefuse's and espsecure's Python APIs, never their
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import importlib
 import io
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import espefuse
 import espsecure
+import yaml
 from esptool.util import FatalError
 
 from .errors import UnitError
@@ -36,6 +39,34 @@ FLASH_ENCRYPTION_CHIPS = ("esp32", "esp32c3", "esp32s3")
 MODES = ("development", "release")
 KEY_BYTES = 32  # ESP32: the 256-bit BLOCK1 key; C3/S3: XTS-AES-128 (two 128-bit halves in one key block)
 ESP32_CRYPT_CONFIG = 0xF  # every key tweak bit on: what ESP-IDF's bootloader burns
+
+
+class _EfuseTables:
+    """espefuse's eFuse tables (efuse_defs/<chip>.yaml), parsed once per process.
+
+    espefuse parses its chip's YAML table with PyYAML's pure-Python loader every time it is
+    opened: ~0.2 s of CPU, under the one interpreter lock all 16 ports share. Its
+    mem_definition modules get this object as their `yaml`; `safe_load` parses each file once
+    with libyaml's loader where PyYAML has it (the same safe schema; tests/flashing/
+    test_efuse.py compares the results) and hands out copies, so no open sees another's.
+    """
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def safe_load(self, stream):
+        name = getattr(stream, "name", None)
+        with self._lock:
+            if name not in self._parsed:
+                loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+                self._parsed[name] = yaml.load(stream, Loader=loader)  # noqa: S506 - a safe loader
+            return copy.deepcopy(self._parsed[name])
+
+
+EFUSE_TABLES = _EfuseTables()
+for _chip in ("esp32", "esp32c3", "esp32s3"):
+    importlib.import_module(f"espefuse.efuse.{_chip}.mem_definition").yaml = EFUSE_TABLES
 
 
 @dataclass(frozen=True)
@@ -168,10 +199,26 @@ def encrypt_region(chip: str, key: bytes, address: int, data: bytes) -> bytes:
     return out.getvalue()
 
 
-def run_burn(esp, chip: str, burn: Burn, key: bytes, signing_key: Path | None = None) -> None:
-    """Make one burn over the unit's esptool session (espefuse's Python API, no confirmation)."""
+def open_efuses(esp):
+    """espefuse's commands object over the unit's esptool session: one per unit's set-up.
+
+    Opening it parses espefuse's eFuse table (YAML, ~0.2 s of CPU) and reads every eFuse
+    register; a station with 16 ports does this under one interpreter lock, so each unit opens
+    it once and every burn and read-back goes through it. espefuse re-reads the blocks after
+    each burn itself (`burn_all`), and `read_state` reads them again before it answers.
+    """
     try:
-        with esptool_output(None), _efuses(esp) as fuses:
+        with esptool_output(None):
+            return espefuse.init_commands(esp=esp, do_not_confirm=True)
+    except FatalError as exc:
+        raise SecureError("the board's eFuses could not be read", "retry; replace the board if it repeats",
+                          str(exc)) from None
+
+
+def run_burn(fuses, chip: str, burn: Burn, key: bytes, signing_key: Path | None = None) -> None:
+    """Make one burn through the unit's espefuse commands (`open_efuses`; espefuse's Python API, no confirmation)."""
+    try:
+        with esptool_output(None):
             if burn.name == "secure-boot-digest":
                 with open(signing_key, "rb") as pem:  # espefuse takes the digest of the key's public half
                     if chip == "esp32":
@@ -190,12 +237,6 @@ def run_burn(esp, chip: str, burn: Burn, key: bytes, signing_key: Path | None = 
     except FatalError as exc:
         raise SecureError(f"burning {burn.describe()} failed", "set the board aside: its eFuses may be partly "
                           "burned; the record says which", str(exc)) from None
-
-
-@contextlib.contextmanager
-def _efuses(esp):
-    fuses = espefuse.init_commands(esp=esp, do_not_confirm=True)
-    yield fuses
 
 
 @dataclass(frozen=True)
@@ -224,13 +265,16 @@ def _key_protections(chip: str) -> tuple[str, ...]:
     return ("BLOCK1",) if chip == "esp32" else ("BLOCK_KEY0", "KEY_PURPOSE_0")
 
 
-def read_state(esp, chip: str) -> EfuseState:
-    """Read the eFuses that say whether, and how, the unit's flash is encrypted."""
+def read_state(fuses, chip: str) -> EfuseState:
+    """Read, from the chip again, the eFuses that say whether, and how, the unit's flash is encrypted."""
     release = next((b for b in burn_plan(chip, "release") if b.name == "release"))
     every = burn_plan(chip, "release", secure_boot=True)
     try:
-        with esptool_output(None), _efuses(esp) as fuses:
+        with esptool_output(None):
             e = fuses.efuses
+            e.read_coding_scheme()
+            e.read_blocks()  # the registers now, not what the commands object read when it was opened
+            e.update_efuses()
             if chip == "esp32":
                 cnt = e["FLASH_CRYPT_CNT"].get()
                 key = not e["BLOCK1"].is_readable() or any(e["BLOCK1"].get_raw())

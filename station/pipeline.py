@@ -27,7 +27,7 @@ from typing import Callable
 from flashing.errors import UnitError
 from flashing.images import ImageError, check_image_bytes, parse_partition_table
 from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, new_keys, read_partition
-from flashing.secure import (KEY_BYTES, Burn, EfuseState, burn_plan, check_state, encrypt_region, read_state, run_burn,
+from flashing.secure import (KEY_BYTES, Burn, EfuseState, burn_plan, check_state, encrypt_region, open_efuses, read_state, run_burn,
                              sign_image)
 from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, flash_size_bytes
 
@@ -266,6 +266,7 @@ class UnitRun:
     flash_key: bytes | None = None  # the unit's flash-encryption key (a secret: the redactor knows it)
     firmware: list[tuple[str, int, bytes]] | None = None  # what this unit gets when not the context's bytes
     late_burns: list = field(default_factory=list)  # (Burn, its record entry) made after the flash is written
+    efuses: tuple | None = None  # (the esptool session's loader, espefuse's commands over it): see _efuses
     chip_key: dict | None = None  # [security] key = "chip": the record entry of the chip's own first-boot burns
     encrypt_writes: bool = False  # the ROM encrypts what the station writes (a chip-key unit re-flashed)
 
@@ -366,8 +367,7 @@ def secure(run: UnitRun) -> None:
     ctx, a = run.ctx, run.attempt
     chip, mode = ctx.profile.chip, ctx.profile.flash_encryption
     a.flash_encryption = mode
-    esp = run.session.esp
-    state = read_state(esp, chip)
+    state = read_state(_efuses(run), chip)
     if ctx.profile.flash_key == "chip":
         _chip_key(run, state)
         return
@@ -416,7 +416,7 @@ def _check_chip_encrypted(run: UnitRun) -> None:
     profile, session = run.ctx.profile, run.session
     session.connect(profile.chip)
     session.prepare_flash(run.attempt.baud or profile.baud)
-    problems = check_state(read_state(session.esp, profile.chip), profile.flash_encryption, chip_key=True)
+    problems = check_state(read_state(_efuses(run), profile.chip), profile.flash_encryption, chip_key=True)
     app = next((r for r in run.ctx.firmware if r[2][:1] == b"\xe9" and r[1] >= 0x10000), None)
     if app is not None and session.read(app[1], 64) == app[2][:64]:
         problems.append("the app reads back as plaintext")
@@ -455,6 +455,14 @@ def _burn_new_key(run: UnitRun) -> bytes:
     return key
 
 
+def _efuses(run: UnitRun):
+    """The unit's espefuse commands, opened once per esptool session (opening costs ~0.2 s of CPU)."""
+    esp = run.session.esp
+    if run.efuses is None or run.efuses[0] is not esp:
+        run.efuses = (esp, open_efuses(esp))
+    return run.efuses[1]
+
+
 def _make_burns(run: UnitRun, burns: list[tuple[Burn, dict]], key: bytes) -> None:
     """Each burn journaled as burning before espefuse runs it, and as done after."""
     record, a = run.ctx.record, run.attempt
@@ -464,13 +472,13 @@ def _make_burns(run: UnitRun, burns: list[tuple[Burn, dict]], key: bytes) -> Non
             raise Aborted()
         entry["state"] = "burning"
         record.note_burns(a)  # RecordError: this burn does not run
-        run_burn(run.session.esp, run.ctx.profile.chip, b, key, run.ctx.station.secure_boot_key)
+        run_burn(_efuses(run), run.ctx.profile.chip, b, key, run.ctx.station.secure_boot_key)
         entry["state"] = "done"
         record.note_burns(a)
 
 
 def _check_burned(run: UnitRun, mode: str) -> None:
-    problems = check_state(read_state(run.session.esp, run.ctx.profile.chip), mode, run.ctx.profile.secure_boot)
+    problems = check_state(read_state(_efuses(run), run.ctx.profile.chip), mode, run.ctx.profile.secure_boot)
     if problems:
         raise StepFailure(f"the eFuses read back do not match the profile: {'; '.join(problems)}",
                           "set the board aside for the engineer: its burns cannot be undone")
@@ -809,7 +817,7 @@ def _smoke(level: str, run: UnitRun) -> None:
         if not settings.url:  # the address comes from the console
             run.boot_log = wait_for_address(run.boot_log, console, settings.timeout_s, run.cancel.is_set)
         base = reach.open(run.boot_log, run.mac, f"{profile.title} AP" if profile.title else None)
-        healthcheck(base, settings.timeout_s)
+        healthcheck(base, settings.timeout_s, run.cancel.is_set)
         if level == "pair":
             run.broker_account = ctx.unit_accounts().create(run.attempt.device_id)
             run.redact.learn([run.broker_account.token, run.broker_account.email])

@@ -59,6 +59,7 @@ from .schema import (
     validate,
     whole_number,
 )
+from .secrets import MIN_SECRET_CHARS
 from .serials import SerialPattern, SerialPatternError
 
 __all__ = ["Problem", "ProfileError", "Profile", "Region", "ConfigKey", "SecretSource", "Checks",
@@ -566,6 +567,10 @@ def resolve_secrets(profile: Profile, env: Mapping[str, str] | None = None,
             if not s.optional:
                 where = f"environment variable {s.env}" if s.env else "a file"
                 problems.append(Problem(f, f"secrets.{s.name}", f"not set: put it in the {where}"))
+            continue
+        if len(value) < MIN_SECRET_CHARS:  # the redactor cannot hunt for it without eating ordinary words
+            problems.append(Problem(f, f"secrets.{s.name}", f"{len(value)} characters: a secret needs at least "
+                                    f"{MIN_SECRET_CHARS}, or it could not be kept out of the record and the screen"))
             continue
         values[s.name] = value
     return values, problems

@@ -396,6 +396,9 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES) -> tupl
     except (TimeoutError, socket.timeout):
         raise SmokeFailure(f"the pairing server did not answer within {timeout:g} s ({_where(url)})",
                            "the firmware may be hung: power-cycle and retry, else replace the board") from None
+    except ConnectionRefusedError as exc:
+        raise NotListening(f"no answer from the pairing server at {_where(url)} ({type(exc).__name__}: "
+                           f"{exc})", "check that the firmware starts its pairing server; retry") from None
     except (OSError, http.client.HTTPException) as exc:
         raise SmokeFailure(f"no answer from the pairing server at {_where(url)} ({type(exc).__name__}: "
                            f"{exc})", "check that the firmware starts its pairing server; retry") from None
@@ -409,8 +412,29 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES) -> tupl
     return r.status, bytes(body).decode("utf-8", "replace")
 
 
-def healthcheck(base: str, timeout: float) -> None:
-    status, body = http_get(base + "/healthcheck", timeout)
+class NotListening(SmokeFailure):
+    """The connection was refused: nothing listens at the pairing server's address (yet)."""
+
+
+REFUSED_RETRY_S = 0.1
+
+
+def healthcheck(base: str, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """GET /healthcheck: 200 within `timeout`. A refused connection is asked again until then.
+
+    A device logs its address (got IP, or its access point up) before its HTTP server
+    listens (ESP-IDF's httpd starts after the network event), so on a busy station the first
+    connection can be refused; that is the firmware still starting, not a board failure.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, body = http_get(base + "/healthcheck", max(deadline - time.monotonic(), REFUSED_RETRY_S))
+            break
+        except NotListening:
+            if time.monotonic() + REFUSED_RETRY_S >= deadline or cancelled():
+                raise
+            time.sleep(REFUSED_RETRY_S)  # a poll of a port nobody listens on yet: nothing to wait on instead
     if status != 200:
         # the reply goes whole to the detail: an excerpt cut inside a secret would hide it from the redaction
         raise SmokeFailure(f"/healthcheck answered {status}, not 200",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 import sqlite3
 
@@ -20,9 +21,9 @@ from flashing.images import Partition
 from flashing.mqtt_client import MqttClient
 from flashing.nvs import NvsError, read_partition
 from flashing.virtual.bench import VirtualBench
-from station.record import Record
+from station.record import ATTEMPT_KINDS, Record
 from tests.conftest import esptool_cli
-from tests.station.conftest import TOKEN, json_lines, pin_firmware, run_station
+from tests.station.conftest import TOKEN, json_lines, pin_firmware, run_station, run_station_process
 from tests.station.test_record_guarantees import Proc
 
 CONFIG, KEYS = 0x190000, 0x196000  # the config and nvs_keys partitions of the firmware below
@@ -431,3 +432,48 @@ def test_a_secure_unit_pairs_with_the_factory_broker_and_keeps_its_own_sealed_co
         assert TOKEN.encode() not in config
         with pytest.raises(NvsError):
             read_partition(config)
+
+
+def test_the_burn_record_reaches_the_central_copy_even_from_a_station_killed_mid_burn(station_env, pg_url):
+    """A station with [central] is killed -9 between two burns: its next `central push` gives the
+    plant's record every burn entry (the plan, each `burning` before its burn, each `done`) and the
+    attempt settled `interrupted: efuses partly burned`, exactly as the station's own record says;
+    `central verify` accepts the copy."""
+    import psycopg
+
+    secure_profile(station_env, "esp32c3", "development")
+    cfg = station_env / "station.toml"
+    cfg.write_text(cfg.read_text() + f'\n[central]\nurl = "{pg_url}"\npush_interval_s = 0.2\ntimeout_s = 10.0\n')
+    with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        dev.set_fault("hang_after_burns", 2)  # the key burn's two program commands, then the crypt count hangs
+        station = Proc(["flash", "--port", url, "--json"], cwd=station_env)
+        try:
+            station.until(lambda: dev.state()["mode"] == "halted")
+            station.p.send_signal(signal.SIGKILL)
+            assert station.finish() == -signal.SIGKILL
+        finally:
+            station.stop()
+    push = run_station_process("central", "push", cwd=station_env, env={**os.environ, "STATION_CONFIG": str(cfg)})
+    assert push.returncode == 0, push.stdout + push.stderr
+
+    with psycopg.connect(pg_url) as conn:
+        kinds = [k for (k,) in conn.execute("SELECT kind FROM journal WHERE kind = ANY(%s) ORDER BY seq",
+                                            (list(ATTEMPT_KINDS),))]
+        (row,) = [r for (r,) in conn.execute("SELECT row FROM attempts")]
+        local_entries = conn.execute("SELECT entries FROM stations").fetchone()[0]
+    assert kinds == ["started", "burn", "burn", "burn", "burn", "interrupted"], kinds
+    assert row["outcome"] == "interrupted"
+    assert "efuses partly burned (done: key (BLOCK_KEY0" in row["error"], row["error"]
+    assert "may or may not have happened: enable (SPI_BOOT_CRYPT_CNT)" in row["error"], row["error"]
+    burns = json.loads(row["burns"])  # the attempt row as the station's record holds it: burns as JSON text
+    assert [b["state"] for b in burns] == ["done", "burning"], burns
+    record = Record(station_env / "station.db", key=bytes.fromhex((station_env / "station.key").read_text()))
+    try:
+        local = record.attempts(1)[0]
+        assert local["error"] == row["error"] and json.loads(local["burns"]) == burns
+        assert record.db().execute("select count(*) from journal").fetchone()[0] == local_entries
+    finally:
+        record.close()
+    check = run_station_process("central", "verify", cwd=station_env, env={**os.environ, "STATION_CONFIG": str(cfg)})
+    assert check.returncode == 0, check.stdout + check.stderr
