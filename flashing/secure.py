@@ -250,6 +250,7 @@ class EfuseState:
     chip: str = ""
     fields: dict[str, int] = field(default_factory=dict)  # every field a plan burns a value into, as read
     write_protected: dict[str, bool] = field(default_factory=dict)  # every field a plan protects, and the key's
+    key_readable: bool = False  # the key block reads back (not read-protected)
 
     @property
     def encrypted(self) -> bool:
@@ -286,12 +287,11 @@ def read_state(fuses, chip: str) -> EfuseState:
             values = {f: int(e[f].get_raw()) for b in every for f, _ in b.values}
             guarded = [f for b in every for f in b.protect] + list(_key_protections(chip))
             protected = {f: not e[f].is_writeable() for f in guarded}
-            if chip == "esp32" or key:
-                protected["key read-protected"] = not e[_key_protections(chip)[0]].is_readable()
+            readable = bool(key) and e[_key_protections(chip)[0]].is_readable()
     except FatalError as exc:
         raise SecureError("the board's eFuses could not be read", "retry; replace the board if it repeats",
                           str(exc)) from None
-    return EfuseState(int(cnt), bool(key), fields, boot, chip, values, protected)
+    return EfuseState(int(cnt), bool(key), fields, boot, chip, values, protected, readable)
 
 
 # what ESP-IDF's bootloader burns in development mode besides the plan's key and count, when it makes the key
@@ -337,6 +337,6 @@ def check_state(state: EfuseState, mode: str, secure_boot: bool = False, chip_ke
     unprotected = [f for f in unprotected if f in state.write_protected and not state.write_protected[f]]
     if unprotected:
         problems.append(f"{', '.join(unprotected)} not write-protected")
-    if state.write_protected.get("key read-protected") is False:
+    if state.key_readable:
         problems.append("the flash-encryption key is readable")
     return problems

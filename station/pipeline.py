@@ -605,7 +605,7 @@ def _secure_on(run: UnitRun) -> bool:
 
 
 def _boot_on(run: UnitRun) -> bool:
-    return run.ctx.profile.checks.boot
+    return run.ctx.profile.checks.boot or run.chip_key is not None  # the chip's key is verified after its boot
 
 
 def _smoke_on(run: UnitRun) -> bool:
