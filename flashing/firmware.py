@@ -12,7 +12,8 @@ import json
 import random
 from dataclasses import dataclass
 
-from .images import Partition, Segment, app_description, build_image, build_partition_table, chip_facts
+from .images import (FLASH_ENC_BUILT, FLASH_ENC_RELEASE_BUILT, Partition, Segment, app_description, build_image,
+                     build_partition_table, chip_facts)
 
 # load addresses of a typical IDF build, per chip: bootloader (dram, iram, iram) and app
 _LAYOUT = {
@@ -89,12 +90,21 @@ def read_manifest(app_head: bytes) -> dict | None:
 def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "1.0.0",
                    app_size: int = 1024 * 1024, flash_size: str = "4MB",
                    partitions: list[Partition] | None = None, seed: int = 1,
-                   manifest: dict | None = None) -> Firmware:
+                   manifest: dict | None = None, flash_encryption: str | None = None) -> Firmware:
+    """`flash_encryption` ("development" or "release"): the bootloader is built with flash encryption on
+    (CONFIG_SECURE_FLASH_ENC_ENABLED): it carries flash_encrypt.c's messages, and a board whose crypt count
+    is 0 encrypts itself on its first boot (flashing.images.bootloader_flash_encryption)."""
     lay, facts = _LAYOUT[chip], chip_facts(chip)
     rng = random.Random(f"{chip}/{project}/{version}/{seed}")
     bl_sizes = [6372, 15920, 3880]
+    bl_data = [_filler(rng, n) for n in bl_sizes]
+    if flash_encryption:  # the log strings in the DRAM segment, in place of filler (the size stays)
+        built = b"I (%lu) %s: " + FLASH_ENC_BUILT + b"\n\0"
+        if flash_encryption == "release":
+            built += b"I (%lu) %s: " + FLASH_ENC_RELEASE_BUILT + b"\n\0"
+        bl_data[0] = bl_data[0][:256] + built + bl_data[0][256 + len(built):]
     bootloader = build_image(
-        [Segment(a, _filler(rng, n)) for a, n in zip(lay["bl"], bl_sizes)],
+        [Segment(a, d) for a, d in zip(lay["bl"], bl_data)],
         chip_id=facts.image_chip_id, entry=lay["bl_entry"], flash_size=flash_size)
     parts = partitions or DEFAULT_PARTITIONS
     app_part = next(p for p in parts if p.type == 0)

@@ -159,6 +159,21 @@ def bootloader_description(idf_version: str, date_time: str, version: int = 1) -
                        date_time.encode()[:23], b"")
 
 
+# Messages ESP-IDF compiles into a 2nd-stage bootloader only when its build enables flash encryption
+# (bootloader_support/src/flash_encryption/flash_encrypt.c is all under CONFIG_SECURE_FLASH_ENC_ENABLED), the
+# second only with CONFIG_SECURE_FLASH_ENCRYPTION_MODE_RELEASE (esp_flash_encrypt_enable). A bootloader's log
+# strings sit in its DRAM segment: what the chip runs is what the board knows of its build.
+FLASH_ENC_BUILT = b"Flash encryption completed"
+FLASH_ENC_RELEASE_BUILT = b"Setting CRYPT_CNT for permanent encryption"
+
+
+def bootloader_flash_encryption(image: bytes) -> str | None:
+    """The flash-encryption mode a bootloader image was built with: "release", "development" or None (off)."""
+    if FLASH_ENC_BUILT not in image:
+        return None
+    return "release" if FLASH_ENC_RELEASE_BUILT in image else "development"
+
+
 def check_image(read: Callable[[int, int], bytes], offset: int, limit: int,
                 chip_id: int | None = None,
                 on_segment: Callable[[int, int, int, int], None] | None = None) -> ImageInfo:

@@ -28,6 +28,7 @@ from ..images import (
     ImageError,
     Partition,
     boot_order,
+    bootloader_flash_encryption,
     check_image,
     chip_facts,
     ota_select_entry,
@@ -48,6 +49,7 @@ class BootResult:
     app: AppDescription | None  # the app that runs, None when the boot failed
     app_offset: int | None
     error: str | None  # the failure in the board's own words
+    reset: bool = False  # the bootloader enabled flash encryption and resets itself ("first boot")
 
 
 class _Log:
@@ -77,7 +79,8 @@ class _Log:
 def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_size: int,
                     reset_cause: str, write: Callable[[int, bytes], None] | None = None,
                     plaintext_flashes_left: int | None = None,
-                    secure_boot: tuple[bytes, ...] | None = None) -> BootResult:
+                    secure_boot: tuple[bytes, ...] | None = None,
+                    first_boot: Callable | None = None) -> BootResult:
     """Boot from flash as the ROM and the 2nd-stage bootloader do; the log they print and the app that runs.
 
     `read` is flash as the CPU sees it through the cache: on a chip with flash encryption on it
@@ -89,6 +92,10 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
 
     `write(offset, sector)` erases and programs one flash sector: the bootloader sets otadata[0]
     when it starts ota_0 with blank otadata and no factory app (without it, that write is skipped).
+
+    `first_boot(mode, partitions, (offset, length) of the bootloader, log)` enables flash encryption
+    (flashing/virtual/first_boot.py) when the bootloader was built with it and encryption is still off:
+    a bootloader carries what its build enables (flashing.images.bootloader_flash_encryption).
     """
     log = _Log()
     log.raw(chip.banner(reset_cause, chip.flash_boot).rstrip("\n"))
@@ -149,13 +156,19 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
         log.i("boot", f"{n:2d} {p.name:<16} {partition_usage(p):<16} {p.type:02x} {p.subtype:02x} "
                       f"{p.offset:08x} {p.size:08x}", 1)
     log.i("boot", "End of partition table")
-    return _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left, secure_boot)
+    built = bootloader_flash_encryption(read(chip.bootloader_offset, bl.length))
+    enable = None
+    if built and plaintext_flashes_left is None and first_boot is not None:
+        def enable(log: _Log) -> str | None:
+            return first_boot(built, parts, (chip.bootloader_offset, bl.length), log)
+    return _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left, secure_boot, enable)
 
 
 def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None] | None,
               flash_size: int, parts: list[Partition], log: _Log,
               plaintext_flashes_left: int | None = None,
-              secure_boot: tuple[bytes, ...] | None = None) -> BootResult:
+              secure_boot: tuple[bytes, ...] | None = None,
+              enable_encryption: Callable[[_Log], str | None] | None = None) -> BootResult:
     """otadata's choice, then each candidate app in the bootloader's order until one loads."""
     ota_info = next((p for p in parts if p.type == 1 and p.subtype == 0x00), None)
     otadata = None
@@ -210,6 +223,14 @@ def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callabl
         if plaintext_flashes_left is not None:
             log.i("boot", "Checking flash encryption...", 0)
             log.i("flash_encrypt", f"flash encryption is enabled ({plaintext_flashes_left} plaintext flashes left)")
+        elif enable_encryption is not None:  # bootloader_utility.c load_image: encrypt, then reset
+            log.i("boot", "Checking flash encryption...", 0)
+            error = enable_encryption(log)
+            if error:
+                log.e("boot", "Flash encryption check failed (-1).")
+                return BootResult(log.text(), None, None, error)
+            log.i("boot", "Resetting with flash encryption enabled...", 1)
+            return BootResult(log.text(), None, None, None, reset=True)
         return _app_start(app.app, part, log)
     log.e("boot", "No bootable app partitions in the partition table")
     return BootResult(log.text(), None, None, first_error or "no bootable app partition")

@@ -32,6 +32,7 @@ from .boot import boot_from_flash
 from .chips import ESP32_CK8M, ESP32_RTC_CALI, ChipModel, chip_by_name
 from .crypt import FlashCipher
 from .efuse import EfuseArray
+from .first_boot import encrypt_on_first_boot
 from .loader import Loader, known_stubs
 from .nor import NorFlash, sfdp_table
 from .slip import SlipDecoder, encode
@@ -465,7 +466,7 @@ class VirtualDevice:
         self.decoder.reset()
         self.flash.sync()
 
-    def _start(self, download: bool, cause: str) -> None:
+    def _start(self, download: bool, cause: str, keep_console: bool = False) -> None:
         if not self.powered:
             return
         if self.faults.no_download_mode or self.efuse.download_disabled:
@@ -476,7 +477,8 @@ class VirtualDevice:
         self.mode = "booting"
         self.boot_time = time.monotonic()
         self.boots += 1
-        self.console.clear()
+        if not keep_console:
+            self.console.clear()
         # the USB controller resets the digital core only: the RTC domain and its watchdog run on
         rtc = self._rtc_domain() if cause == "usb" else {}
         wdt_deadline = self._wdt_deadline if cause == "usb" else None
@@ -500,8 +502,11 @@ class VirtualDevice:
         encrypted = self.efuse.flash_encryption_enabled
         result = boot_from_flash(self.chip, self.cache_read, self.flash.size, reset_text,
                                  plaintext_flashes_left=self.efuse.plaintext_flashes_left if encrypted else None,
-                                 secure_boot=self.efuse.secure_boot_digests())
+                                 secure_boot=self.efuse.secure_boot_digests(), first_boot=self._encrypt_flash)
         self._print(result.log)
+        if result.reset:  # encrypted on this first boot: the bootloader resets into the encrypted firmware
+            self._start(False, "sw", keep_console=True)
+            return
         self.boot_error = result.error
         if result.app is None:
             self.mode = "bootloop"
@@ -519,6 +524,11 @@ class VirtualDevice:
         else:
             self._print(f"I ({self.uptime_ms()}) app: {result.app.project_name} "
                         f"{result.app.version} running\n")
+
+    def _encrypt_flash(self, mode: str, parts, bootloader: tuple[int, int], log) -> str | None:
+        """The bootloader's first-boot flash encryption, with this chip's eFuses and flash."""
+        return encrypt_on_first_boot(self.chip.key, self.chip.image_chip_id, self.efuse, self.flash, mode, parts,
+                                     bootloader, log)
 
     def _panic(self) -> None:
         if self.mode != "app":

@@ -30,11 +30,13 @@ CONFIG, KEYS = 0x190000, 0x196000  # the config and nvs_keys partitions of the f
 
 
 def secure_profile(env, chip: str = "esp32c3", mode: str = "development", encryption: str = "per-unit",
-                   extra: str = "") -> str:
-    """The relay profile on `chip`, built with NVS encryption, with [security] flash_encryption = mode."""
+                   extra: str = "", built: str | None = None) -> str:
+    """The relay profile on `chip`, built with NVS encryption, with [security] flash_encryption = mode.
+
+    `built`: the bootloader is built with flash encryption in that mode (the chip makes its key on first boot)."""
     parts = DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, KEYS, 0x1000)]
     fw = build_firmware(chip, project="relay", version="1.4.2", app_size=150_000, partitions=parts,
-                        manifest=twosmart_manifest(encrypted=True))
+                        manifest=twosmart_manifest(encrypted=True), flash_encryption=built)
 
     def edit(text: str) -> str:
         text = text.replace('chip = "esp32"', f'chip = "{chip}"')
@@ -80,10 +82,14 @@ def test_profile_check_says_what_is_burned(station_env, capsys):
     ("no nvs encryption", "flash encryption does not cover the config"),
     ("nvs encryption alone", "'per-unit' needs [security] flash_encryption"),
     ("secure boot without a key", "secure boot needs the station's signing key"),
+    ("chip key, bootloader without flash encryption", "this bootloader is built without it"),
+    ("chip key, bootloader in the other mode", "this bootloader is built in release mode"),
 ])
 def test_profile_check_refuses_impossible_combinations(station_env, capsys, case, words):
     if case == "no nvs encryption":
         secure_profile(station_env, encryption="none")
+    elif case.startswith("chip key"):
+        secure_profile(station_env, extra='key = "chip"\n', built="release" if "other" in case else None)
     elif case == "nvs encryption alone":
         secure_profile(station_env, mode="off")
     else:
@@ -173,6 +179,87 @@ def test_release_unit_rework_is_refused_and_nothing_written(station_env, capsys)
         assert dev.flash.read(0, 0x200000) == flash_before
 
 
+# -- what release mode burns ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("chip", CHIPS)
+def test_release_unit_can_never_turn_encryption_off_nor_burn_its_cache_disables(station_env, capsys, chip):
+    """ESP-IDF's release-mode first boot with the default Kconfig: every bit of the crypt count burned
+    (flash_encrypt.c), the cache-disable eFuses write-protected (<chip>/flash_encryption_secure_features.c).
+    Oracles: espefuse's own reading and refusals, the board's bootloader line, the eFuse array itself."""
+    import espefuse
+    from esptool import cmds
+    from esptool.util import FatalError
+
+    from tests.flashing.test_efuse import burn, read_field
+
+    secure_profile(station_env, chip, "release")
+    count, most, cache = ("FLASH_CRYPT_CNT", 0x7F, "DIS_CACHE") if chip == "esp32" else \
+        ("SPI_BOOT_CRYPT_CNT", 0x7, "DIS_ICACHE")
+    with VirtualBench(1, chip, run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"]
+        assert rc == 0 and finished[0]["outcome"] == "passed", (finished, err[-2000:])
+        # the bootloader counts what is left of the crypt count: nothing, encryption stays on for good
+        assert "flash encryption is enabled (0 plaintext flashes left)" in dev.console_text()
+        dev.reset("download")
+        assert read_field(url, count) == most
+        # a bit of the cache disable would brick the unit: espefuse refuses it, and forced, the silicon does
+        with pytest.raises(FatalError, match=f"{cache} is write-protected. Burn is not possible."):
+            burn(url, chip, "burn-efuse", cache, "1")
+        esp = cmds.detect_chip(url, connect_mode="no-reset")
+        try:
+            with espefuse.init_commands(esp=esp, do_not_confirm=True) as fuses:
+                fuses.efuses.force_write_always = True
+                with pytest.raises(FatalError, match="The burn was not successful"):  # espefuse's read-back
+                    fuses.burn_efuse({cache: "1"})
+        finally:
+            esp._port.close()
+        assert dev.call(lambda: dev.efuse.burned_field(cache)) == 0
+    burns = json.loads(Record(station_env / "station.db").attempts(1)[0]["burns"])
+    assert [b["burn"].split(" ")[0] for b in burns][-3:] == ["release", "permanent", "write-protect"]
+    assert {b["state"] for b in burns} == {"done"}
+
+
+# -- a key the chip makes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("mode", ["development", "release"])
+def test_chip_key_unit_encrypts_itself_on_first_boot_and_is_reworked_by_the_rom(station_env, capsys, tmp_path,
+                                                                               chip, mode):
+    secure_profile(station_env, chip, mode, extra='key = "chip"\n', built=mode)
+    rc, out, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 0 and "generated by the chip itself on its first boot" in out and "no escrow" in out, err
+    with VirtualBench(1, chip, run_dir=station_env / "run") as bench:
+        url, dev = bench[0].url, bench[0].device
+        rc, out, err = run_station(capsys, "flash", "--port", url, "-v")
+        assert rc == 0 and "PASS" in err, err[-3000:]
+        assert "flash_encrypt: Flash encryption completed" in err  # the board's own first boot, in its boot log
+        assert "boot: Resetting with flash encryption enabled..." in err
+        assert dev.state()["flash_encryption"] and dev.state()["mode"] == "app"
+        assert dev.call(lambda: dev.runtime.config["token"]) == TOKEN  # the firmware decrypts its nvs_keys
+        config = read_back(url, chip, tmp_path, CONFIG, 0x6000)
+        assert TOKEN.encode() not in config
+        with pytest.raises(NvsError):
+            read_partition(config)
+        keys_raw = read_back(url, chip, tmp_path, KEYS, 0x1000)
+        assert keys_raw != dev.call(lambda: dev.cache_read(KEYS, 0x1000))  # encrypted in place by the chip
+        burned = dev.call(lambda: [list(b) for b in dev.efuse.burned])
+
+        dev.flash.erase(0x10000, 0x1000)  # the app damaged: only a re-flash brings it back
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--rework", "--json")
+        again = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+        if mode == "release":
+            assert again["outcome"] == "failed" and "release mode: it cannot be re-flashed" in again["error"]
+        else:  # esptool --encrypt: the ROM encrypts with the chip's key, which nobody else holds
+            assert rc == 0 and again["outcome"] == "passed", (again, err[-2000:])
+            assert "app" in again["written_regions"] and dev.state()["mode"] == "app"
+        assert dev.call(lambda: [list(b) for b in dev.efuse.burned]) == burned  # not one bit burned again
+    first = Record(station_env / "station.db").attempts(2)[-1]
+    assert first["flash_encryption"] == mode and not first["key_escrow"]
+    assert [(b["burn"].split(" ")[0], b["state"]) for b in json.loads(first["burns"])] == [("chip", "done")]
+
+
 # -- the record written ahead of every burn ------------------------------------------------------
 
 def test_kill_9_mid_burn_is_recorded_with_exactly_the_burns_done(station_env):
@@ -206,7 +293,7 @@ def test_kill_9_mid_burn_is_recorded_with_exactly_the_burns_done(station_env):
                                        "XTS_AES_128_KEY"), row["error"]
         assert "may or may not have happened: enable (SPI_BOOT_CRYPT_CNT)" in row["error"]
         assert "not started: release (DIS_DOWNLOAD_MANUAL_ENCRYPT" in row["error"]
-        assert [b["state"] for b in json.loads(row["burns"])] == ["done", "burning", "pending"]
+        assert [b["state"] for b in json.loads(row["burns"])] == ["done", "burning", "pending", "pending", "pending"]
         assert record.verify_chain() == []
     finally:
         record.close()
@@ -228,6 +315,10 @@ def test_profile_check_refuses_a_signed_bootloader_over_the_partition_table(stat
 # ESP32 is not here: the generated 26 KB bootloader at 0x1000, signed, would reach the partition table (profile check)
 @pytest.mark.parametrize("chip", ["esp32c3", pytest.param("esp32s3", marks=pytest.mark.slow)])
 def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tmp_path, chip):
+    from esptool.util import FatalError
+
+    from flashing.secure import sign_image
+    from tests.flashing.test_efuse import burn, key_file, read_field
     from tests.flashing.test_secure_boot import signing_key
 
     key = signing_key(station_env, "secure-boot.pem")  # a station file, outside profiles/
@@ -256,8 +347,26 @@ def test_secure_boot_unit_boots_only_its_signed_firmware(station_env, capsys, tm
         dev.flash.program(0x10000, app)
         dev.reset("app")
         assert "image valid, signature bad" in dev.console_text()
+
+        # nor does one signed by a key whose digest is burned afterwards into a free slot: the station revoked
+        # the slots it did not use, as ESP-IDF does when it enables secure boot
+        rogue = signing_key(tmp_path, "rogue.pem")
+        dev.reset("download")
+        burn(url, chip, "burn-key-digest", "BLOCK_KEY2", str(rogue), "SECURE_BOOT_DIGEST1")
+        assert read_field(url, "KEY_PURPOSE_2") == "SECURE_BOOT_DIGEST1"
+        # and RD_DIS is write-protected: a key burned later can never be hidden (ESP-IDF's WR_DIS_RD_DIS)
+        burn(url, chip, "burn-key", "BLOCK_KEY3", str(key_file(tmp_path, "hmac.bin")), "HMAC_UP", "--no-read-protect")
+        with pytest.raises(FatalError, match="RD_DIS field being already write-disabled"):
+            burn(url, chip, "read-protect-efuse", "BLOCK_KEY3")
+        app = encrypt_region(chip, board_key(dev), 0x10000, sign_image(fw.app, rogue))
+        dev.flash.erase(0x10000, -(-len(app) // 0x1000) * 0x1000 + 0x2000)
+        dev.flash.program(0x10000, app)
+        dev.reset("app")
+        log = dev.console_text()
+        assert dev.state()["mode"] == "bootloop" and "Secure Boot V2 verification failed." in log, log
     burns = [b["burn"] for b in json.loads(Record(station_env / "station.db").attempts(1)[0]["burns"])]
-    assert [b.split(" ")[0] for b in burns] == ["key", "enable", "secure-boot-digest", "secure-boot"]
+    assert [b.split(" ")[0] for b in burns] == ["key", "enable", "secure-boot-digest", "revoke", "secure-boot",
+                                                "secure-boot-lock"]
 
 
 def test_abort_between_burns_names_the_burns_done_and_not_started(station_env):
