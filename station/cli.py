@@ -636,7 +636,7 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
             size = f"{'missing':>11}"
         _out(f"  0x{r.offset:<8x} {size}  {r.name:<16} {r.file}  sha256 {r.sha256}")
     if prof.partitions:
-        _out("partition table:")
+        _out(f"partition table (at 0x{prof.partition_table_offset:x}):")
         for p in prof.partitions:
             mark = "  <- config" if p.name == prof.config_partition else ""
             _out(f"  {p.name:<16} {p.type_name + '/' + p.subtype_name:<16} 0x{p.offset:<8x} {p.size:>9} B{mark}")

@@ -1,15 +1,22 @@
 """What the virtual board prints when it boots from flash, and whether it comes up.
 
 Runs the checks a ROM and ESP-IDF's 2nd-stage bootloader make (bootloader image
-magic, chip id, checksum and appended SHA-256; the partition table at 0x8000 with
-its MD5 entry; otadata's choice of app, then each app image in the order the
-bootloader tries them) and renders the serial log a real board prints at 115200:
-ROM banner, bootloader lines (its own IDF version and compile time), app start — or
-the real failure text.
+magic, chip id, checksum and appended SHA-256; the partition table with its MD5 entry; otadata's
+choice of app, then each app image in the order the bootloader tries them) and renders
+the serial log a real board prints at 115200: ROM banner, bootloader lines (its own IDF
+version and compile time), app start — or the real failure text.
+
+Where the partition table is: a real bootloader has CONFIG_PARTITION_TABLE_OFFSET compiled
+in, so the virtual one reads the table where its own image says it was built to
+(`images.bootloader_table_offset`: the build fact a generated bootloader carries in its
+first segment; a bootloader that declares none, such as a real IDF build, was built with
+the default 0x8000). A table anywhere else is not looked for: the boot fails as ESP-IDF's
+does ("Failed to verify partition table", "load partition table error!").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +35,7 @@ from ..images import (
     ImageError,
     Partition,
     boot_order,
+    bootloader_table_offset,
     check_image,
     chip_facts,
     ota_select_entry,
@@ -38,6 +46,9 @@ from ..images import (
 from .chips import ChipModel
 from .secure_boot import verify_app
 
+# the largest 2nd-stage bootloader the ROM loads (ESP-IDF api-guides/bootloader.rst "Bootloader Size": with
+# Secure Boot v2 the ROM verifies it in a buffer of this size; without, it would not fit the loader's RAM)
+MAX_BOOTLOADER = {"esp32": 0xC000, "esp32c3": 0x10000, "esp32s3": 0x10000}
 SIZE_NAMES = {0: "1MB", 1: "2MB", 2: "4MB", 3: "8MB", 4: "16MB"}
 FREQ_NAMES = {0x0: "40MHz", 0x1: "26.7MHz", 0x2: "20MHz", 0xF: "80MHz"}
 
@@ -48,6 +59,7 @@ class BootResult:
     app: AppDescription | None  # the app that runs, None when the boot failed
     app_offset: int | None
     error: str | None  # the failure in the board's own words
+    partition_table_offset: int = PARTITION_TABLE_OFFSET  # where the bootloader read it (the app reads it there)
 
 
 class _Log:
@@ -94,8 +106,7 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.raw(chip.banner(reset_cause, chip.flash_boot).rstrip("\n"))
     # ROM: load the 2nd-stage bootloader
     try:
-        bl = check_image(read, chip.bootloader_offset, 0x8000 - chip.bootloader_offset,
-                         chip.image_chip_id)
+        bl = check_image(read, chip.bootloader_offset, MAX_BOOTLOADER.get(chip.key, 0x10000), chip.image_chip_id)
     except ImageError as exc:
         msg = str(exc)
         if not msg.startswith("invalid header"):
@@ -136,20 +147,23 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.i(tag, f"SPI Mode       : {mode}")
     log.i(tag, f"SPI Flash Size : {SIZE_NAMES.get(bl.flash_size_code, '4MB')}")
     log.i("boot", "Enabling RNG early entropy source...")
+    first = bl.segments[0]
+    table_at = bootloader_table_offset(read(chip.bootloader_offset + first[0], first[2]))
     try:
-        parts = parse_partition_table(read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+        parts = parse_partition_table(read(table_at, PARTITION_TABLE_SIZE))
     except ImageError as exc:
         log.e("flash_parts", str(exc))
         log.e("boot", "Failed to verify partition table")
         log.e("boot", "load partition table error!")
-        return BootResult(log.text(), None, None, f"load partition table error: {exc}")
+        return BootResult(log.text(), None, None, f"load partition table error: {exc}", table_at)
     log.i("boot", "Partition Table:")
     log.i("boot", "## Label            Usage          Type ST Offset   Length")
     for n, p in enumerate(parts):
         log.i("boot", f"{n:2d} {p.name:<16} {partition_usage(p):<16} {p.type:02x} {p.subtype:02x} "
                       f"{p.offset:08x} {p.size:08x}", 1)
     log.i("boot", "End of partition table")
-    return _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left, secure_boot)
+    result = _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left, secure_boot)
+    return dataclasses.replace(result, partition_table_offset=table_at)
 
 
 def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None] | None,

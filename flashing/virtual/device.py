@@ -514,7 +514,7 @@ class VirtualDevice:
             self.schedule(self.faults.panic_after, self._panic)
         manifest = read_manifest(self.cache_read(result.app_offset, 8192))
         if manifest and manifest.get("sdk") == "2smart":
-            self.runtime = TwoSmartApp(self, manifest, result.app.version)
+            self.runtime = TwoSmartApp(self, manifest, result.app.version, result.partition_table_offset)
             self.runtime.start()
         else:
             self._print(f"I ({self.uptime_ms()}) app: {result.app.project_name} "
