@@ -20,7 +20,9 @@ HTTP_PORT = re.compile(r"listening on port (\d+)")
 AP_NAME = re.compile(r'access point "([^"]+)" started')
 CONFIG_ERROR = re.compile(r"E \(\d+\) 2smart: (config error: [^\n]+)")
 MQTT_REFUSED = re.compile(r"broker refused login for this device: ([^\n;]+)")
-IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
+# the ROM's own refusals come first: no later line is printed once it stops
+IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|secure boot (?:verification failed|check fail)|"
+                          r"E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
 
 
 NO_RESET = "this port cannot reset the board: nothing was printed after the reset (no boot log)"

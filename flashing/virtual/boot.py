@@ -1,7 +1,8 @@
 """What the virtual board prints when it boots from flash, and whether it comes up.
 
 Runs the checks a ROM and ESP-IDF's 2nd-stage bootloader make (bootloader image
-magic, chip id, checksum and appended SHA-256; the partition table with its MD5 entry; otadata's
+magic, chip id, checksum and appended SHA-256; with Secure Boot v2 on, the ROM's check
+of the bootloader's own signature; the partition table with its MD5 entry; otadata's
 choice of app, then each app image in the order the bootloader tries them) and renders
 the serial log a real board prints at 115200: ROM banner, bootloader lines (its own IDF
 version and compile time), app start — or the real failure text.
@@ -120,6 +121,12 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
         log.raw(f"mode:{mode}, clock div:2")
         for _, addr, length in bl.segments:
             log.raw(f"load:0x{addr:08x},len:{length}")
+        if secure_boot is not None and not verify_app(read, chip.bootloader_offset, bl.length, secure_boot).ok:
+            # the ESP32 v3 ROM checks what it loaded against BLOCK2's digest (ABS_DONE_1). Its failure words are
+            # not published for v2: these are the same ROM's Secure Boot v1 words (esp-idf issues #743, #7421)
+            log.raw("secure boot check fail")
+            log.raw("ets_main.c 371")
+            return BootResult(log.text(), None, None, "the ROM's secure boot check of the bootloader failed")
     else:
         log.raw("SPIWP:0xee")
         log.raw(f"mode:{mode}, clock div:1")
