@@ -8,6 +8,7 @@ the firmware reading its config from the partition that table names, and the fla
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tomllib
 
@@ -16,7 +17,8 @@ import pytest
 from flashing.firmware import build_firmware
 from flashing.images import Partition
 from flashing.virtual.bench import VirtualBench
-from station.profile import load_profile
+from station.pipeline import load_firmware
+from station.profile import ProfileError, load_profile
 from tests.station.conftest import TOKEN, json_lines, pin_firmware, run_station
 
 TABLE = 0xC000
@@ -89,3 +91,13 @@ def test_an_idf_build_with_its_table_moved_becomes_a_profile_that_finds_it(stati
     monkeypatch.setenv("VALVE_VENDOR_TOKEN", "valve-tk7")
     rc, _, err = run_station(capsys, "profile", "check", "valve")
     assert rc == 0, err
+
+
+def test_the_pipeline_checks_the_table_it_flashes_at_the_profiles_offset(station_env):
+    """The config's offsets come from the table the profile was loaded with: the one written at 0xC000."""
+    moved_profile(station_env)
+    profile = load_profile("relay", station_env / "profiles")
+    assert [name for name, off, _ in load_firmware(profile) if off == TABLE] == ["partition-table"]
+    stale = dataclasses.replace(profile, partitions=profile.partitions[:-1])  # as if loaded from another table
+    with pytest.raises(ProfileError, match="firmware region 0xc000: the partition table changed"):
+        load_firmware(stale)
