@@ -342,22 +342,22 @@ def bootloader_facts(partition_table_offset: int) -> bytes:
         + b"\0"
 
 
-def bootloader_table_offset(segment: bytes) -> int:
-    """Where a bootloader reads its partition table: the offset its first segment declares, else IDF's default.
+def declared_table_offset(segment: bytes) -> int | None:
+    """Where a generated bootloader says it reads its partition table (its first segment's build fact); None: unsaid.
 
-    A real ESP-IDF bootloader has CONFIG_PARTITION_TABLE_OFFSET compiled into its code; a generated
-    one (flashing/firmware.py) declares it with `bootloader_facts`. A bootloader that declares
-    nothing was built with the default, 0x8000.
+    A real ESP-IDF bootloader has CONFIG_PARTITION_TABLE_OFFSET compiled into its code, where
+    nothing outside it can read it; a generated one (flashing/firmware.py) declares a moved
+    table with `bootloader_facts`, and says nothing when it uses the default, 0x8000.
     """
     pos = segment.find(BOOTLOADER_FACTS_MARK)
     if pos < 0:
-        return PARTITION_TABLE_OFFSET
+        return None
     end = segment.find(b"\0", pos)
     try:
         facts = json.loads(segment[pos + len(BOOTLOADER_FACTS_MARK):end if end > 0 else None])
         return int(facts["CONFIG_PARTITION_TABLE_OFFSET"], 16)
     except (ValueError, KeyError, TypeError):
-        return PARTITION_TABLE_OFFSET
+        return None
 
 
 def build_partition_table(parts: list[Partition]) -> bytes:

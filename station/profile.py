@@ -35,7 +35,7 @@ from flashing.images import (
     ImageError,
     Partition,
     boot_partition,
-    bootloader_table_offset,
+    declared_table_offset,
     check_image_bytes,
     chip_facts,
     parse_partition_table,
@@ -710,10 +710,11 @@ def _check_table_place(profile: Profile, boot_at: int, boot_image: bytes | None,
         try:
             info = check_image_bytes(boot_image)
             first = info.segments[0]
-            expects = bootloader_table_offset(boot_image[first[0]:first[0] + first[2]])
+            expects = declared_table_offset(boot_image[first[0]:first[0] + first[2]])
         except ImageError:
-            expects = at  # `not a valid bootloader` is said above
-        if expects != at:  # only a generated bootloader says it: a real one has it compiled in
+            expects = None  # `not a valid bootloader` is said above
+        # only a generated bootloader says where it looks; a real one has it compiled in, unreadable here
+        if expects is not None and expects != at:
             problems.append(Problem(f, where, f"the bootloader was built to read its partition table at "
                                     f"0x{expects:x}: the board would not find this one (rebuild with "
                                     f"CONFIG_PARTITION_TABLE_OFFSET=0x{at:x}, or write the table at 0x{expects:x})"))

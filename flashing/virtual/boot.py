@@ -9,10 +9,13 @@ version and compile time), app start — or the real failure text.
 
 Where the partition table is: a real bootloader has CONFIG_PARTITION_TABLE_OFFSET compiled
 in, so the virtual one reads the table where its own image says it was built to
-(`images.bootloader_table_offset`: the build fact a generated bootloader carries in its
-first segment; a bootloader that declares none, such as a real IDF build, was built with
-the default 0x8000). A table anywhere else is not looked for: the boot fails as ESP-IDF's
-does ("Failed to verify partition table", "load partition table error!").
+(`images.declared_table_offset`: the build fact a generated bootloader carries in its first
+segment when it moved the table). A bootloader that says nothing — a generated one built
+for the default, or a real IDF build, whose value no one can read from its code — reads
+it at `compiled_table_offset`: 0x8000 unless the board is told otherwise (the station
+tells its virtual boards the profile's offset, as it tells them the module's flash size).
+A table anywhere else is not looked for: the boot fails as ESP-IDF's does ("Failed to
+verify partition table", "load partition table error!").
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from ..images import (
     ImageError,
     Partition,
     boot_order,
-    bootloader_table_offset,
+    declared_table_offset,
     check_image,
     chip_facts,
     ota_select_entry,
@@ -90,7 +93,8 @@ class _Log:
 def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_size: int,
                     reset_cause: str, write: Callable[[int, bytes], None] | None = None,
                     plaintext_flashes_left: int | None = None,
-                    secure_boot: tuple[bytes, ...] | None = None) -> BootResult:
+                    secure_boot: tuple[bytes, ...] | None = None,
+                    compiled_table_offset: int = PARTITION_TABLE_OFFSET) -> BootResult:
     """Boot from flash as the ROM and the 2nd-stage bootloader do; the log they print and the app that runs.
 
     `read` is flash as the CPU sees it through the cache: on a chip with flash encryption on it
@@ -99,6 +103,9 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     (ESP-IDF bootloader_support/src/flash_encrypt.c, esp_flash_encrypt_state).
     `secure_boot` (Secure Boot v2 on) holds the trusted key digests each app's signature is checked
     against (bootloader_support/src/secure_boot_v2, esp_image_format.c verify_secure_boot_signature).
+
+    `compiled_table_offset`: where a bootloader that does not declare its partition table's offset
+    reads it (see the module's docstring).
 
     `write(offset, sector)` erases and programs one flash sector: the bootloader sets otadata[0]
     when it starts ota_0 with blank otadata and no factory app (without it, that write is skipped).
@@ -155,7 +162,7 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.i(tag, f"SPI Flash Size : {SIZE_NAMES.get(bl.flash_size_code, '4MB')}")
     log.i("boot", "Enabling RNG early entropy source...")
     first = bl.segments[0]
-    table_at = bootloader_table_offset(read(chip.bootloader_offset + first[0], first[2]))
+    table_at = declared_table_offset(read(chip.bootloader_offset + first[0], first[2])) or compiled_table_offset
     try:
         parts = parse_partition_table(read(table_at, PARTITION_TABLE_SIZE))
     except ImageError as exc:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..firmware import read_manifest
+from ..images import PARTITION_TABLE_OFFSET
 from .app import TwoSmartApp
 from .boot import boot_from_flash
 from .chips import ESP32_CK8M, ESP32_RTC_CALI, ChipModel, chip_by_name
@@ -165,6 +166,8 @@ class VirtualDevice:
         self.heartbeat_s = 10.0
         self.mqtt_retry_s = 5.0
         self.broker_ca_file: str | None = None  # the CA its firmware trusts for mqtts (None: the system's store)
+        # where a bootloader that does not say it reads its partition table (boot.py): what a real build compiled in
+        self.compiled_table_offset = PARTITION_TABLE_OFFSET
         self.runtime: TwoSmartApp | None = None
         self._stopped_apps: list[TwoSmartApp] = []  # their threads may still be ending
         self.boot_time = time.monotonic()
@@ -500,7 +503,8 @@ class VirtualDevice:
         encrypted = self.efuse.flash_encryption_enabled
         result = boot_from_flash(self.chip, self.cache_read, self.flash.size, reset_text,
                                  plaintext_flashes_left=self.efuse.plaintext_flashes_left if encrypted else None,
-                                 secure_boot=self.efuse.secure_boot_digests())
+                                 secure_boot=self.efuse.secure_boot_digests(),
+                                 compiled_table_offset=self.compiled_table_offset)
         self._print(result.log)
         self.boot_error = result.error
         if result.app is None:

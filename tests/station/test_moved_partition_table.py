@@ -51,8 +51,8 @@ def test_a_profile_with_its_table_moved_is_checked_and_its_unit_boots_with_its_c
 
 
 @pytest.mark.parametrize("table_at, built_for, parts, words", [
-    (TABLE, 0x8000, PARTS, "the bootloader was built to read its partition table at 0x8000: the board would not "
-                           "find this one"),
+    (0xD000, TABLE, [Partition("nvs", 1, 2, 0xE000, 0x2000)] + PARTS[1:],
+     "the bootloader was built to read its partition table at 0xc000: the board would not find this one"),
     (0xC800, 0xC800, PARTS, "the partition table must start on a 4 KiB boundary"),
     (TABLE, TABLE, [Partition("nvs", 1, 2, 0xC000 + 0x800, 0x2000)] + PARTS[1:],
      "partition 'nvs' starts at 0xc800, but with the table at 0xc000 the first partition starts at 0xd000"),
@@ -101,3 +101,21 @@ def test_the_pipeline_checks_the_table_it_flashes_at_the_profiles_offset(station
     stale = dataclasses.replace(profile, partitions=profile.partitions[:-1])  # as if loaded from another table
     with pytest.raises(ProfileError, match="firmware region 0xc000: the partition table changed"):
         load_firmware(stale)
+
+
+def test_a_bootloader_that_does_not_say_is_taken_at_the_profiles_word_on_the_station_and_0x8000_elsewhere(
+        station_env, capsys):
+    """A real IDF bootloader has its table's offset compiled in, unreadable: like one, a generated bootloader built
+    for the default says nothing. Profile check cannot refuse it; the station's own virtual boards take the profile's
+    offset as what it compiled in; a board told nothing looks at ESP-IDF's default, 0x8000."""
+    moved_profile(station_env, TABLE, built_for=0x8000)
+    rc, _, err = run_station(capsys, "profile", "check", "relay")
+    assert rc == 0, err
+    rc, out, err = run_station(capsys, "flash", "--virtual", "1", "--json")
+    finished = [e for e in json_lines(out) if e["event"] == "unit_finished"]
+    assert rc == 0 and finished[0]["outcome"] == "passed", (finished, err[-2000:])
+    with VirtualBench(1, "esp32", run_dir=station_env / "run") as bench:
+        rc, out, err = run_station(capsys, "flash", "--port", bench[0].url, "--json")
+        bad = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+        assert (bad["outcome"], bad["failed_step"]) == ("failed", "boot"), bad
+        assert "flash_parts: partition 0 invalid magic number 0xffff" in bad["error"], bad
