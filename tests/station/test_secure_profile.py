@@ -239,6 +239,29 @@ def test_profile_check_refuses_a_signed_bootloader_over_the_partition_table(stat
     assert rc == 0 and "BLOCK2 Secure Boot v2 key digest" in out and "ABS_DONE_1" in out, err
 
 
+def test_profile_check_refuses_a_secure_boot_bootloader_larger_than_the_rom_verifies(station_env, capsys):
+    """ESP-IDF "Bootloader Size": with Secure Boot v2 the ESP32 ROM verifies at most 48 KB, wherever the table is."""
+    from flashing.images import Segment, build_image, build_partition_table, chip_facts
+    from tests.flashing.test_secure_boot import signing_key
+    from tests.station.test_pipeline_refusals import write_profile
+
+    key = signing_key(station_env, "secure-boot.pem")
+    with open(station_env / "station.toml", "a") as f:
+        f.write(f'secure_boot_key = "{key.name}"\n')
+    big = build_image([Segment(0x3FFF0030, bytes(0xC100))], chip_id=chip_facts("esp32").image_chip_id,
+                      entry=0x40080650)  # 48 KB and a little: signed, it still ends before the table at 0x10000
+    app = build_firmware("esp32", app_size=60_000, manifest=twosmart_manifest("other")).app
+    table = build_partition_table([Partition("factory", 0, 0, 0x20000, 0x100000)])
+    name = write_profile(station_env, "big-boot", "esp32", [("bootloader", 0x1000, big),
+                                                            ("partition-table", 0x10000, table), ("app", 0x20000, app)])
+    with open(station_env / f"profiles/{name}/profile.toml", "a") as f:
+        f.write('\n[security]\nflash_encryption = "development"\nsecure_boot = true\n')
+    rc, _, err = run_station(capsys, "profile", "check", name)
+    assert rc == 2 and f"the bootloader is {len(big)} bytes; with Secure Boot v2 the esp32 ROM verifies at most " \
+                       "49152" in err, err
+    assert "past the partition table" not in err
+
+
 # ESP32: the generated 26 KB bootloader at 0x1000, signed, ends at 0x9000: its build moves the partition table.
 # ESP32 runs by default (about 11 s): its path (BLOCK2 digest, ABS_DONE_1, the ROM's check) is only here end to end
 SECURE_BOOT_CHIPS = [("esp32c3", 0x8000), ("esp32", MOVED_TABLE), pytest.param("esp32s3", 0x8000,
