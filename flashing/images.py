@@ -25,6 +25,9 @@ PARTITION_MD5_MAGIC = b"\xeb\xeb"
 PARTITION_TABLE_OFFSET = 0x8000  # CONFIG_PARTITION_TABLE_OFFSET's default; a build may move it (multiple of 4 KiB)
 PARTITION_TABLE_SIZE = 0xC00
 PARTITION_TABLE_SECTOR = 0x1000  # what the table occupies: the first partition starts one sector after it
+# the largest 2nd-stage bootloader a ROM loads (ESP-IDF api-guides/bootloader.rst "Bootloader Size": with Secure
+# Boot v2 the ROM verifies it in a buffer of this size, so a larger one never boots)
+MAX_BOOTLOADER_SIZE = {"esp32": 0xC000, "esp32c3": 0x10000, "esp32s3": 0x10000}
 # the sdkconfig value a generated bootloader says it was compiled with (a real one has it compiled in, unreadable)
 BOOTLOADER_FACTS_MARK = b"2SMART-BL:"
 EXT_HEADER_FMT = "<BBBBHBHH4sB"

@@ -28,6 +28,7 @@ from pydantic.dataclasses import dataclass as schema
 from flashing.firmware import read_manifest
 from flashing.images import (
     FLASH_SIZES,
+    MAX_BOOTLOADER_SIZE,
     OTADATA_SIZE,
     PARTITION_TABLE_OFFSET,
     PARTITION_TABLE_SECTOR,
@@ -35,9 +36,9 @@ from flashing.images import (
     ImageError,
     Partition,
     boot_partition,
-    declared_table_offset,
     check_image_bytes,
     chip_facts,
+    declared_table_offset,
     parse_partition_table,
 )
 from flashing.nvs import INT_TYPES, MAX_STRING, NvsEntry, NvsError, build_partition, validate_entry, validate_key
@@ -84,8 +85,6 @@ SECTOR = 0x1000  # esptool erases whole 4 KiB flash sectors before it writes
 MAX_REGION_BYTES = 128 << 20  # larger than any ESP flash: not read at all
 MANIFEST_SPAN = 8192  # the firmware manifest sits in the app's first bytes (as the device reads it)
 TABLE_REGION = "partition-table"  # ESP-IDF's name for it: flasher_args.json's key, partition-table.bin's stem
-# ESP-IDF api-guides/bootloader.rst "Bootloader Size": the ROM verifies a Secure Boot v2 bootloader in a fixed buffer
-MAX_SIGNED_BOOTLOADER = {"esp32": 0xC000, "esp32c3": 0x10000, "esp32s3": 0x10000}
 
 
 class ProfileError(ConfigError):
@@ -622,13 +621,13 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             continue
         images[r.offset] = data
         sizes.append((r, len(data)))
-    table_at = profile.partition_table_offset
-    table = images.get(table_at) if table_region(profile.regions) is not None else None
+    table_at, declared = profile.partition_table_offset, table_region(profile.regions) is not None
+    table = images.get(table_at) if declared else None
     parts: list[Partition] = []
-    if table is None:
+    if not declared:
         problems.append(Problem(f, "firmware", f"no partition table: no region named {TABLE_REGION!r} and none "
                                 f"at 0x{PARTITION_TABLE_OFFSET:x} (ESP-IDF's default offset)"))
-    else:
+    elif table is not None:  # a missing or unpinned file is named above
         try:
             parts = parse_partition_table(table)
         except ImageError as exc:
@@ -733,7 +732,7 @@ def _check_signed_bootloader(profile: Profile, boot_at: int, boot_image: bytes) 
                                 f"past the partition table at 0x{at:x}: move the partition table to "
                                 f"0x{end:x} or later (ESP-IDF CONFIG_PARTITION_TABLE_OFFSET, its partitions "
                                 "after it) or build a smaller bootloader"))
-    limit = MAX_SIGNED_BOOTLOADER.get(profile.chip)
+    limit = MAX_BOOTLOADER_SIZE.get(profile.chip)
     if limit is not None and len(boot_image) > limit:
         problems.append(Problem(f, "security.secure_boot", f"the bootloader is {len(boot_image)} bytes; with "
                                 f"Secure Boot v2 the {profile.chip} ROM verifies at most {limit} "

@@ -29,6 +29,7 @@ from ..images import (
     GENERATED_DATE,
     GENERATED_IDF_VERSION,
     GENERATED_TIME,
+    MAX_BOOTLOADER_SIZE,
     OTA_IMG_VALID,
     OTADATA_SIZE,
     PARTITION_TABLE_OFFSET,
@@ -39,9 +40,9 @@ from ..images import (
     ImageError,
     Partition,
     boot_order,
-    declared_table_offset,
     check_image,
     chip_facts,
+    declared_table_offset,
     ota_select_entry,
     parse_partition_table,
     partition_usage,
@@ -50,9 +51,6 @@ from ..images import (
 from .chips import ChipModel
 from .secure_boot import verify_app
 
-# the largest 2nd-stage bootloader the ROM loads (ESP-IDF api-guides/bootloader.rst "Bootloader Size": with
-# Secure Boot v2 the ROM verifies it in a buffer of this size; without, it would not fit the loader's RAM)
-MAX_BOOTLOADER = {"esp32": 0xC000, "esp32c3": 0x10000, "esp32s3": 0x10000}
 SIZE_NAMES = {0: "1MB", 1: "2MB", 2: "4MB", 3: "8MB", 4: "16MB"}
 FREQ_NAMES = {0x0: "40MHz", 0x1: "26.7MHz", 0x2: "20MHz", 0xF: "80MHz"}
 
@@ -114,7 +112,7 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.raw(chip.banner(reset_cause, chip.flash_boot).rstrip("\n"))
     # ROM: load the 2nd-stage bootloader
     try:
-        bl = check_image(read, chip.bootloader_offset, MAX_BOOTLOADER.get(chip.key, 0x10000), chip.image_chip_id)
+        bl = check_image(read, chip.bootloader_offset, MAX_BOOTLOADER_SIZE.get(chip.key, 0x10000), chip.image_chip_id)
     except ImageError as exc:
         msg = str(exc)
         if not msg.startswith("invalid header"):
@@ -162,7 +160,8 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.i(tag, f"SPI Flash Size : {SIZE_NAMES.get(bl.flash_size_code, '4MB')}")
     log.i("boot", "Enabling RNG early entropy source...")
     first = bl.segments[0]
-    table_at = declared_table_offset(read(chip.bootloader_offset + first[0], first[2])) or compiled_table_offset
+    declared = declared_table_offset(read(chip.bootloader_offset + first[0], first[2]))
+    table_at = compiled_table_offset if declared is None else declared
     try:
         parts = parse_partition_table(read(table_at, PARTITION_TABLE_SIZE))
     except ImageError as exc:
