@@ -22,7 +22,9 @@ CONFIG_ERROR = re.compile(r"E \(\d+\) 2smart: (config error: [^\n]+)")
 MQTT_REFUSED = re.compile(r"broker refused login for this device: ([^\n;]+)")
 # bootloader_utility.c: the reset a bootloader makes itself once it has encrypted the flash on its first boot
 ENCRYPTED_ON_BOOT = re.compile(r"boot: Resetting with flash encryption enabled")
-IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
+# the ROM's own refusals come first: no later line is printed once it stops
+IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|secure boot (?:verification failed|check fail)|"
+                          r"E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
 
 
 NO_RESET = "this port cannot reset the board: nothing was printed after the reset (no boot log)"

@@ -128,14 +128,15 @@ def load_firmware(profile: Profile) -> list[tuple[str, int, bytes]]:
             problems.append(problem)
         if data is not None:
             out.append((r.name, r.offset, data))
-    table = next((data for _, off, data in out if off == 0x8000), None)
+    table_at = profile.partition_table_offset
+    table = next((data for _, off, data in out if off == table_at), None)
     if not problems and table is not None and profile.partitions:
         try:
             same = tuple(parse_partition_table(table)) == tuple(profile.partitions)
         except ImageError:
             same = False
         if not same:  # the layout the config offsets come from is the one being flashed
-            problems.append(Problem(str(profile.path), "firmware region 0x8000", "the partition table "
+            problems.append(Problem(str(profile.path), f"firmware region 0x{table_at:x}", "the partition table "
                                     "changed after the profile was loaded; load the profile again"))
     if problems:
         raise ProfileError(problems)

@@ -28,7 +28,10 @@ from pydantic.dataclasses import dataclass as schema
 from flashing.firmware import read_manifest
 from flashing.images import (
     FLASH_SIZES,
+    MAX_BOOTLOADER_SIZE,
     OTADATA_SIZE,
+    PARTITION_TABLE_OFFSET,
+    PARTITION_TABLE_SECTOR,
     SUPPORTED_CHIPS,
     ImageError,
     Partition,
@@ -36,6 +39,7 @@ from flashing.images import (
     bootloader_flash_encryption,
     check_image_bytes,
     chip_facts,
+    declared_table_offset,
     parse_partition_table,
 )
 from flashing.nvs import INT_TYPES, MAX_STRING, NvsEntry, NvsError, build_partition, validate_entry, validate_key
@@ -83,6 +87,7 @@ SDK_LIMITS = {"ssid": 32, "psk": 64, "password": 64, "email": 64, "token": 10, "
 SECTOR = 0x1000  # esptool erases whole 4 KiB flash sectors before it writes
 MAX_REGION_BYTES = 128 << 20  # larger than any ESP flash: not read at all
 MANIFEST_SPAN = 8192  # the firmware manifest sits in the app's first bytes (as the device reads it)
+TABLE_REGION = "partition-table"  # ESP-IDF's name for it: flasher_args.json's key, partition-table.bin's stem
 
 
 class ProfileError(ConfigError):
@@ -373,6 +378,7 @@ class Profile:
     flash_encryption: str = "off"  # off | development | release ([security])
     secure_boot: bool = False
     flash_key: str = "station"  # station | chip: who makes each unit's flash-encryption key ([security] key)
+    partition_table_offset: int = PARTITION_TABLE_OFFSET  # where its region is written (see table_region)
 
     @property
     def dir(self) -> Path:
@@ -472,6 +478,7 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
     content = hashlib.sha256(text.encode())
     for r in regions:
         content.update(r.sha256.encode())
+    table = table_region(regions)
     name = spec.name or path.parent.name
     pattern = spec.serial.pattern
     if pattern is None and not spec.serial.given:
@@ -485,10 +492,11 @@ def load_profile(name_or_path: str | Path, profiles_dir: Path = Path("profiles")
                       for n, s in spec.secrets.items()),
         serial_pattern=pattern, checks=spec.checks, content_hash=content.hexdigest(),
         product_id=spec.product_id, lot=spec.lot, encryption=spec.config.encryption,
-        keys_partition=spec.config.keys_partition, partitions=_partitions(regions),
+        keys_partition=spec.config.keys_partition, partitions=_partitions(table),
         flash_size=spec.flash_size, origin=found.origin, connection=spec.connection,
         flash_encryption=spec.security.flash_encryption, secure_boot=spec.security.secure_boot,
         flash_key=spec.security.key,
+        partition_table_offset=table.offset if table is not None else PARTITION_TABLE_OFFSET,
     )
 
 
@@ -515,14 +523,24 @@ def _regions(fw: FirmwareTable, path: Path) -> tuple[Region, ...]:
     return tuple(regions)
 
 
-def _partitions(regions: tuple[Region, ...]) -> tuple[Partition, ...]:
-    for r in regions:
-        if r.offset == 0x8000:
-            try:
-                if r.file.is_file() and r.file.stat().st_size <= MAX_REGION_BYTES:
-                    return tuple(parse_partition_table(r.file.read_bytes()))
-            except (OSError, ImageError):
-                pass
+def table_region(regions: tuple[Region, ...]) -> Region | None:
+    """The partition table's region: the one named partition-table (as ESP-IDF names it), else the one at 0x8000.
+
+    Its offset is the build's CONFIG_PARTITION_TABLE_OFFSET: declared once, by where the file is written.
+    """
+    named = [r for r in regions if r.name == TABLE_REGION]
+    if named:
+        return named[0]
+    return next((r for r in regions if r.offset == PARTITION_TABLE_OFFSET), None)
+
+
+def _partitions(table: Region | None) -> tuple[Partition, ...]:
+    if table is not None:
+        try:
+            if table.file.is_file() and table.file.stat().st_size <= MAX_REGION_BYTES:
+                return tuple(parse_partition_table(table.file.read_bytes()))
+        except (OSError, ImageError):
+            pass
     return ()
 
 
@@ -614,15 +632,17 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
             continue
         images[r.offset] = data
         sizes.append((r, len(data)))
-    table = images.get(0x8000)
+    table_at, declared = profile.partition_table_offset, table_region(profile.regions) is not None
+    table = images.get(table_at) if declared else None
     parts: list[Partition] = []
-    if table is None:
-        problems.append(Problem(f, "firmware", "no partition table at 0x8000"))
-    else:
+    if not declared:
+        problems.append(Problem(f, "firmware", f"no partition table: no region named {TABLE_REGION!r} and none "
+                                f"at 0x{PARTITION_TABLE_OFFSET:x} (ESP-IDF's default offset)"))
+    elif table is not None:  # a missing or unpinned file is named above
         try:
             parts = parse_partition_table(table)
         except ImageError as exc:
-            problems.append(Problem(f, "firmware region 0x8000", f"invalid partition table: {exc}"))
+            problems.append(Problem(f, f"firmware region 0x{table_at:x}", f"invalid partition table: {exc}"))
     bootloader_flash = None
     if chip.bootloader_offset in images:
         try:
@@ -662,13 +682,10 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
                                     f"built with flash encryption in {profile.flash_encryption} mode; this "
                                     "bootloader is built " + (f"in {built} mode" if built else
                                     "without it (CONFIG_SECURE_FLASH_ENC_ENABLED)")))
+    if table is not None:
+        problems += _check_table_place(profile, chip.bootloader_offset, boot_image, parts)
     if profile.secure_boot and boot_image is not None:
-        from flashing.secure import signed_size
-
-        end = chip.bootloader_offset + signed_size(len(boot_image))
-        if end > 0x8000:  # the signature sector would overwrite the partition table
-            problems.append(Problem(f, "security.secure_boot", f"the signed bootloader would end at 0x{end:x}, "
-                                    "past the partition table at 0x8000: build a smaller bootloader"))
+        problems += _check_signed_bootloader(profile, chip.bootloader_offset, boot_image)
     if profile.device_class == "other":
         if profile.config_partition or profile.keys:
             problems.append(Problem(f, "config", "'other' devices get no config partition"))
@@ -686,6 +703,58 @@ def check_profile(profile: Profile, env: Mapping[str, str] | None = None,
         elif k.secret in secrets and k.max_length and len(secrets[k.secret].encode()) > k.max_length:
             problems.append(Problem(f, f"secrets.{k.secret}", f"{len(secrets[k.secret].encode())} bytes; "
                                     f"key {k.key!r} holds at most {k.max_length}"))
+    return problems
+
+
+def _check_table_place(profile: Profile, boot_at: int, boot_image: bytes | None,
+                       parts: list[Partition]) -> list[Problem]:
+    """The table sits where ESP-IDF allows (CONFIG_PARTITION_TABLE_OFFSET) and where the bootloader looks for it."""
+    f, at = str(profile.path), profile.partition_table_offset
+    where = f"firmware region 0x{at:x} ({TABLE_REGION})"
+    problems = []
+    if at % PARTITION_TABLE_SECTOR:
+        problems.append(Problem(f, where, f"the partition table must start on a 4 KiB boundary "
+                                f"(CONFIG_PARTITION_TABLE_OFFSET is a multiple of 0x1000), not 0x{at:x}"))
+    if boot_image is not None and at < boot_at + len(boot_image):
+        problems.append(Problem(f, where, f"the partition table must come after the bootloader "
+                                f"(0x{boot_at:x}-0x{boot_at + len(boot_image) - 1:x})"))
+    early = [p for p in parts if p.offset < at + PARTITION_TABLE_SECTOR]
+    if early:
+        problems.append(Problem(f, where, f"partition {early[0].name!r} starts at 0x{early[0].offset:x}, but "
+                                f"with the table at 0x{at:x} the first partition starts at "
+                                f"0x{at + PARTITION_TABLE_SECTOR:x} at the earliest (the table's own sector)"))
+    if boot_image is not None:
+        try:
+            info = check_image_bytes(boot_image)
+            first = info.segments[0]
+            expects = declared_table_offset(boot_image[first[0]:first[0] + first[2]])
+        except ImageError:
+            expects = None  # `not a valid bootloader` is said above
+        # only a generated bootloader says where it looks; a real one has it compiled in, unreadable here
+        if expects is not None and expects != at:
+            problems.append(Problem(f, where, f"the bootloader was built to read its partition table at "
+                                    f"0x{expects:x}: the board would not find this one (rebuild with "
+                                    f"CONFIG_PARTITION_TABLE_OFFSET=0x{at:x}, or write the table at 0x{expects:x})"))
+    return problems
+
+
+def _check_signed_bootloader(profile: Profile, boot_at: int, boot_image: bytes) -> list[Problem]:
+    """A Secure Boot v2 bootloader, signature sector and all, fits before the table and in the ROM's buffer."""
+    from flashing.secure import signed_size
+
+    f, at = str(profile.path), profile.partition_table_offset
+    problems = []
+    end = boot_at + signed_size(len(boot_image))
+    if end > at:  # the signature sector would overwrite the partition table
+        problems.append(Problem(f, "security.secure_boot", f"the signed bootloader would end at 0x{end:x}, "
+                                f"past the partition table at 0x{at:x}: move the partition table to "
+                                f"0x{end:x} or later (ESP-IDF CONFIG_PARTITION_TABLE_OFFSET, its partitions "
+                                "after it) or build a smaller bootloader"))
+    limit = MAX_BOOTLOADER_SIZE.get(profile.chip)
+    if limit is not None and len(boot_image) > limit:
+        problems.append(Problem(f, "security.secure_boot", f"the bootloader is {len(boot_image)} bytes; with "
+                                f"Secure Boot v2 the {profile.chip} ROM verifies at most {limit} "
+                                "(ESP-IDF \"Bootloader Size\"): build a smaller bootloader"))
     return problems
 
 

@@ -32,8 +32,11 @@ PAIR_REQUIRED_WIRED = ("wsp", "token", "host", "brport")
 
 
 class TwoSmartApp:
-    def __init__(self, device: "VirtualDevice", manifest: dict, version: str):
+    def __init__(self, device: "VirtualDevice", manifest: dict, version: str,
+                 partition_table_offset: int = PARTITION_TABLE_OFFSET):
         self.dev = device
+        # one build's sdkconfig compiles the same CONFIG_PARTITION_TABLE_OFFSET into the app and its bootloader
+        self.table_offset = partition_table_offset
         self.manifest = manifest
         self.version = version
         self.device_class = manifest.get("class", "wifi")
@@ -132,7 +135,7 @@ class TwoSmartApp:
 
     # -- configuration ----------------------------------------------------------------------
     def _slot(self):
-        parts = parse_partition_table(self.dev.cache_read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+        parts = parse_partition_table(self.dev.cache_read(self.table_offset, PARTITION_TABLE_SIZE))
         return next((p for p in parts if p.name == self.partition), None)
 
     def _load_config(self) -> str | None:
@@ -143,7 +146,7 @@ class TwoSmartApp:
         if slot is None:
             return f"no partition {self.partition!r} in the partition table"
         if self.encrypted:
-            parts = parse_partition_table(self.dev.cache_read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+            parts = parse_partition_table(self.dev.cache_read(self.table_offset, PARTITION_TABLE_SIZE))
             kslot = next((p for p in parts if p.type == 1 and p.subtype == 4), None)
             if kslot is None:
                 return "NVS encryption is on but there is no nvs_keys partition"

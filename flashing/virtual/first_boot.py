@@ -45,8 +45,11 @@ _CACHE = {"esp32": "DIS_CACHE", "esp32c3": "DIS_ICACHE", "esp32s3": "DIS_ICACHE"
 
 
 def encrypt_on_first_boot(chip: str, image_chip_id: int, efuse: EfuseArray, flash: NorFlash, mode: str,
-                          parts: list[Partition], bootloader: tuple[int, int], log) -> str | None:
-    """Enable flash encryption as the bootloader does; its log lines go to `log`. The failure, or None."""
+                          parts: list[Partition], bootloader: tuple[int, int], log,
+                          table_offset: int = 0x8000) -> str | None:
+    """Enable flash encryption as the bootloader does; its log lines go to `log`. The failure, or None.
+
+    `table_offset`: where the bootloader read its partition table (CONFIG_PARTITION_TABLE_OFFSET)."""
     cnt_field = efuse.crypt_cnt_field
     cnt = efuse.layout.fields[cnt_field]
     if cnt.wr_dis_bit is not None and efuse.field("WR_DIS") >> cnt.wr_dis_bit & 1:
@@ -77,7 +80,7 @@ def encrypt_on_first_boot(chip: str, image_chip_id: int, efuse: EfuseArray, flas
 
     encrypt(*bootloader)
     log.i("flash_encrypt", "bootloader encrypted successfully")
-    encrypt(0x8000, SECTOR)
+    encrypt(table_offset, SECTOR)
     log.i("flash_encrypt", "partition table encrypted and loaded successfully")
     for index, part in enumerate(parts):
         size = _to_encrypt(part, flash.read, image_chip_id)
