@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import importlib
 import io
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -235,8 +236,19 @@ def run_burn(fuses, chip: str, burn: Burn, key: bytes, signing_key: Path | None 
                 if burn.protect:
                     fuses.write_protect_efuse(list(burn.protect))
     except FatalError as exc:
+        detail = _without_key_bits(str(exc)) if burn.name == "key" else str(exc)
         raise SecureError(f"burning {burn.describe()} failed", "set the board aside: its eFuses may be partly "
-                          "burned; the record says which", str(exc)) from None
+                          "burned; the record says which", detail) from None
+
+
+# a hex run of 8 bytes or more, plain or spaced: espefuse's refusal of a key burn shows the block's new value
+_HEX_RUN = re.compile(r"(?:0x)?[0-9a-fA-F]{16,}|(?:[0-9a-fA-F]{2}[ :]){7,}[0-9a-fA-F]{2}")
+
+
+def _without_key_bits(text: str) -> str:
+    """espefuse's words about a key burn, without the block values it prints ("value will be 0x…": the new key
+    ORed with what the block already held, which the redactor cannot know, since it is not the key itself)."""
+    return _HEX_RUN.sub("<key block bits withheld>", text)
 
 
 @dataclass(frozen=True)
