@@ -1,0 +1,152 @@
+"""Secure production attacked as the threat model says it must hold (README "Threat model", issue #18).
+
+The attacker uses the real tools: esptool, espefuse and espsecure against a unit the
+station provisioned, `sqlite3` on the station's database file, and the station's own CLI
+in a subprocess. The oracles are outside the code under test: the flash-encryption key is
+taken from where silicon keeps it (the board's eFuse array in its state dir, read back in
+the engine's byte order), what the board holds is read by espefuse, and what boots is what
+the virtual bootloader prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from esptool import cmds
+
+from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
+from flashing.images import Partition
+from flashing.nvs import NvsError, read_partition
+from flashing.secure import burn_plan, encrypt_region, sign_image
+from flashing.virtual.bench import VirtualBench
+from tests.conftest import esptool_cli, wait_until
+from tests.flashing.test_efuse import espefuse_cli
+from tests.station.conftest import TOKEN, json_lines, run_station, run_station_process
+from tests.station.test_record_guarantees import Proc
+from tests.station.test_secure_profile import CONFIG, KEYS, secure_profile
+
+SSID, PSK = "Ws-Hq4Lz8P", "Wp%Z3#q=L m8/Ux+"  # the unit's own Wi-Fi: secrets the config carries
+
+KEY_BLOCK = 4  # ESP32-C3: BLOCK_KEY0, where the station burns the XTS-AES-128 key
+
+
+@pytest.fixture
+def wifi_env(station_env, monkeypatch):
+    monkeypatch.setenv("RELAY_WIFI_SSID", SSID)
+    monkeypatch.setenv("RELAY_WIFI_PASSWORD", PSK)
+    return station_env
+
+
+def bench(env: Path, n: int = 1) -> VirtualBench:
+    """ESP32-C3 boards whose eFuses and flash persist in the env's state dir, where the tests read silicon."""
+    return VirtualBench(n, "esp32c3", run_dir=env / "run", state_dir=env / "state")
+
+
+def silicon_key(env: Path, index: int = 0) -> bytes:
+    """The flash-encryption key as the chip holds it: BLOCK_KEY0 from the eFuse state file, in the engine's order.
+
+    espefuse burns a key file's bytes reversed into the block, so the key the station made is the block reversed.
+    """
+    saved = json.loads((env / "state" / f"device-{index}.efuse.json").read_text())
+    block = struct.pack("<8I", *(int(w, 16) for w in saved["blocks"][KEY_BLOCK][:8]))
+    assert any(block), "no key burned in BLOCK_KEY0"
+    return block[::-1]
+
+
+def key_forms(key: bytes) -> dict[str, bytes]:
+    """Every form the redactor claims to remove, of the key and of its eFuse byte order (as espefuse shows it)."""
+    forms = {}
+    for order, k in (("key", key), ("key as burned (reversed)", key[::-1])):
+        forms.update({f"{order} raw": k, f"{order} hex": k.hex().encode(), f"{order} HEX": k.hex().upper().encode(),
+                      f"{order} base64": base64.b64encode(k).rstrip(b"="),
+                      f"{order} base64url": base64.urlsafe_b64encode(k).rstrip(b"=")})
+    return forms
+
+
+def secret_forms() -> dict[str, bytes]:
+    return {name: form for name, value in (("token", TOKEN), ("Wi-Fi PSK", PSK), ("SSID", SSID))
+            for name, form in ((name, value.encode()), (f"{name} hex", value.encode().hex().encode()),
+                               (f"{name} base64", base64.b64encode(value.encode()).rstrip(b"=")))}
+
+
+def found(forms: dict[str, bytes], where: dict[str, bytes]) -> list[str]:
+    return [f"{name} in {place}" for place, data in where.items() for name, form in forms.items() if form in data]
+
+
+def provision(env: Path, capsys, *urls: str, args: tuple[str, ...] = ()) -> list[dict]:
+    rc, out, err = run_station(capsys, "flash", *[a for u in urls for a in ("--port", u)], "--json", *args)
+    finished = [e for e in json_lines(out) if e["event"] == "unit_finished"]
+    assert rc == 0 and all(f["outcome"] == "passed" for f in finished), (finished, err[-2000:])
+    return finished
+
+
+def read_regions(url: str, regions: list[tuple[int, int]]) -> dict[int, bytes]:
+    """Regions read with esptool's read_flash over one connection (its stub, as `esptool read-flash` does)."""
+    esp = cmds.detect_chip(url, connect_mode="default-reset")
+    try:
+        esp = cmds.run_stub(esp)
+        return {offset: esp.read_flash(offset, size) for offset, size in regions}
+    finally:
+        esp._port.close()
+
+
+def efuses(url: str) -> tuple[dict, str]:
+    """Every eFuse as espefuse reads it off the board (`summary --format json`), and espefuse's whole output."""
+    r = espefuse_cli(url, "esp32c3", "summary", "--format", "json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout[r.stdout.index("{"):]), r.stdout + r.stderr
+
+
+def firmware(version: str = "1.4.2", project: str = "relay"):
+    return build_firmware("esp32c3", project=project, version=version, app_size=150_000,
+                          partitions=DEFAULT_PARTITIONS + [Partition("nvs_keys", 1, 4, KEYS, 0x1000)],
+                          manifest=twosmart_manifest(encrypted=True))
+
+
+def boot(dev) -> str:
+    dev.reset("app")
+    wait_until(lambda: dev.state()["mode"] in ("app", "bootloop", "config-error"), "the board to boot")
+    return dev.console_text()
+
+
+# -- 1. a shipped unit and a USB cable ------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["development", "release"])
+def test_a_usb_cable_reads_no_secret_off_a_shipped_unit(wifi_env, capsys, tmp_path, mode):
+    """esptool read-flash of everything the station wrote, espefuse summary and dump: ciphertext and zeros."""
+    secure_profile(wifi_env, "esp32c3", mode)
+    with bench(wifi_env) as b:
+        url, dev = b[0].url, b[0].device
+        provision(wifi_env, capsys, url)
+        assert dev.call(lambda: dev.runtime.config["psk"]) == PSK  # the unit itself holds and decrypts them
+        key = silicon_key(wifi_env)
+        fw = firmware()
+        app_end = 0x10000 + len(fw.app)
+        regions = read_regions(url, [(0, 0x9000), (0x10000, app_end - 0x10000), (CONFIG, 0x6000), (KEYS, 0x1000)])
+        fuses, summary = efuses(url)
+        dump = espefuse_cli(url, "esp32c3", "dump")
+        plain_keys = dev.call(lambda: dev.cache_read(KEYS, 64))  # the NVS keys as the app reads them
+    where = {f"read-flash 0x{offset:x}": data for offset, data in regions.items()}
+    assert found(secret_forms() | key_forms(key), where) == []
+    with pytest.raises(NvsError):
+        read_partition(regions[CONFIG])
+    assert plain_keys not in regions[KEYS]  # the nvs_keys partition is ciphertext too
+    app = regions[0x10000]
+    assert app != fw.app[:len(app)] and app[0] != 0xE9  # no app image to patch or read strings from
+    assert regions[0][fw.bootloader_offset] != 0xE9 and regions[0][0x8000:0x8002] != b"\xaa\x50"  # nor a table
+    # espefuse: the key block is read-protected and reads as zeros, in every view
+    assert dump.returncode == 0, dump.stdout + dump.stderr
+    assert found(key_forms(key), {"espefuse summary": summary.encode(), "espefuse dump": dump.stdout.encode()}) == []
+    assert fuses["BLOCK_KEY0"]["readable"] is False and int(fuses["BLOCK_KEY0"]["raw_value"], 16) == 0
+    assert fuses["KEY_PURPOSE_0"]["value"] == "XTS_AES_128_KEY"
+    line = next(ln for ln in dump.stdout.splitlines() if ln.startswith("BLOCK_KEY0 "))
+    assert line.split("dump:")[1].split() == ["00000000"] * 8, line
