@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from esptool import cmds
+from esptool.util import FatalError
 
 from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
 from flashing.images import Partition
@@ -94,6 +95,7 @@ def read_regions(url: str, regions: list[tuple[int, int]]) -> dict[int, bytes]:
     esp = cmds.detect_chip(url, connect_mode="default-reset")
     try:
         esp = cmds.run_stub(esp)
+        esp.change_baud(921600)
         return {offset: esp.read_flash(offset, size) for offset, size in regions}
     finally:
         esp._port.close()
@@ -150,3 +152,84 @@ def test_a_usb_cable_reads_no_secret_off_a_shipped_unit(wifi_env, capsys, tmp_pa
     assert fuses["KEY_PURPOSE_0"]["value"] == "XTS_AES_128_KEY"
     line = next(ln for ln in dump.stdout.splitlines() if ln.startswith("BLOCK_KEY0 "))
     assert line.split("dump:")[1].split() == ["00000000"] * 8, line
+
+
+def write_flash(url: str, *args: str) -> subprocess.CompletedProcess:
+    return esptool_cli("--chip", "esp32c3", "-p", url, "-b", "921600", "write-flash", *args)
+
+
+def test_a_release_unit_takes_no_firmware_over_usb(station_env, capsys, tmp_path):
+    """A patched app: an encrypted write is refused by esptool and the chip; a forced plaintext one does not boot."""
+    secure_profile(station_env, "esp32c3", "release")
+    patched = tmp_path / "patched.bin"
+    patched.write_bytes(firmware(version="6.6.6").app)
+    with bench(station_env) as b:
+        url, dev = b[0].url, b[0].device
+        provision(station_env, capsys, url)
+        shipped = dev.flash.read(0, 0x200000)
+
+        r = write_flash(url, "--encrypt", "0x10000", str(patched))
+        assert r.returncode != 0 and "encrypt functionality in UART download mode disabled" in r.stdout + r.stderr
+        esp = cmds.detect_chip(url, connect_mode="default-reset")
+        try:  # below esptool's own check, the chip refuses an encrypted write (DIS_DOWNLOAD_MANUAL_ENCRYPT)
+            with pytest.raises(FatalError):
+                cmds.run_stub(esp).flash_begin(len(patched.read_bytes()), 0x10000, encrypted_write=True)
+        finally:
+            esp._port.close()
+        r = write_flash(url, "0x10000", str(patched))
+        assert r.returncode != 0 and "Flashing plaintext data may brick your device" in r.stdout + r.stderr
+        assert dev.flash.read(0, 0x200000) == shipped
+
+        r = write_flash(url, "--force", "0x10000", str(patched))  # the attacker insists: written in plaintext
+        assert r.returncode == 0, r.stdout + r.stderr
+        log = boot(dev)
+        assert dev.state()["mode"] == "bootloop", log
+    assert "esp_image: image at 0x10000 has invalid magic byte (nothing flashed here?)" in log  # decrypted to noise
+    assert "6.6.6" not in log
+
+
+def test_encryption_turned_off_on_a_development_unit_shows_only_ciphertext(station_env, capsys, tmp_path):
+    """Development mode lets the crypt count go even (documented): the board then boots nothing it was shipped
+    with, a plaintext firmware of the attacker's own boots and finds only ciphertext where the config was."""
+    secure_profile(station_env, "esp32c3", "development")
+    fw = firmware()
+    files = []
+    for offset, data in fw.regions():
+        files += [hex(offset), str(tmp_path / f"plain-{offset:x}.bin")]
+        Path(files[-1]).write_bytes(data)
+    with bench(station_env) as b:
+        url, dev = b[0].url, b[0].device
+        provision(station_env, capsys, url)
+        config = dev.flash.read(CONFIG, 0x6000)
+        r = espefuse_cli(url, "esp32c3", "--do-not-confirm", "burn-efuse", "SPI_BOOT_CRYPT_CNT", "3")
+        assert r.returncode == 0, r.stdout + r.stderr
+        log = boot(dev)
+        assert dev.state()["mode"] == "bootloop" and "invalid header" in log, log  # the ROM reads its ciphertext
+
+        r = write_flash(url, *files)  # everything but the config and its keys, in plaintext
+        assert r.returncode == 0, r.stdout + r.stderr
+        log = boot(dev)
+        assert "app_init: App version:      1.4.2" in log, log
+        assert "config error" in log  # the firmware finds no NVS where the config was: ciphertext
+        assert dev.call(lambda: dict(dev.runtime.config)) == {}
+        assert dev.flash.read(CONFIG, 0x6000) == config
+
+        # encryption on again (the count's last bit): the plaintext firmware is noise now; no bit is left to turn it off
+        r = espefuse_cli(url, "esp32c3", "--do-not-confirm", "burn-efuse", "SPI_BOOT_CRYPT_CNT", "7")
+        assert r.returncode == 0, r.stdout + r.stderr
+        log = boot(dev)
+        assert dev.state()["mode"] == "bootloop", log
+        assert efuses(url)[0]["SPI_BOOT_CRYPT_CNT"]["raw_value"] in ("0x7", 7)
+
+
+@pytest.mark.xfail(strict=True, reason="release mode does not write-protect SPI_BOOT_CRYPT_CNT (ESP-IDF's release "
+                   "step burns WR_DIS for it): the release branch's burn plan adds it")
+def test_encryption_cannot_be_turned_off_on_a_release_unit(station_env, capsys):
+    secure_profile(station_env, "esp32c3", "release")
+    with bench(station_env) as b:
+        url, dev = b[0].url, b[0].device
+        provision(station_env, capsys, url)
+        espefuse_cli(url, "esp32c3", "--do-not-confirm", "burn-efuse", "SPI_BOOT_CRYPT_CNT", "3")
+        assert dev.call(lambda: dev.efuse.burned_field("SPI_BOOT_CRYPT_CNT")) == 1
+        boot(dev)
+        assert dev.state()["mode"] == "app"
