@@ -233,3 +233,53 @@ def test_encryption_cannot_be_turned_off_on_a_release_unit(station_env, capsys):
         assert dev.call(lambda: dev.efuse.burned_field("SPI_BOOT_CRYPT_CNT")) == 1
         boot(dev)
         assert dev.state()["mode"] == "app"
+
+
+def secure_boot_unit(env: Path, capsys, b: VirtualBench) -> Path:
+    """A development-mode unit with Secure Boot v2 on, provisioned by the station; the station's signing key."""
+    from tests.flashing.test_secure_boot import signing_key
+
+    key = signing_key(env, "secure-boot.pem")  # a station file, outside profiles/
+    with open(env / "station.toml", "a") as f:
+        f.write(f'secure_boot_key = "{key.name}"\n')
+    secure_profile(env, "esp32c3", "development", extra="secure_boot = true\n")
+    provision(env, capsys, b[0].url)
+    return key
+
+
+def test_a_secure_boot_unit_boots_no_firmware_but_the_stations(station_env, capsys, tmp_path):
+    """Development mode lets anyone with the cable write encrypted (esptool --encrypt, by design): secure boot is
+    what stands. An app signed by another key, an unsigned app, a bootloader signed by another key: none boots."""
+    from tests.flashing.test_secure_boot import signed, signing_key
+
+    other = signing_key(tmp_path, "attacker.pem")
+    fw = firmware(version="6.6.6")
+    app, bootloader = tmp_path / "app.bin", tmp_path / "bootloader.bin"
+    app.write_bytes(fw.app)
+    bootloader.write_bytes(fw.bootloader)
+    with bench(station_env) as b:
+        url, dev = b[0].url, b[0].device
+        secure_boot_unit(station_env, capsys, b)
+        # the unsigned app is as long as the station's: behind it lies the station's signature sector, of another image
+        for image, offset, words in ((app, 0x10000, "Secure Boot V2 verification failed."),
+                                     (signed(tmp_path, other, app), 0x10000, "Secure Boot V2 verification failed."),
+                                     (signed(tmp_path, other, bootloader), 0, "secure boot verification failed")):
+            r = write_flash(url, "--encrypt", hex(offset), str(image))
+            assert r.returncode == 0, r.stdout + r.stderr
+            log = boot(dev)
+            assert dev.state()["mode"] == "bootloop" and words in log, (image.name, log)
+            assert "6.6.6" not in log
+
+
+@pytest.mark.xfail(strict=True, reason="no anti-rollback: the station burns no SECURE_VERSION and the virtual "
+                   "bootloader checks none, so an older app signed with the station's key boots")
+def test_a_downgrade_to_an_older_signed_app_does_not_boot(station_env, capsys, tmp_path):
+    old = tmp_path / "old.bin"
+    with bench(station_env) as b:
+        url, dev = b[0].url, b[0].device
+        key = secure_boot_unit(station_env, capsys, b)
+        old.write_bytes(sign_image(firmware(version="1.3.0").app, key))  # the vendor's earlier release
+        r = write_flash(url, "--encrypt", "0x10000", str(old))
+        assert r.returncode == 0, r.stdout + r.stderr
+        log = boot(dev)
+        assert "App version:      1.3.0" not in log and dev.state()["mode"] != "app", log
