@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -283,3 +284,78 @@ def test_a_downgrade_to_an_older_signed_app_does_not_boot(station_env, capsys, t
         assert r.returncode == 0, r.stdout + r.stderr
         log = boot(dev)
         assert "App version:      1.3.0" not in log and dev.state()["mode"] != "app", log
+
+
+# -- 2. someone with the database file or an export ------------------------------------------------
+
+def station_key(env: Path) -> bytes:
+    return bytes.fromhex((env / "station.key").read_text())
+
+
+def rows(env: Path, sql: str = "select * from attempts order by id", args=()) -> list[dict]:
+    con = sqlite3.connect(env / "station.db")
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute(sql, args)]
+    finally:
+        con.close()
+
+
+def edit(env: Path, sql: str, args=()) -> None:
+    """The attacker's edit of the database file, with sqlite3 (the station is not running)."""
+    con = sqlite3.connect(env / "station.db")
+    try:
+        con.execute(sql, args)
+        con.commit()
+    finally:
+        con.close()
+
+
+def db_verify(env: Path) -> subprocess.CompletedProcess:
+    return run_station_process("db", "verify", cwd=env)
+
+
+def test_the_escrow_opens_only_with_the_station_key_and_its_own_attempt(station_env, capsys):
+    from cryptography.exceptions import InvalidTag
+
+    from station.keys import unescrow
+
+    secure_profile(station_env, "esp32c3", "development")
+    with bench(station_env, 2) as b:
+        provision(station_env, capsys, b[0].url, b[1].url)
+        a, b_ = (next(r for r in rows(station_env) if r["port"] == slot.url) for slot in b)
+    key = station_key(station_env)
+    assert unescrow(key, a["uid"], a["key_escrow"]) == silicon_key(station_env, 0)
+    assert unescrow(key, b_["uid"], b_["key_escrow"]) == silicon_key(station_env, 1)
+    with pytest.raises(InvalidTag):  # a copy of the database, without var/station.key
+        unescrow(os.urandom(32), a["uid"], a["key_escrow"])
+    with pytest.raises(InvalidTag):  # sealed to its attempt: under another attempt's uid it does not open
+        unescrow(key, b_["uid"], a["key_escrow"])
+
+
+@pytest.mark.parametrize("move", ["escrow to the other board's row", "row to the other board's MAC"])
+def test_a_rework_refuses_an_escrow_moved_in_the_database_and_writes_nothing(station_env, capsys, move):
+    """Board A's escrow placed where board B's rework finds it: the rework refuses, B's flash and eFuses untouched."""
+    secure_profile(station_env, "esp32c3", "development")
+    with bench(station_env, 2) as b:
+        provision(station_env, capsys, b[0].url, b[1].url)
+        by_port = {r["port"]: r for r in rows(station_env)}
+        a, victim = by_port[b[0].url], by_port[b[1].url]
+        if move == "escrow to the other board's row":
+            edit(station_env, "update attempts set key_escrow = ? where uid = ?", [a["key_escrow"], victim["uid"]])
+        else:  # the MACs swapped: B's rework looks up B's MAC and finds A's row, whose uid opens A's escrow
+            edit(station_env, "update attempts set mac = ? where uid = ?", [victim["mac"], a["uid"]])
+            edit(station_env, "update attempts set mac = ? where uid = ?", [a["mac"], victim["uid"]])
+        dev = b[1].device
+        efuse_file = station_env / "state" / "device-1.efuse.json"
+        flash, fuses = dev.flash.read(0, 0x200000), efuse_file.read_bytes()
+        dev.flash.erase(0x10000, 0x1000)  # the app damaged: the rework would write it again
+        flash = dev.flash.read(0, 0x200000)
+        rc, out, err = run_station(capsys, "flash", "--port", b[1].url, "--rework", "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+        assert finished["outcome"] == "error" and finished["failed_step"] == "secure", finished
+        assert "escrow" in finished["error"] and "nothing was written" in finished["remedy"], finished
+        assert finished["written_regions"] == []
+        assert dev.flash.read(0, 0x200000) == flash and efuse_file.read_bytes() == fuses
+    r = db_verify(station_env)
+    assert r.returncode != 0 and f"attempt {victim['id'] if 'escrow' in move else a['id']} was edited" in r.stdout + r.stderr
