@@ -359,3 +359,53 @@ def test_a_rework_refuses_an_escrow_moved_in_the_database_and_writes_nothing(sta
         assert dev.flash.read(0, 0x200000) == flash and efuse_file.read_bytes() == fuses
     r = db_verify(station_env)
     assert r.returncode != 0 and f"attempt {victim['id'] if 'escrow' in move else a['id']} was edited" in r.stdout + r.stderr
+
+
+def test_edited_burn_lists_and_forged_burn_entries_fail_db_verify(station_env, capsys):
+    """What the record says was burned on a board cannot be changed, forged or dropped without the station's key."""
+    import hashlib
+
+    secure_profile(station_env, "esp32c3", "release")
+    with bench(station_env) as b:
+        provision(station_env, capsys, b[0].url)
+    assert run_station(capsys, "db", "verify")[0] == 0
+    attempt = rows(station_env)[0]
+    burns = json.loads(attempt["burns"])
+    assert [b["state"] for b in burns] == ["done"] * len(burns) and len(burns) == 3
+    entries = rows(station_env, "select * from journal where kind = 'burn' order by id")
+    assert len(entries) == 1 + 2 * len(burns)  # the plan, then burning and done for each
+    head = rows(station_env, "select * from journal order by id desc limit 1")[0]
+    pending = json.dumps([{**b, "state": "pending"} for b in burns], sort_keys=True)
+    body = json.loads(entries[0]["body"])
+    forged = json.dumps({**body, "burns": pending}, sort_keys=True, separators=(",", ":"))
+
+    def unkeyed(prev: str, entry: dict) -> str:  # the hash an attacker without the station's key can make
+        fields = {k: entry[k] for k in ("station_id", "kind", "attempt_uid", "at", "body", "unit")}
+        return hashlib.sha256((prev + json.dumps(fields, sort_keys=True, separators=(",", ":"))).encode()).hexdigest()
+
+    new = {**entries[0], "body": forged, "at": head["at"]}
+    cases = [  # (edit, undo, what db verify must say)
+        ("update attempts set burns = ? where uid = ?", [pending, attempt["uid"]],
+         "update attempts set burns = ? where uid = ?", [attempt["burns"], attempt["uid"]],
+         f"attempt {attempt['id']} was edited"),
+        ("update journal set body = ? where id = ?", [forged, entries[-1]["id"]],
+         "update journal set body = ? where id = ?", [entries[-1]["body"], entries[-1]["id"]],
+         f"journal entry {entries[-1]['id']} was edited"),
+        ("insert into journal (id, station_id, kind, attempt_uid, at, body, unit, prev_hash, entry_hash) "
+         "values (?, ?, 'burn', ?, ?, ?, ?, ?, ?)",
+         [head["id"] + 1, head["station_id"], attempt["uid"], new["at"], forged, new["unit"], head["entry_hash"],
+          unkeyed(head["entry_hash"], new)],
+         "delete from journal where id = ?", [head["id"] + 1],
+         f"journal entry {head['id'] + 1} was edited after it was recorded, or written without the station's key"),
+        ("delete from journal where id = ?", [entries[3]["id"]],
+         "insert into journal select * from temp_saved", [],
+         f"journal entry {entries[3]['id'] + 1} does not follow the entry before it"),
+    ]
+    edit(station_env, "create table temp_saved as select * from journal where id = ?", [entries[3]["id"]])
+    for sql, args, undo, undo_args, words in cases:
+        edit(station_env, sql, args)
+        rc, out, err = run_station(capsys, "db", "verify")
+        assert rc != 0 and words in out + err, (words, out, err)
+        edit(station_env, undo, undo_args)
+        rc, out, err = run_station(capsys, "db", "verify")  # the edit undone: the record is whole again
+        assert rc == 0, (words, out, err)
