@@ -409,3 +409,17 @@ def test_edited_burn_lists_and_forged_burn_entries_fail_db_verify(station_env, c
         edit(station_env, undo, undo_args)
         rc, out, err = run_station(capsys, "db", "verify")  # the edit undone: the record is whole again
         assert rc == 0, (words, out, err)
+
+
+def test_the_unit_redactor_removes_the_flash_key_in_every_encoding_the_redactor_claims():
+    """hex either case, base64 and base64url (padded or not), in the key's order and in the eFuse's (espefuse's)."""
+    from station.pipeline import _key_forms, _UnitRedactor
+    from station.secrets import NO_SECRETS
+
+    key = bytes([0xFB, 0xEF, 0xFF] * 10 + [0x3E, 0x3F])  # its base64 holds "+" and "/": base64url differs
+    redact = _UnitRedactor(NO_SECRETS)
+    redact.learn(_key_forms(key))
+    for name, form in key_forms(key).items():
+        if not name.endswith("raw"):  # raw bytes are not text: the file tests grep for them
+            text = f"espefuse said: {form.decode()} (end)"
+            assert form.decode() not in redact(text) and redact(text).endswith(" (end)"), (name, redact(text))
