@@ -423,3 +423,53 @@ def test_the_unit_redactor_removes_the_flash_key_in_every_encoding_the_redactor_
         if not name.endswith("raw"):  # raw bytes are not text: the file tests grep for them
             text = f"espefuse said: {form.decode()} (end)"
             assert form.decode() not in redact(text) and redact(text).endswith(" (end)"), (name, redact(text))
+
+
+def test_the_flash_key_is_nowhere_the_station_writes(station_env, tmp_path):
+    """A secure run and a rework: the database and its WAL, the spool, every export file, --json and stderr."""
+    from station.events import StepStarted
+    from station.keys import unescrow
+    from station.pipeline import UnitJob, provision_unit
+    from station.runner import open_station
+
+    secure_profile(station_env, "esp32c3", "development")
+    where: dict[str, bytes] = {}
+    with bench(station_env) as b:
+        url = b[0].url
+        r = run_station_process("flash", "--port", url, "--json", cwd=station_env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        where.update({"flash --json stdout": r.stdout.encode(), "flash stderr": r.stderr.encode()})
+        key = silicon_key(station_env)
+
+        # a rework whose finish goes to the spool: the database taken by another program once the unit boots
+        ctx = open_station(config=station_env / "station.toml")
+        holder = sqlite3.connect(station_env / "station.db")
+
+        def emit(event) -> None:
+            if isinstance(event, StepStarted) and event.step == "smoke":
+                holder.execute("BEGIN EXCLUSIVE")
+
+        try:
+            result = provision_unit(UnitJob(url, rework=True), ctx, emit)
+            # the WAL holds this run's burn-free entries and the first run's are in the file: read both now
+            where.update({p.name + " (held)": p.read_bytes() for p in station_env.glob("station.db*") if p.is_file()})
+        finally:
+            holder.rollback()
+            holder.close()
+            ctx.close()
+        assert result.recorded == "spool", result
+    where.update({p.name: p.read_bytes() for p in station_env.glob("station.db*") if p.is_file()})
+    assert any(n.endswith("-wal (held)") for n in where) and any(".spool" in n for n in where), sorted(where)
+    for fmt in ("csv", "jsonl"):
+        r = run_station_process("export", "--format", fmt, "--out", str(tmp_path / f"units.{fmt}"), "--outcome", "any",
+                                cwd=station_env)
+        assert r.returncode == 0, r.stderr
+        where[f"export {fmt} output"] = (r.stdout + r.stderr).encode()
+    r = run_station_process("db", "verify", cwd=station_env)
+    where["db verify output"] = (r.stdout + r.stderr).encode()
+    where.update({p.name: p.read_bytes() for p in tmp_path.glob("units.*")})
+    assert len([n for n in where if n.startswith("units.")]) >= 8  # data, journal, manifest, signature: each format
+    assert found(key_forms(key), where) == []
+    escrows = [r["key_escrow"] for r in rows(station_env)]
+    assert len(escrows) == 2 and all(unescrow(station_key(station_env), r["uid"], r["key_escrow"]) == key
+                                     for r in rows(station_env))  # the record holds the key: sealed, twice
