@@ -473,3 +473,81 @@ def test_the_flash_key_is_nowhere_the_station_writes(station_env, tmp_path):
     escrows = [r["key_escrow"] for r in rows(station_env)]
     assert len(escrows) == 2 and all(unescrow(station_key(station_env), r["uid"], r["key_escrow"]) == key
                                      for r in rows(station_env))  # the record holds the key: sealed, twice
+
+
+# -- 3. the kill -9 and the burn record ------------------------------------------------------------
+
+PLAN = burn_plan("esp32c3", "release", secure_boot=True)  # 7 eFuse program commands, in this order:
+PROGRAMS = ["key", "key", "enable", "secure-boot-digest", "secure-boot-digest", "secure-boot", "release"]
+
+
+def board_shows(fuses: dict) -> dict[str, str]:
+    """Each burn of the plan as espefuse reads the board: "all" of its effects, "none", or "part"."""
+    def blank(name: str) -> bool:
+        return fuses[name]["readable"] and int(fuses[name]["raw_value"], 16) == 0
+
+    effects = {
+        "key": [not blank("BLOCK_KEY0"), fuses["KEY_PURPOSE_0"]["value"] == "XTS_AES_128_KEY",
+                not fuses["BLOCK_KEY0"]["readable"]],
+        "enable": [int(fuses["SPI_BOOT_CRYPT_CNT"]["raw_value"], 16) != 0],
+        "secure-boot-digest": [not blank("BLOCK_KEY1"), fuses["KEY_PURPOSE_1"]["value"] == "SECURE_BOOT_DIGEST0"],
+        "secure-boot": [fuses["SECURE_BOOT_EN"]["value"] is True],
+        "release": [bool(fuses[f]["value"]) for f in next(b for b in PLAN if b.name == "release").fields],
+    }
+    return {name: "all" if all(e) else "none" if not any(e) else "part" for name, e in effects.items()}
+
+
+def kill_at_burn(env: Path, dev, url: str, programs_done: int) -> None:
+    """`station flash` in a subprocess, killed -9 while the chip hangs as its next eFuse program starts."""
+    dev.set_fault("hang_after_burns", programs_done)
+    station = Proc(["flash", "--port", url, "--json"], cwd=env)
+    try:
+        station.until(lambda: dev.state()["mode"] == "halted")
+        station.p.send_signal(signal.SIGKILL)
+        assert station.finish() == -signal.SIGKILL
+    finally:
+        station.stop()
+    dev.clear_faults()
+    dev.reset("download")  # power back: the chip reloads its eFuses
+
+
+def with_secure_boot_key(env: Path) -> None:
+    from tests.flashing.test_secure_boot import signing_key
+
+    key = signing_key(env, "secure-boot.pem")
+    with open(env / "station.toml", "a") as f:
+        f.write(f'secure_boot_key = "{key.name}"\n')
+
+
+@pytest.mark.parametrize("programs_done", [
+    pytest.param(0, marks=pytest.mark.slow), 1, pytest.param(2, marks=pytest.mark.slow),
+    pytest.param(3, marks=pytest.mark.slow), 4, pytest.param(5, marks=pytest.mark.slow), 6])
+def test_a_kill_at_each_burn_is_settled_as_exactly_what_the_board_shows(station_env, tmp_path, programs_done):
+    """Killed as each eFuse program command starts (release mode with secure boot: every kind of burn); the next
+    command settles the attempt, and its words are what espefuse reads off the board afterwards."""
+    with_secure_boot_key(station_env)
+    secure_profile(station_env, "esp32c3", "release", extra="secure_boot = true\n")
+    with bench(station_env) as b:
+        kill_at_burn(station_env, b[0].device, b[0].url, programs_done)
+        shows = board_shows(efuses(b[0].url)[0])
+    # the board: every burn before the one that hung is whole, that one is not, none after it has begun
+    hung = PROGRAMS[programs_done]
+    first = PROGRAMS.index(hung)
+    assert shows[hung] == ("none" if programs_done == first else "part"), shows
+    out = tmp_path / "all.jsonl"
+    r = run_station_process("export", "--format", "jsonl", "--out", str(out), "--outcome", "any", cwd=station_env)
+    assert r.returncode == 0, r.stderr
+    row = json_lines(out.read_text())[0]  # the auditor's view, after the next command settled it
+    assert row["outcome"] == "interrupted"
+    burns = row["burns"] if isinstance(row["burns"], list) else json.loads(row["burns"])
+    by_name = {b.describe(): b.name for b in PLAN}
+    for entry in burns:  # whole on the board: done; untouched: pending; the one that hung: burning
+        name = by_name[entry["burn"]]
+        assert entry["state"] == ("burning" if name == hung else {"all": "done", "none": "pending"}[shows[name]]), \
+            (entry, shows)
+    done = [b.describe() for b in PLAN if shows[b.name] == "all"]
+    never = [b.describe() for b in PLAN if b.name != hung and shows[b.name] == "none"]
+    words = [f"done: {'; '.join(done) or 'none'}",
+             f"may or may not have happened: {next(b.describe() for b in PLAN if b.name == hung)}"]
+    words += [f"not started: {'; '.join(never)}"] if never else []
+    assert row["error"].startswith(f"interrupted: efuses partly burned ({', '.join(words)})"), row["error"]
