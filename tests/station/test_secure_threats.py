@@ -551,3 +551,26 @@ def test_a_kill_at_each_burn_is_settled_as_exactly_what_the_board_shows(station_
              f"may or may not have happened: {next(b.describe() for b in PLAN if b.name == hung)}"]
     words += [f"not started: {'; '.join(never)}"] if never else []
     assert row["error"].startswith(f"interrupted: efuses partly burned ({', '.join(words)})"), row["error"]
+
+
+@pytest.mark.parametrize("programs_done, words", [
+    (2, "has a flash-encryption key burned but encryption is not on"),  # key done, crypt count 0
+    (1, "burning key (BLOCK_KEY0 purpose XTS_AES_128_KEY"),  # the key block's data burned, its purpose not
+])
+def test_a_board_left_between_burns_is_refused_with_nothing_burned_or_written(station_env, capsys, programs_done,
+                                                                            words):
+    """The station put back on a board its kill left half set up: it refuses, as plain flash and as a rework."""
+    secure_profile(station_env, "esp32c3", "development")
+    with bench(station_env) as b:
+        url, dev = b[0].url, b[0].device
+        kill_at_burn(station_env, dev, url, programs_done)
+        efuse_file = station_env / "state" / "device-0.efuse.json"
+        fuses, flash = efuse_file.read_bytes(), dev.flash.read(0, 0x200000)
+        assert flash == b"\xff" * 0x200000  # the kill came before anything was written
+        for rework in ((), ("--rework",)):
+            rc, out, err = run_station(capsys, "flash", "--port", url, "--json", *rework)
+            finished = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
+            assert finished["outcome"] == "failed" and finished["failed_step"] == "secure", finished
+            assert words in finished["error"] and "set" in finished["remedy"] and "aside" in finished["remedy"], \
+                finished
+            assert efuse_file.read_bytes() == fuses and dev.flash.read(0, 0x200000) == flash, rework
