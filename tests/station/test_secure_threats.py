@@ -13,12 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from esptool.util import FatalError
 from flashing.firmware import DEFAULT_PARTITIONS, build_firmware, twosmart_manifest
 from flashing.images import Partition
 from flashing.nvs import NvsError, read_partition
-from flashing.secure import burn_plan, encrypt_region, sign_image
+from flashing.secure import burn_plan, sign_image
 from flashing.virtual.bench import VirtualBench
 from tests.conftest import esptool_cli, wait_until
 from tests.flashing.test_efuse import espefuse_cli
@@ -236,13 +234,27 @@ def test_encryption_cannot_be_turned_off_on_a_release_unit(station_env, capsys):
         assert dev.state()["mode"] == "app"
 
 
-def secure_boot_unit(env: Path, capsys, b: VirtualBench) -> Path:
-    """A development-mode unit with Secure Boot v2 on, provisioned by the station; the station's signing key."""
-    from tests.flashing.test_secure_boot import signing_key
+def rsa_key(path: Path) -> Path:
+    """An RSA-3072 signing key as `espsecure generate-signing-key --version 2` makes one (PEM), made in-process."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    key = signing_key(env, "secure-boot.pem")  # a station file, outside profiles/
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                       serialization.NoEncryption()))
+    return path
+
+
+def with_secure_boot_key(env: Path) -> Path:
+    key = rsa_key(env / "secure-boot.pem")  # a station file, outside profiles/
     with open(env / "station.toml", "a") as f:
         f.write(f'secure_boot_key = "{key.name}"\n')
+    return key
+
+
+def secure_boot_unit(env: Path, capsys, b: VirtualBench) -> Path:
+    """A development-mode unit with Secure Boot v2 on, provisioned by the station; the station's signing key."""
+    key = with_secure_boot_key(env)
     secure_profile(env, "esp32c3", "development", extra="secure_boot = true\n")
     provision(env, capsys, b[0].url)
     return key
@@ -251,20 +263,20 @@ def secure_boot_unit(env: Path, capsys, b: VirtualBench) -> Path:
 def test_a_secure_boot_unit_boots_no_firmware_but_the_stations(station_env, capsys, tmp_path):
     """Development mode lets anyone with the cable write encrypted (esptool --encrypt, by design): secure boot is
     what stands. An app signed by another key, an unsigned app, a bootloader signed by another key: none boots."""
-    from tests.flashing.test_secure_boot import signed, signing_key
-
-    other = signing_key(tmp_path, "attacker.pem")
+    other = rsa_key(tmp_path / "attacker.pem")
     fw = firmware(version="6.6.6")
     app, bootloader = tmp_path / "app.bin", tmp_path / "bootloader.bin"
     app.write_bytes(fw.app)
     bootloader.write_bytes(fw.bootloader)
+    (tmp_path / "app.signed").write_bytes(sign_image(fw.app, other))  # espsecure sign-data --version 2
+    (tmp_path / "bootloader.signed").write_bytes(sign_image(fw.bootloader, other))
     with bench(station_env) as b:
         url, dev = b[0].url, b[0].device
         secure_boot_unit(station_env, capsys, b)
         # the unsigned app is as long as the station's: behind it lies the station's signature sector, of another image
         for image, offset, words in ((app, 0x10000, "Secure Boot V2 verification failed."),
-                                     (signed(tmp_path, other, app), 0x10000, "Secure Boot V2 verification failed."),
-                                     (signed(tmp_path, other, bootloader), 0, "secure boot verification failed")):
+                                     (tmp_path / "app.signed", 0x10000, "Secure Boot V2 verification failed."),
+                                     (tmp_path / "bootloader.signed", 0, "secure boot verification failed")):
             r = write_flash(url, "--encrypt", hex(offset), str(image))
             assert r.returncode == 0, r.stdout + r.stderr
             log = boot(dev)
@@ -272,6 +284,7 @@ def test_a_secure_boot_unit_boots_no_firmware_but_the_stations(station_env, caps
             assert "6.6.6" not in log
 
 
+@pytest.mark.slow  # an open gap, not a regression guard: its XPASS will come with a rewrite of this test
 @pytest.mark.xfail(strict=True, reason="no anti-rollback: the station burns no SECURE_VERSION and the virtual "
                    "bootloader checks none, so an older app signed with the station's key boots")
 def test_a_downgrade_to_an_older_signed_app_does_not_boot(station_env, capsys, tmp_path):
@@ -357,8 +370,9 @@ def test_a_rework_refuses_an_escrow_moved_in_the_database_and_writes_nothing(sta
         assert "escrow" in finished["error"] and "nothing was written" in finished["remedy"], finished
         assert finished["written_regions"] == []
         assert dev.flash.read(0, 0x200000) == flash and efuse_file.read_bytes() == fuses
+    edited = victim if move.startswith("escrow") else a
     r = db_verify(station_env)
-    assert r.returncode != 0 and f"attempt {victim['id'] if 'escrow' in move else a['id']} was edited" in r.stdout + r.stderr
+    assert r.returncode != 0 and f"attempt {edited['id']} was edited" in r.stdout + r.stderr
 
 
 def test_edited_burn_lists_and_forged_burn_entries_fail_db_verify(station_env, capsys):
@@ -511,17 +525,11 @@ def kill_at_burn(env: Path, dev, url: str, programs_done: int) -> None:
     dev.reset("download")  # power back: the chip reloads its eFuses
 
 
-def with_secure_boot_key(env: Path) -> None:
-    from tests.flashing.test_secure_boot import signing_key
-
-    key = signing_key(env, "secure-boot.pem")
-    with open(env / "station.toml", "a") as f:
-        f.write(f'secure_boot_key = "{key.name}"\n')
-
-
 @pytest.mark.parametrize("programs_done", [
+    # by default: mid-key (a key block burned, its purpose not) and the release burn; 2 is in test_secure_profile.py
     pytest.param(0, marks=pytest.mark.slow), 1, pytest.param(2, marks=pytest.mark.slow),
-    pytest.param(3, marks=pytest.mark.slow), 4, pytest.param(5, marks=pytest.mark.slow), 6])
+    pytest.param(3, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow),
+    pytest.param(5, marks=pytest.mark.slow), 6])
 def test_a_kill_at_each_burn_is_settled_as_exactly_what_the_board_shows(station_env, tmp_path, programs_done):
     """Killed as each eFuse program command starts (release mode with secure boot: every kind of burn); the next
     command settles the attempt, and its words are what espefuse reads off the board afterwards."""
