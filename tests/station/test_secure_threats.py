@@ -299,6 +299,18 @@ def test_a_downgrade_to_an_older_signed_app_does_not_boot(station_env, capsys, t
         assert "App version:      1.3.0" not in log and dev.state()["mode"] != "app", log
 
 
+@pytest.mark.slow  # an open gap (a permanent brick by someone with the cable), not a regression guard
+@pytest.mark.xfail(strict=True, reason="RD_DIS is not write-protected once the keys are burned (ESP-IDF's secure "
+                   "boot set-up burns WR_DIS for RD_DIS): the digest block can be read-protected, and nothing boots")
+def test_a_secure_boot_units_digest_cannot_be_read_protected(station_env, capsys):
+    with bench(station_env) as b:
+        url, dev = b[0].url, b[0].device
+        secure_boot_unit(station_env, capsys, b)
+        espefuse_cli(url, "esp32c3", "--do-not-confirm", "burn-efuse", "RD_DIS", "2")  # BLOCK_KEY1, the digest
+        log = boot(dev)
+        assert dev.state()["mode"] == "app", log
+
+
 # -- 2. someone with the database file or an export ------------------------------------------------
 
 def station_key(env: Path) -> bytes:
