@@ -51,8 +51,9 @@ production — extends this design, it does not replace it):
 - **Keys.** A unit's flash-encryption key is a secret: it never reaches the record. In
   development mode it is escrowed (`key_escrow`): AES-256-GCM under a key derived from
   the station's key for that purpose only (station/keys.py), with the attempt's uid as
-  associated data, sealed before the first burn; a rework finds it by MAC. In release
-  mode it is never stored.
+  associated data, sealed before the first burn; a rework finds it by MAC, and takes it
+  only from a row its keyed journal entry vouches for (`escrowed_key`). In release mode
+  it is never stored.
 
 Secrets never reach the record: a token is kept as a keyed fingerprint only.
 """
