@@ -20,7 +20,11 @@ HTTP_PORT = re.compile(r"listening on port (\d+)")
 AP_NAME = re.compile(r'access point "([^"]+)" started')
 CONFIG_ERROR = re.compile(r"E \(\d+\) 2smart: (config error: [^\n]+)")
 MQTT_REFUSED = re.compile(r"broker refused login for this device: ([^\n;]+)")
-IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
+# bootloader_utility.c: the reset a bootloader makes itself once it has encrypted the flash on its first boot
+ENCRYPTED_ON_BOOT = re.compile(r"boot: Resetting with flash encryption enabled")
+# the ROM's own refusals come first: no later line is printed once it stops
+IMAGE_ERRORS = re.compile(r"invalid header: 0x[0-9a-f]+|secure boot (?:verification failed|check fail)|"
+                          r"E \(\d+\) (?:esp_image|boot|flash_parts): [^\n]+")
 
 
 NO_RESET = "this port cannot reset the board: nothing was printed after the reset (no boot log)"
@@ -42,10 +46,11 @@ class BootLog:
     http_port: int | None = None
     ap_name: str | None = None
     config_error: str | None = None
+    encrypted_on_boot: bool = False  # the bootloader enabled flash encryption and reset once (a first boot)
 
     @property
     def boot_loop(self) -> bool:
-        return self.banners > 1
+        return self.banners - self.encrypted_on_boot > 1
 
     def remedy(self) -> str:
         """What the operator does about `problem()`."""
@@ -82,7 +87,7 @@ def parse_boot_log(text: str) -> BootLog:
         project=first(PROJECT), version=first(VERSION), sta_ip=first(STA_IP), ap_ip=first(AP_IP),
         panic=first(PANIC), image_error=first(IMAGE_ERRORS),
         http_port=int(first(HTTP_PORT)) if first(HTTP_PORT) else None, ap_name=first(AP_NAME),
-        config_error=first(CONFIG_ERROR),
+        config_error=first(CONFIG_ERROR), encrypted_on_boot=bool(ENCRYPTED_ON_BOOT.search(text)),
     )
 
 

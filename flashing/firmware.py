@@ -12,7 +12,18 @@ import json
 import random
 from dataclasses import dataclass
 
-from .images import Partition, Segment, app_description, build_image, build_partition_table, chip_facts
+from .images import (
+    FLASH_ENC_BUILT,
+    FLASH_ENC_RELEASE_BUILT,
+    PARTITION_TABLE_OFFSET,
+    Partition,
+    Segment,
+    app_description,
+    bootloader_facts,
+    build_image,
+    build_partition_table,
+    chip_facts,
+)
 
 # load addresses of a typical IDF build, per chip: bootloader (dram, iram, iram) and app
 _LAYOUT = {
@@ -45,9 +56,10 @@ class Firmware:
     app_offset: int
     app: bytes
     partitions: tuple[Partition, ...]
+    partition_table_offset: int = PARTITION_TABLE_OFFSET
 
     def regions(self) -> list[tuple[int, bytes]]:
-        return [(self.bootloader_offset, self.bootloader), (0x8000, self.partition_table),
+        return [(self.bootloader_offset, self.bootloader), (self.partition_table_offset, self.partition_table),
                 (self.app_offset, self.app)]
 
 
@@ -89,12 +101,27 @@ def read_manifest(app_head: bytes) -> dict | None:
 def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "1.0.0",
                    app_size: int = 1024 * 1024, flash_size: str = "4MB",
                    partitions: list[Partition] | None = None, seed: int = 1,
-                   manifest: dict | None = None) -> Firmware:
+                   manifest: dict | None = None, flash_encryption: str | None = None,
+                   partition_table_offset: int = PARTITION_TABLE_OFFSET) -> Firmware:
+    """`flash_encryption` ("development" or "release"): the bootloader is built with flash encryption on
+    (CONFIG_SECURE_FLASH_ENC_ENABLED): it carries flash_encrypt.c's messages, and a board whose crypt count
+    is 0 encrypts itself on its first boot (flashing.images.bootloader_flash_encryption).
+    `partition_table_offset`: CONFIG_PARTITION_TABLE_OFFSET; moved, the bootloader says so (images.bootloader_facts)
+    and `partitions` must start after the table's sector."""
     lay, facts = _LAYOUT[chip], chip_facts(chip)
     rng = random.Random(f"{chip}/{project}/{version}/{seed}")
     bl_sizes = [6372, 15920, 3880]
+    bl_data = [_filler(rng, n) for n in bl_sizes]
+    if partition_table_offset != PARTITION_TABLE_OFFSET:  # the default's bytes stay what profiles pin
+        fact = bootloader_facts(partition_table_offset)
+        bl_data[0] = fact + bl_data[0][len(fact):]
+    if flash_encryption:  # the log strings in the DRAM segment, in place of filler (the size stays)
+        built = b"I (%lu) %s: " + FLASH_ENC_BUILT + b"\n\0"
+        if flash_encryption == "release":
+            built += b"I (%lu) %s: " + FLASH_ENC_RELEASE_BUILT + b"\n\0"
+        bl_data[0] = bl_data[0][:256] + built + bl_data[0][256 + len(built):]
     bootloader = build_image(
-        [Segment(a, _filler(rng, n)) for a, n in zip(lay["bl"], bl_sizes)],
+        [Segment(a, d) for a, d in zip(lay["bl"], bl_data)],
         chip_id=facts.image_chip_id, entry=lay["bl_entry"], flash_size=flash_size)
     parts = partitions or DEFAULT_PARTITIONS
     app_part = next(p for p in parts if p.type == 0)
@@ -108,4 +135,4 @@ def build_firmware(chip: str = "esp32", project: str = "relay", version: str = "
     app = build_image([Segment(a, d) for a, d in zip(lay["app"], datas)],
                       chip_id=facts.image_chip_id, entry=lay["app_entry"], flash_size=flash_size)
     return Firmware(facts.bootloader_offset, bootloader, build_partition_table(parts),
-                    app_part.offset, app, tuple(parts))
+                    app_part.offset, app, tuple(parts), partition_table_offset)

@@ -11,6 +11,7 @@ read as ESP-IDF's bootloader_utility.c reads them.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import zlib
 from dataclasses import dataclass
@@ -21,8 +22,14 @@ CHECKSUM_SEED = 0xEF
 APP_DESC_MAGIC = 0xABCD5432
 PARTITION_MAGIC = b"\xaa\x50"
 PARTITION_MD5_MAGIC = b"\xeb\xeb"
-PARTITION_TABLE_OFFSET = 0x8000
+PARTITION_TABLE_OFFSET = 0x8000  # CONFIG_PARTITION_TABLE_OFFSET's default; a build may move it (multiple of 4 KiB)
 PARTITION_TABLE_SIZE = 0xC00
+PARTITION_TABLE_SECTOR = 0x1000  # what the table occupies: the first partition starts one sector after it
+# the largest 2nd-stage bootloader a ROM loads (ESP-IDF api-guides/bootloader.rst "Bootloader Size": with Secure
+# Boot v2 the ROM verifies it in a buffer of this size, so a larger one never boots)
+MAX_BOOTLOADER_SIZE = {"esp32": 0xC000, "esp32c3": 0x10000, "esp32s3": 0x10000}
+# the sdkconfig value a generated bootloader says it was compiled with (a real one has it compiled in, unreadable)
+BOOTLOADER_FACTS_MARK = b"2SMART-BL:"
 EXT_HEADER_FMT = "<BBBBHBHH4sB"
 APP_DESC_FMT = "<II8s32s32s16s16s32s32sHHB3s72s"
 MAX_SEGMENTS = 16
@@ -157,6 +164,21 @@ def bootloader_description(idf_version: str, date_time: str, version: int = 1) -
     """The 80 bytes of an esp_bootloader_desc_t, to open a bootloader's first DRAM segment."""
     return struct.pack(BOOTLOADER_DESC_FMT, BOOTLOADER_DESC_MAGIC, b"", version, idf_version.encode()[:31],
                        date_time.encode()[:23], b"")
+
+
+# Messages ESP-IDF compiles into a 2nd-stage bootloader only when its build enables flash encryption
+# (bootloader_support/src/flash_encryption/flash_encrypt.c is all under CONFIG_SECURE_FLASH_ENC_ENABLED), the
+# second only with CONFIG_SECURE_FLASH_ENCRYPTION_MODE_RELEASE (esp_flash_encrypt_enable). A bootloader's log
+# strings sit in its DRAM segment: what the chip runs is what the board knows of its build.
+FLASH_ENC_BUILT = b"Flash encryption completed"
+FLASH_ENC_RELEASE_BUILT = b"Setting CRYPT_CNT for permanent encryption"
+
+
+def bootloader_flash_encryption(image: bytes) -> str | None:
+    """The flash-encryption mode a bootloader image was built with: "release", "development" or None (off)."""
+    if FLASH_ENC_BUILT not in image:
+        return None
+    return "release" if FLASH_ENC_RELEASE_BUILT in image else "development"
 
 
 def check_image(read: Callable[[int, int], bytes], offset: int, limit: int,
@@ -323,13 +345,37 @@ def parse_partition_table(data: bytes) -> list[Partition]:
         elif entry[:2] == PARTITION_MD5_MAGIC:
             if hashlib.md5(data[:pos]).digest() != entry[16:32]:
                 raise ImageError("Partition table MD5 mismatch")
-        elif entry == b"\xff" * 32:
+        elif entry == b"\xff" * 32 and pos:  # flash_partitions.c: the first record cannot be the end
             break
-        else:
-            raise ImageError(f"partition {pos // 32} invalid magic number 0x{entry[0]:x}")
+        else:  # esp_partition_table_verify prints the record's 16-bit magic
+            raise ImageError(f"partition {pos // 32} invalid magic number 0x{struct.unpack('<H', entry[:2])[0]:x}")
     if not parts:
         raise ImageError("Failed to verify partition table")
     return parts
+
+
+def bootloader_facts(partition_table_offset: int) -> bytes:
+    """The build fact a generated bootloader carries: where it was compiled to read its partition table."""
+    return BOOTLOADER_FACTS_MARK + json.dumps({"CONFIG_PARTITION_TABLE_OFFSET": hex(partition_table_offset)}).encode() \
+        + b"\0"
+
+
+def declared_table_offset(segment: bytes) -> int | None:
+    """Where a generated bootloader says it reads its partition table (its first segment's build fact); None: unsaid.
+
+    A real ESP-IDF bootloader has CONFIG_PARTITION_TABLE_OFFSET compiled into its code, where
+    nothing outside it can read it; a generated one (flashing/firmware.py) declares a moved
+    table with `bootloader_facts`, and says nothing when it uses the default, 0x8000.
+    """
+    pos = segment.find(BOOTLOADER_FACTS_MARK)
+    if pos < 0:
+        return None
+    end = segment.find(b"\0", pos)
+    try:
+        facts = json.loads(segment[pos + len(BOOTLOADER_FACTS_MARK):end if end > 0 else None])
+        return int(facts["CONFIG_PARTITION_TABLE_OFFSET"], 16)
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def build_partition_table(parts: list[Partition]) -> bytes:

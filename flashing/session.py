@@ -365,11 +365,11 @@ class UnitSession:
                                "replace the board: its flash is dead or not soldered")
         return ChipIdentity(esp.CHIP_NAME, b"", size, flash_id, False, "")
 
-    def write(self, offset: int, data: bytes) -> None:
-        """Write one region, compressed, verified by esptool's MD5 check."""
+    def write(self, offset: int, data: bytes, encrypt: bool = False) -> None:
+        """Write one region, compressed, verified by esptool's MD5 check (`encrypt`: the ROM encrypts it, --encrypt)."""
         try:
             with esptool_output(self.sink):
-                cmds.write_flash(self.esp, [(offset, data)], compress=True)
+                cmds.write_flash(self.esp, [(offset, data)], compress=True, encrypt=encrypt)
         except FatalError as exc:
             text = str(exc)
             if LINK_TROUBLE.search(text):  # garbled or lost packets: the cable, not the board
@@ -383,12 +383,15 @@ class UnitSession:
                                "reseat the board and retry") from None
 
     def write_regions(self, regions: Sequence[tuple[str, int, bytes]],
-                      on_region: Callable[[str, int, int, int], None] | None = None) -> list[str]:
+                      on_region: Callable[[str, int, int, int], None] | None = None,
+                      encrypt: Sequence[str] = ()) -> list[str]:
         """Write each (name, offset, data) whose MD5 on the board differs; return the names written.
 
         Fast rework: a region that already matches (the firmware of a unit being
         re-provisioned) is not rewritten. `on_region(name, done, size, total)` is called
         before each region and once at the end with name "" (bytes counted over all regions).
+        The regions named in `encrypt` are written with esptool's --encrypt, always (the NOR
+        holds their ciphertext, which no MD5 of the plaintext matches).
         """
         total = sum(len(d) for _, _, d in regions)
         done = 0
@@ -396,7 +399,10 @@ class UnitSession:
         for name, offset, data in regions:
             if on_region:
                 on_region(name, done, len(data), total)
-            if self.region_md5(offset, len(data)) != hashlib.md5(data).hexdigest():
+            if name in encrypt:
+                self.write(offset, data, encrypt=True)
+                written.append(name)
+            elif self.region_md5(offset, len(data)) != hashlib.md5(data).hexdigest():
                 self.write(offset, data)
                 written.append(name)
             done += len(data)

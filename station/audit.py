@@ -23,6 +23,10 @@ export's segment ended and ends at the signed head; every exported attempt row e
 the body of its journal entry; consecutive exports name each other (a missing one is a
 gap). The entry hashes themselves are keyed (HMAC): only the station recomputes them
 (`station db verify`), so the outsider relies on the signature for the entries' content.
+
+An export for one lot or profile (one customer, or one product) withholds the body and unit
+of every entry about an attempt outside it (`withholding`): the entry keeps its place and
+hashes, so the segment still links, and another customer's MACs and serials stay home.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -245,6 +249,25 @@ def journal_path(data: Path) -> Path:
     return data.with_name(data.name + ".journal.jsonl")
 
 
+# an export filtered by lot or profile is for one customer or product: another's units are not its reader's
+SCOPE_FILTERS = ("lot", "profile")
+
+
+def scope_of(f: ExportFilter) -> dict[str, str]:
+    """The filters that scope an export's journal segment to one lot or product (none: it carries every body)."""
+    return {k: getattr(f, k) for k in SCOPE_FILTERS if getattr(f, k) is not None}
+
+
+def withholding(entries: Iterable[dict], in_scope: Callable[[dict], bool] | None) -> Iterator[dict]:
+    """The segment's entries; one about an attempt outside the export's scope keeps its place, kind, time and
+    hashes (the chain still links) but not its body or unit: another lot's MACs and serials stay home."""
+    for e in entries:
+        if in_scope is not None and e.get("attempt_uid") and not in_scope(e):
+            yield {**e, "body": None, "unit": None, "withheld": True}
+        else:
+            yield e
+
+
 class _Hashing:
     """A binary file that hashes what is written to it (text in, UTF-8 out)."""
 
@@ -257,6 +280,19 @@ class _Hashing:
         self.digest.update(b)
         self.f.write(b)
         return len(s)
+
+
+class _Counting:
+    """Entries passed through, counting those whose body is withheld."""
+
+    def __init__(self, entries: Iterable[dict]):
+        self.entries = entries
+        self.withheld = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        for e in self.entries:
+            self.withheld += bool(e.get("withheld"))
+            yield e
 
 
 def _write_rows(rows: Iterable[dict], out: Path, fmt: str, fields: list[str]) -> tuple[int, str]:
@@ -310,8 +346,15 @@ def export(record: Record, out: Path, fmt: str, f: ExportFilter, station_id: str
     fields = EXPORT_FIELDS if f.outcome is None else ATTEMPT_FIELDS
     count, sha = _write_rows(select_rows(record, f), out, fmt, fields)
     after = previous["last_id"] if previous else 0
-    entries, jsha = _write_rows(record.journal_segment(chain, after, cp["last_id"]), journal_path(out), "jsonl",
-                                list(JOURNAL_FIELDS))
+    scope = scope_of(f)
+    in_scope = None
+    if scope:
+        where = " and ".join(f"{k} = :{k}" for k in scope)
+        uids = {r["uid"] for r in record.db().query(f"select uid from attempts where {where}", scope)}
+        in_scope = lambda e: e["attempt_uid"] in uids  # noqa: E731
+    counted = _Counting(withholding(record.journal_segment(chain, after, cp["last_id"]), in_scope))
+    entries, jsha = _write_rows(counted, journal_path(out), "jsonl",
+                                list(JOURNAL_FIELDS) + (["withheld"] if scope else []))
     manifest = {
         "kind": "units" if f.outcome is None else "attempts", "station_id": station_id,
         "exported_at": now_iso(), "filters": {k: v for k, v in asdict(f).items() if v is not None},
@@ -319,7 +362,8 @@ def export(record: Record, out: Path, fmt: str, f: ExportFilter, station_id: str
         "checkpoint": {k: cp[k] for k in ("station_id", "last_id", "entries", "head", "at", "reason",
                                           "signature")},
         "journal": {"file": journal_path(out).name, "sha256": jsha, "entries": entries, "after_id": after,
-                    "from_hash": previous["head"] if previous else CHAIN_GENESIS},
+                    "from_hash": previous["head"] if previous else CHAIN_GENESIS,
+                    **({"scope": scope, "withheld": counted.withheld} if scope else {})},
         "previous_export": {"manifest_sha256": previous["manifest_sha256"], "last_id": previous["last_id"],
                             "chain_head": previous["head"], "at": previous["at"]} if previous else None,
         "public_key_sha256": key_fingerprint(key),
@@ -432,20 +476,30 @@ def _check_segment(data: Path, manifest: dict) -> list[str]:
     j, jpath = _journal_file(data, manifest)
     prev, last_id, n = j["from_hash"], j["after_id"], 0
     latest: dict[str, dict] = {}
+    withheld: set[str] = set()
     for e in read_rows(jpath, "jsonl"):
         n += 1
         if e["prev_hash"] != prev or e["id"] <= last_id:
             raise AuditError(f"{jpath.name}: entry {e['id']} does not follow the entry before it")
         prev, last_id = e["entry_hash"], e["id"]
-        if e["kind"] not in _NOT_ATTEMPTS:
+        if e.get("withheld"):
+            withheld.add(e["entry_hash"])
+        elif e["kind"] not in _NOT_ATTEMPTS:
             latest[e["entry_hash"]] = json.loads(e["body"])
     if n != j["entries"] or prev != manifest["chain_head"]:
         raise AuditError(f"{jpath.name}: the segment does not end at the signed head {manifest['chain_head'][:16]}…")
-    notes = [f"journal segment: {n} entries, linked from {j['from_hash'][:16]}… to the signed head"]
+    if len(withheld) != j.get("withheld", 0):
+        raise AuditError(f"{jpath.name}: {len(withheld)} entries are withheld, the manifest says {j.get('withheld', 0)}")
+    notes = [f"journal segment: {n} entries, linked from {j['from_hash'][:16]}… to the signed head"
+             + (f"; the bodies of {len(withheld)} entries about attempts outside "
+                f"{', '.join(f'{k} {v}' for k, v in j['scope'].items())} are withheld (their hashes link the chain)"
+                if withheld else "")]
     if manifest["kind"] != "attempts":
         return notes
     bound = older = 0
     for row in read_rows(data, manifest["format"]):
+        if row.get("row_hash") in withheld:
+            raise AuditError(f"{data.name}: attempt {row.get('id')}'s journal entry is withheld from the segment")
         body = latest.get(row.get("row_hash") or "")
         if body is None:
             older += 1  # its entry is in an earlier export's segment
@@ -473,6 +527,7 @@ def _check_central(data: Path, manifest: dict, trust: TrustStore | None) -> list
     marked: dict[str, str] = {}  # station -> the entry hash at its checkpoint's place
     latest: dict[tuple[str, str], tuple[str, dict]] = {}  # (station, attempt uid) -> its latest entry here
     hashes: set[tuple[str, str]] = set()
+    withheld: set[tuple[str, str]] = set()  # entries about attempts outside the export's lot or profile
     total = 0
     for e in read_rows(jpath, "jsonl"):
         total += 1
@@ -485,12 +540,18 @@ def _check_central(data: Path, manifest: dict, trust: TrustStore | None) -> list
         st[0], st[1], st[2] = e["entry_hash"], e["seq"], st[2] + 1
         if marks.get(sid) == e["seq"]:
             marked[sid] = e["entry_hash"]
-        if e["kind"] not in _NOT_ATTEMPTS:
+        if e.get("withheld"):
+            withheld.add((sid, e["entry_hash"]))
+        elif e["kind"] not in _NOT_ATTEMPTS:
             latest[(sid, e["attempt_uid"])] = (e["entry_hash"], json.loads(e["body"]))
             hashes.add((sid, e["entry_hash"]))
     if total != j["entries"]:
         raise AuditError(f"{jpath.name}: {total} entries, the manifest says {j['entries']}")
-    notes = []
+    if len(withheld) != j.get("withheld", 0):
+        raise AuditError(f"{jpath.name}: {len(withheld)} entries are withheld, the manifest says {j.get('withheld', 0)}")
+    notes = [f"the bodies of {len(withheld)} entries about attempts outside "
+             f"{', '.join(f'{k} {v}' for k, v in j['scope'].items())} are withheld (their hashes link the chains)"
+             ] if withheld else []
     for sid, s in sorted(stations.items()):
         prev, _, n = at[sid]
         if n != s["entries"] or prev != s["head"]:
@@ -508,6 +569,9 @@ def _check_central(data: Path, manifest: dict, trust: TrustStore | None) -> list
             return row.get("station_id"), row.get("mac"), row.get("started_at")
     bound = older = 0
     for row in read_rows(data, manifest["format"]):
+        if (row.get("station_id"), row.get("row_hash")) in withheld:
+            raise AuditError(f"{data.name}: attempt {row.get('id')} of station {row.get('station_id')}: its journal "
+                             "entry is withheld from the segment")
         found = latest.get(key(row))
         if found is None:
             if (row.get("station_id"), row.get("row_hash")) in hashes:

@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from .audit import (ATTEMPT_FIELDS, AuditError, ExportFilter, _write_rows, check_filter, journal_path, paths,
-                    sign_manifest)
+from .audit import (ATTEMPT_FIELDS, AuditError, ExportFilter, _Counting, _write_rows, check_filter, journal_path,
+                    paths, scope_of, sign_manifest, withholding)
 from .central import verify
 from .record import CHAIN_GENESIS, EXPORT_FIELDS, _signed, key_fingerprint, now_iso
 
@@ -138,8 +138,16 @@ def export(conn: psycopg.Connection, out: Path, fmt: str, f: ExportFilter, stati
             fields = EXPORT_FIELDS if f.outcome is None else ATTEMPT_FIELDS
             written += [out, journal_path(out)]
             count, sha = _write_rows(_rows(conn, f), out, fmt, fields)
-            entries, jsha = _write_rows(_segments(conn, starts), journal_path(out), "jsonl",
-                                        list(CENTRAL_JOURNAL_FIELDS))
+            scope = scope_of(f)
+            in_scope = None
+            if scope:  # one lot's or product's export: other attempts' entries keep only their place and hashes
+                where = " AND ".join(f"row->>'{k}' = %({k})s" for k in scope)
+                keys = {(sid, uid) for sid, uid in conn.execute(
+                    f"SELECT station_id, uid FROM attempts WHERE {where}", scope).fetchall()}
+                in_scope = lambda e: (e["station_id"], e["attempt_uid"]) in keys  # noqa: E731
+            counted = _Counting(withholding(_segments(conn, starts), in_scope))
+            entries, jsha = _write_rows(counted, journal_path(out), "jsonl",
+                                        list(CENTRAL_JOURNAL_FIELDS) + (["withheld"] if scope else []))
             per_station = {}
             for sid, n, head in stations:
                 after, from_hash = starts[sid]
@@ -157,7 +165,8 @@ def export(conn: psycopg.Connection, out: Path, fmt: str, f: ExportFilter, stati
                 "format": fmt, "file": out.name, "rows": count, "sha256": sha,
                 "central": {"series": series, "number": number},
                 "journal": {"file": journal_path(out).name, "sha256": jsha, "entries": entries,
-                            "stations": per_station},
+                            "stations": per_station,
+                            **({"scope": scope, "withheld": counted.withheld} if scope else {})},
                 "previous_export": {"manifest_sha256": prev[1], "number": prev[0], "at": prev[2]} if prev else None,
                 "public_key_sha256": key_fingerprint(key),
             }

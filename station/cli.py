@@ -429,6 +429,8 @@ def flash(run: FlashRun, station) -> int:
                              realtime=run.realtime, usb_serial_jtag=ctx.profile.connection == "usb-serial-jtag")
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
+            # a real build's bootloader has its table's offset compiled in: the profile is the only word on it
+            slot.device.compiled_table_offset = ctx.profile.partition_table_offset
         ports += [slot.url for slot in bench.slots]
     _detail(f"station flash: profile {ctx.profile.name}, starting at {ctx.profile.baud} baud, "
             f"{len(ports)} port(s): {' '.join(ports)}")
@@ -636,7 +638,7 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
             size = f"{'missing':>11}"
         _out(f"  0x{r.offset:<8x} {size}  {r.name:<16} {r.file}  sha256 {r.sha256}")
     if prof.partitions:
-        _out("partition table:")
+        _out(f"partition table (at 0x{prof.partition_table_offset:x}):")
         for p in prof.partitions:
             mark = "  <- config" if p.name == prof.config_partition else ""
             _out(f"  {p.name:<16} {p.type_name + '/' + p.subtype_name:<16} 0x{p.offset:<8x} {p.size:>9} B{mark}")
@@ -1194,6 +1196,7 @@ def _demo_screen(args, station, db: Path) -> int:
     with VirtualBench(args.count, ctx.profile.chip, ctx.profile.board_flash_bytes(), realtime=args.realtime) as bench:
         for slot in bench.slots:
             slot.device.heartbeat_s = 2.0
+            slot.device.compiled_table_offset = ctx.profile.partition_table_offset
         app = StationApp(ctx, [s.url for s in bench.slots], operator=args.operator, open_profile=opener)
         demo = DemoLine(bench, app.line, faulty_share=args.faulty).start()
         try:

@@ -131,10 +131,10 @@ def read_build(path: Path, chip: str | None = None) -> IdfBuild:
     if problems:
         raise ConfigError(problems)
 
-    table = next((b for b in files if b.offset == 0x8000), None)
+    table = _table_file(files)
     if table is None:
-        raise ConfigError([Problem(str(fa_path), "flash_files", "no partition table at 0x8000: the station "
-                                   "finds the config partition there")])
+        raise ConfigError([Problem(str(fa_path), "flash_files", "no partition table (no \"partition-table\" entry "
+                                   "and no file at 0x8000): the station finds the config partition there")])
     try:
         parts = tuple(parse_partition_table(table.data))
     except ImageError as exc:
@@ -157,6 +157,12 @@ def read_build(path: Path, chip: str | None = None) -> IdfBuild:
                     declared if isinstance(declared, str) else None)
 
 
+def _table_file(files) -> BuildFile | None:
+    """The partition table: flasher_args.json's "partition-table" entry (at CONFIG_PARTITION_TABLE_OFFSET), else 0x8000."""
+    return next((b for b in files if b.name == "partition-table"), None) or \
+        next((b for b in files if b.offset == 0x8000), None)
+
+
 def _kb(n: int) -> str:
     return f"{n // 1024} KB" if n < 1 << 20 else f"{n / (1 << 20):g} MB"
 
@@ -166,7 +172,7 @@ def propose_config_partition(build: IdfBuild, requested: str | None = None, i_kn
     among several), or `nvs` only when asked knowingly."""
     nvs = [p for p in build.partitions if (p.type, p.subtype) == (1, 2)]
     listed = ", ".join(f"{p.name} (0x{p.offset:x}, {_kb(p.size)})" for p in nvs) or "none"
-    table = str(build.dir / next(b.rel for b in build.files if b.offset == 0x8000))
+    table = str(build.dir / _table_file(build.files).rel)
     own = next((p for p in nvs if p.name == APP_NVS), None)
     refuse_own = (f"{APP_NVS!r} (0x{own.offset:x}, {_kb(own.size)}) is the app's own NVS: writing the config "
                   "there replaces the whole partition, erasing everything the app keeps in it (its settings, "

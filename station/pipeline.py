@@ -27,7 +27,7 @@ from typing import Callable
 from flashing.errors import UnitError
 from flashing.images import ImageError, check_image_bytes, parse_partition_table
 from flashing.nvs import NvsEntry, NvsError, build_partition, keys_partition, new_keys, read_partition
-from flashing.secure import (KEY_BYTES, Burn, EfuseState, burn_plan, check_state, encrypt_region, read_state, run_burn,
+from flashing.secure import (KEY_BYTES, Burn, EfuseState, burn_plan, check_state, encrypt_region, open_efuses, read_state, run_burn,
                              sign_image)
 from flashing.session import BootLog, ChipIdentity, SessionError, UnitSession, flash_size_bytes
 
@@ -128,14 +128,15 @@ def load_firmware(profile: Profile) -> list[tuple[str, int, bytes]]:
             problems.append(problem)
         if data is not None:
             out.append((r.name, r.offset, data))
-    table = next((data for _, off, data in out if off == 0x8000), None)
+    table_at = profile.partition_table_offset
+    table = next((data for _, off, data in out if off == table_at), None)
     if not problems and table is not None and profile.partitions:
         try:
             same = tuple(parse_partition_table(table)) == tuple(profile.partitions)
         except ImageError:
             same = False
         if not same:  # the layout the config offsets come from is the one being flashed
-            problems.append(Problem(str(profile.path), "firmware region 0x8000", "the partition table "
+            problems.append(Problem(str(profile.path), f"firmware region 0x{table_at:x}", "the partition table "
                                     "changed after the profile was loaded; load the profile again"))
     if problems:
         raise ProfileError(problems)
@@ -266,6 +267,9 @@ class UnitRun:
     flash_key: bytes | None = None  # the unit's flash-encryption key (a secret: the redactor knows it)
     firmware: list[tuple[str, int, bytes]] | None = None  # what this unit gets when not the context's bytes
     late_burns: list = field(default_factory=list)  # (Burn, its record entry) made after the flash is written
+    efuses: tuple | None = None  # (the esptool session's loader, espefuse's commands over it): see _efuses
+    chip_key: dict | None = None  # [security] key = "chip": the record entry of the chip's own first-boot burns
+    encrypt_writes: bool = False  # the ROM encrypts what the station writes (a chip-key unit re-flashed)
 
     @property
     def port(self) -> str:
@@ -364,8 +368,10 @@ def secure(run: UnitRun) -> None:
     ctx, a = run.ctx, run.attempt
     chip, mode = ctx.profile.chip, ctx.profile.flash_encryption
     a.flash_encryption = mode
-    esp = run.session.esp
-    state = read_state(esp, chip)
+    state = read_state(_efuses(run), chip)
+    if ctx.profile.flash_key == "chip":
+        _chip_key(run, state)
+        return
     if state.encrypted or state.key_present:
         key = _rework_key(run, state)
     else:
@@ -375,6 +381,54 @@ def secure(run: UnitRun) -> None:
     if run.keys_image is not None:  # the NVS keys are flash-encrypted, as ESP-IDF's nvs_keys partition is
         kslot = next(p for p in ctx.profile.partitions if p.name == ctx.profile.keys_partition)
         run.keys_image = encrypt_region(chip, key, kslot.offset, run.keys_image)
+
+
+def _chip_key(run: UnitRun, state: EfuseState) -> None:
+    """[security] key = "chip": the unit's bootloader makes the key on its first boot; the station burns nothing.
+
+    The record says so ahead of that boot (the `boot` step marks it burning, then done once
+    the eFuses and the flash read back encrypted). A unit already encrypted is re-flashed
+    through the ROM's own encryption (development) or refused (release).
+    """
+    a, mode = run.attempt, run.ctx.profile.flash_encryption
+    if state.encrypted or state.key_present:
+        if state.release or mode == "release":
+            raise StepFailure("this unit's flash encryption is in release mode: it cannot be re-flashed (its key "
+                              "never left the chip and the ROM's encrypted download is disabled)",
+                              "set it aside: a release-mode unit is never reworked; nothing was written")
+        if not state.encrypted:
+            raise StepFailure("this unit has a flash-encryption key burned but encryption is not on: an earlier "
+                              "first boot was interrupted", "set it aside for the engineer (espefuse summary); "
+                              "nothing was written")
+        run.encrypt_writes = True
+        run.emit(LogLine(run.port, "secure", "flash already encrypted with the chip's own key (development mode): "
+                         "re-flashed with esptool --encrypt, the chip encrypting"))
+        return
+    words = "key block (read- and write-protected), the crypt count and the mode's security eFuses"
+    run.chip_key = {"burn": f"chip (by the unit's bootloader on its first boot: {words})", "state": "pending"}
+    a.burns = [run.chip_key]
+    run.ctx.record.note_burns(a)  # the record knows the key is the chip's before the board is written
+    run.emit(LogLine(run.port, "secure", "the chip makes its own key on its first boot: nothing is burned from "
+                     "the station, and the key is never stored anywhere"))
+
+
+def _check_chip_encrypted(run: UnitRun) -> None:
+    """After the first boot: the eFuses and the flash, read back over esptool, say the chip encrypted itself."""
+    profile, session = run.ctx.profile, run.session
+    session.connect(profile.chip)
+    session.prepare_flash(run.attempt.baud or profile.baud)
+    problems = check_state(read_state(_efuses(run), profile.chip), profile.flash_encryption, chip_key=True)
+    app = next((r for r in run.ctx.firmware if r[2][:1] == b"\xe9" and r[1] >= 0x10000), None)
+    if app is not None and session.read(app[1], 64) == app[2][:64]:
+        problems.append("the app reads back as plaintext")
+    if run.keys_image is not None:
+        kslot = next(p for p in profile.partitions if p.name == profile.keys_partition)
+        if session.read(kslot.offset, 64) == run.keys_image[:64]:
+            problems.append("the NVS keys read back as plaintext")
+    if problems:
+        raise StepFailure(f"the unit did not encrypt itself as the profile says: {'; '.join(problems)}",
+                          "set the board aside for the engineer: its eFuses cannot be undone")
+    _check_sealed(run)
 
 
 def _key_forms(key: bytes) -> list[str]:
@@ -401,13 +455,21 @@ def _burn_new_key(run: UnitRun) -> bytes:
     plan = burn_plan(chip, mode, ctx.profile.secure_boot)
     a.burns = [{"burn": b.describe(), "state": "pending"} for b in plan]
     ctx.record.note_burns(a)  # the whole plan, committed before the first burn
-    # release mode's disables come last, after the ciphertext is written and read back (the flash step):
+    # release mode's burns come last, after the ciphertext is written and read back (the flash step):
     # esptool refuses plain writes once DIS_DOWNLOAD_MANUAL_ENCRYPT is burned
     planned = list(zip(plan, a.burns))
-    run.late_burns = [(b, e) for b, e in planned if b.name == "release"]
-    _make_burns(run, [(b, e) for b, e in planned if b.name != "release"], key)
+    run.late_burns = [(b, e) for b, e in planned if b.after_flash]
+    _make_burns(run, [(b, e) for b, e in planned if not b.after_flash], key)
     _check_burned(run, "development")  # encryption on, no release disable yet
     return key
+
+
+def _efuses(run: UnitRun):
+    """The unit's espefuse commands, opened once per esptool session (opening costs ~0.2 s of CPU)."""
+    esp = run.session.esp
+    if run.efuses is None or run.efuses[0] is not esp:
+        run.efuses = (esp, open_efuses(esp))
+    return run.efuses[1]
 
 
 def _make_burns(run: UnitRun, burns: list[tuple[Burn, dict]], key: bytes) -> None:
@@ -419,13 +481,13 @@ def _make_burns(run: UnitRun, burns: list[tuple[Burn, dict]], key: bytes) -> Non
             raise Aborted()
         entry["state"] = "burning"
         record.note_burns(a)  # RecordError: this burn does not run
-        run_burn(run.session.esp, run.ctx.profile.chip, b, key, run.ctx.station.secure_boot_key)
+        run_burn(_efuses(run), run.ctx.profile.chip, b, key, run.ctx.station.secure_boot_key)
         entry["state"] = "done"
         record.note_burns(a)
 
 
 def _check_burned(run: UnitRun, mode: str) -> None:
-    problems = check_state(read_state(run.session.esp, run.ctx.profile.chip), mode, run.ctx.profile.secure_boot)
+    problems = check_state(read_state(_efuses(run), run.ctx.profile.chip), mode, run.ctx.profile.secure_boot)
     if problems:
         raise StepFailure(f"the eFuses read back do not match the profile: {'; '.join(problems)}",
                           "set the board aside for the engineer: its burns cannot be undone")
@@ -489,7 +551,9 @@ def flash(run: UnitRun) -> None:
     if run.keys_image is not None:
         kslot = next(p for p in profile.partitions if p.name == profile.keys_partition)
         regions.append(("nvs_keys", kslot.offset, run.keys_image))
-    run.attempt.written_regions = run.session.write_regions(regions, run.sink.on_region)
+    # a chip-key unit re-flashed: everything but the config (NVS-encrypted, never flash-encrypted) through --encrypt
+    encrypt = [name for name, _, _ in regions if name != "config"] if run.encrypt_writes else ()
+    run.attempt.written_regions = run.session.write_regions(regions, run.sink.on_region, encrypt)
     if run.config_image is not None:
         run.was_quarantined = False  # the config region now is this unit's own (written or MD5-equal)
     if run.flash_key is not None:
@@ -505,6 +569,31 @@ def flash(run: UnitRun) -> None:
 
 def boot(run: UnitRun) -> None:
     profile = run.ctx.profile
+    entry = run.chip_key
+    if entry is not None:  # this boot makes the chip burn its key: recorded before it
+        entry["state"] = "burning"
+        run.ctx.record.note_burns(run.attempt)
+    log = _boot_once(run)
+    if entry is not None:
+        if not log.encrypted_on_boot:
+            raise StepFailure("the unit booted without encrypting itself: its bootloader is not built with flash "
+                              "encryption", "check the profile's bootloader (station profile check)", log.text[-2000:])
+        _check_chip_encrypted(run)
+        entry["state"] = "done"
+        run.ctx.record.note_burns(run.attempt)
+        run.emit(LogLine(run.port, "secure", f"flash encryption on ({profile.flash_encryption} mode, the chip's "
+                         "own key): eFuses and flash read back encrypted"))
+        run.chip_key = None
+        log = _boot_once(run)  # back into the app, for the smoke test
+    run.attempt.firmware_version = log.version
+    want = run.ctx.app_version
+    if want and log.version and log.version != want:
+        raise StepFailure(f"the board runs firmware {log.version}, the profile ships {want}",
+                          "retry; if it repeats, check the profile's app image")
+
+
+def _boot_once(run: UnitRun) -> BootLog:
+    profile = run.ctx.profile
     log = run.session.boot(profile.checks.boot_timeout_s, profile.checks.boot_settle_s)
     run.boot_log = log
     for line in log.text.splitlines():
@@ -512,11 +601,7 @@ def boot(run: UnitRun) -> None:
     problem = log.problem()
     if problem:
         raise StepFailure(problem, log.remedy(), log.text[-2000:])
-    run.attempt.firmware_version = log.version
-    want = run.ctx.app_version
-    if want and log.version and log.version != want:
-        raise StepFailure(f"the board runs firmware {log.version}, the profile ships {want}",
-                          "retry; if it repeats, check the profile's app image")
+    return log
 
 
 def smoke(run: UnitRun) -> None:
@@ -529,7 +614,7 @@ def _secure_on(run: UnitRun) -> bool:
 
 
 def _boot_on(run: UnitRun) -> bool:
-    return run.ctx.profile.checks.boot
+    return run.ctx.profile.checks.boot or run.chip_key is not None  # the chip's key is verified after its boot
 
 
 def _smoke_on(run: UnitRun) -> bool:
@@ -741,7 +826,7 @@ def _smoke(level: str, run: UnitRun) -> None:
         if not settings.url:  # the address comes from the console
             run.boot_log = wait_for_address(run.boot_log, console, settings.timeout_s, run.cancel.is_set)
         base = reach.open(run.boot_log, run.mac, f"{profile.title} AP" if profile.title else None)
-        healthcheck(base, settings.timeout_s)
+        healthcheck(base, settings.timeout_s, run.cancel.is_set)
         if level == "pair":
             run.broker_account = ctx.unit_accounts().create(run.attempt.device_id)
             run.redact.learn([run.broker_account.token, run.broker_account.email])

@@ -420,6 +420,22 @@ def _update(conn: sqlite3.Connection, table: str, changes: dict, where: str, arg
     return conn.execute(f"UPDATE [{table}] SET {sets} WHERE {where}", [*changes.values(), *args]).rowcount
 
 
+WRITER_WAIT_S = 30.0  # how long a thread waits for the station's other writers before it gives up
+_WRITERS: dict[Path, threading.RLock] = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+class WriterStuck(sqlite3.OperationalError):
+    """The station's own writers did not let this one write in time (not another program's lock)."""
+
+
+def _writer_lock(path: Path) -> threading.RLock:
+    """One writer lock per database file in this process, shared by every Record open on it."""
+    key = path.resolve()
+    with _WRITERS_LOCK:
+        return _WRITERS.setdefault(key, threading.RLock())
+
+
 class Record:
     """The station's SQLite record; one connection per thread, one writer at a time."""
 
@@ -486,20 +502,36 @@ class Record:
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction (one writer at a time: the chain never forks)."""
-        conn = self.db().conn
-        conn.execute("BEGIN IMMEDIATE")
+        """One IMMEDIATE transaction (one writer at a time: the chain never forks).
+
+        The station's own threads (16 ports, the push and lease threads) take turns on a lock
+        of this process first: SQLite's busy handler polls with sleeps and is unfair, so 16
+        units committing at once on a loaded host could wait past the busy timeout for each
+        other and end `error` with "locked". So SQLite's busy timeout is only ever spent
+        waiting for another program, which is what its message and remedy say.
+        """
+        writer = _writer_lock(self.path)
+        if not writer.acquire(timeout=WRITER_WAIT_S):
+            raise WriterStuck(f"this station's own record writers held the database for over {WRITER_WAIT_S:.0f} s")
         try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            raise
+            conn = self.db().conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+        finally:
+            writer.release()
 
     def _fault(self, exc: Exception, doing: str) -> RecordError:
         text = str(exc)
+        if isinstance(exc, WriterStuck):
+            return RecordError(f"the station database could not be written while {doing}: {text}",
+                               "call the station's engineer: a write of this station hangs (a stalled disk?)")
         if "locked" in text or "busy" in text:
             return RecordError(f"the station database is locked ({text}) while {doing}",
                                f"close the other program that holds {self.path}, then retry")

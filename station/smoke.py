@@ -366,18 +366,20 @@ def _where(url: str) -> str:
     return f"{u.scheme}://{u.netloc.rpartition('@')[2]}{u.path}"  # no user:password@ either
 
 
-def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES) -> tuple[int, str]:
+def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES,
+             deadline: float | None = None) -> tuple[int, str]:
     """GET `url`: status and body, within `timeout` overall and at most `max_bytes` of body.
 
     A server that trickles bytes, or streams without end, fails the unit at the deadline
-    or the cap instead of holding (or filling) the station.
+    or the cap instead of holding (or filling) the station. `deadline` (monotonic) is when
+    `timeout` started to run, for a caller that asks again within one timeout.
     """
     u = urlsplit(url)
     if u.scheme != "http" or not u.hostname:
         raise SmokeFailure(f"the pairing server's address {_where(url)} is not an http:// URL",
                            "fix station.toml [smoke] url")
-    deadline = time.monotonic() + timeout
-    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    deadline = time.monotonic() + timeout if deadline is None else deadline
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=max(deadline - time.monotonic(), 0.05))
     raw: socket.socket | None = None
     body = bytearray()
     try:
@@ -396,6 +398,9 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES) -> tupl
     except (TimeoutError, socket.timeout):
         raise SmokeFailure(f"the pairing server did not answer within {timeout:g} s ({_where(url)})",
                            "the firmware may be hung: power-cycle and retry, else replace the board") from None
+    except ConnectionRefusedError as exc:
+        raise NotListening(f"no answer from the pairing server at {_where(url)} ({type(exc).__name__}: "
+                           f"{exc})", "check that the firmware starts its pairing server; retry") from None
     except (OSError, http.client.HTTPException) as exc:
         raise SmokeFailure(f"no answer from the pairing server at {_where(url)} ({type(exc).__name__}: "
                            f"{exc})", "check that the firmware starts its pairing server; retry") from None
@@ -409,8 +414,29 @@ def http_get(url: str, timeout: float, max_bytes: int = MAX_REPLY_BYTES) -> tupl
     return r.status, bytes(body).decode("utf-8", "replace")
 
 
-def healthcheck(base: str, timeout: float) -> None:
-    status, body = http_get(base + "/healthcheck", timeout)
+class NotListening(SmokeFailure):
+    """The connection was refused: nothing listens at the pairing server's address (yet)."""
+
+
+REFUSED_RETRY_S = 0.1
+
+
+def healthcheck(base: str, timeout: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+    """GET /healthcheck: 200 within `timeout`. A refused connection is asked again until then.
+
+    A device logs its address (got IP, or its access point up) before its HTTP server
+    listens (ESP-IDF's httpd starts after the network event), so on a busy station the first
+    connection can be refused; that is the firmware still starting, not a board failure.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status, body = http_get(base + "/healthcheck", timeout, deadline=deadline)
+            break
+        except NotListening:
+            if time.monotonic() + REFUSED_RETRY_S >= deadline or cancelled():
+                raise
+            time.sleep(REFUSED_RETRY_S)  # a poll of a port nobody listens on yet: nothing to wait on instead
     if status != 200:
         # the reply goes whole to the detail: an excerpt cut inside a secret would hide it from the redaction
         raise SmokeFailure(f"/healthcheck answered {status}, not 200",

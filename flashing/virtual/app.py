@@ -32,8 +32,11 @@ PAIR_REQUIRED_WIRED = ("wsp", "token", "host", "brport")
 
 
 class TwoSmartApp:
-    def __init__(self, device: "VirtualDevice", manifest: dict, version: str):
+    def __init__(self, device: "VirtualDevice", manifest: dict, version: str,
+                 partition_table_offset: int = PARTITION_TABLE_OFFSET):
         self.dev = device
+        # one build's sdkconfig compiles the same CONFIG_PARTITION_TABLE_OFFSET into the app and its bootloader
+        self.table_offset = partition_table_offset
         self.manifest = manifest
         self.version = version
         self.device_class = manifest.get("class", "wifi")
@@ -76,6 +79,9 @@ class TwoSmartApp:
             self.mode = "config-error"
             return
         ssid = self.config.get("ssid")
+        # listening (and its port logged) before the address: a station that reads the address
+        # has the port in the same log, never port 80's default (a real board's port)
+        self._start_server()
         if self.device_class == "no-wifi":
             self.log("I", "eth", "link up, 100 Mbps full duplex")
             self._address(f"IP: {self.dev.net_ip}\n")
@@ -88,7 +94,6 @@ class TwoSmartApp:
             self.log("I", "wifi_ap", f'access point "{self.title} AP" started')
             self._address(f"AP IP address: {self.dev.net_ip}\n")
             self.mode = "ap"
-        self._start_server()
         if self.mode == "network" and self.config.get("token") and self.config.get("email"):
             self._spawn(threading.Thread(target=self._mqtt_loop, daemon=True,
                                          name=f"vdev-{self.dev.index}-mqtt"))
@@ -130,7 +135,7 @@ class TwoSmartApp:
 
     # -- configuration ----------------------------------------------------------------------
     def _slot(self):
-        parts = parse_partition_table(self.dev.cache_read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+        parts = parse_partition_table(self.dev.cache_read(self.table_offset, PARTITION_TABLE_SIZE))
         return next((p for p in parts if p.name == self.partition), None)
 
     def _load_config(self) -> str | None:
@@ -141,7 +146,7 @@ class TwoSmartApp:
         if slot is None:
             return f"no partition {self.partition!r} in the partition table"
         if self.encrypted:
-            parts = parse_partition_table(self.dev.cache_read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+            parts = parse_partition_table(self.dev.cache_read(self.table_offset, PARTITION_TABLE_SIZE))
             kslot = next((p for p in parts if p.type == 1 and p.subtype == 4), None)
             if kslot is None:
                 return "NVS encryption is on but there is no nvs_keys partition"

@@ -1,15 +1,26 @@
 """What the virtual board prints when it boots from flash, and whether it comes up.
 
 Runs the checks a ROM and ESP-IDF's 2nd-stage bootloader make (bootloader image
-magic, chip id, checksum and appended SHA-256; the partition table at 0x8000 with
-its MD5 entry; otadata's choice of app, then each app image in the order the
-bootloader tries them) and renders the serial log a real board prints at 115200:
-ROM banner, bootloader lines (its own IDF version and compile time), app start — or
-the real failure text.
+magic, chip id, checksum and appended SHA-256; with Secure Boot v2 on, the ROM's check
+of the bootloader's own signature; the partition table with its MD5 entry; otadata's
+choice of app, then each app image in the order the bootloader tries them) and renders
+the serial log a real board prints at 115200: ROM banner, bootloader lines (its own IDF
+version and compile time), app start — or the real failure text.
+
+Where the partition table is: a real bootloader has CONFIG_PARTITION_TABLE_OFFSET compiled
+in, so the virtual one reads the table where its own image says it was built to
+(`images.declared_table_offset`: the build fact a generated bootloader carries in its first
+segment when it moved the table). A bootloader that says nothing — a generated one built
+for the default, or a real IDF build, whose value no one can read from its code — reads
+it at `compiled_table_offset`: 0x8000 unless the board is told otherwise (the station
+tells its virtual boards the profile's offset, as it tells them the module's flash size).
+A table anywhere else is not looked for: the boot fails as ESP-IDF's does ("Failed to
+verify partition table", "load partition table error!").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,6 +29,7 @@ from ..images import (
     GENERATED_DATE,
     GENERATED_IDF_VERSION,
     GENERATED_TIME,
+    MAX_BOOTLOADER_SIZE,
     OTA_IMG_VALID,
     OTADATA_SIZE,
     PARTITION_TABLE_OFFSET,
@@ -28,8 +40,10 @@ from ..images import (
     ImageError,
     Partition,
     boot_order,
+    bootloader_flash_encryption,
     check_image,
     chip_facts,
+    declared_table_offset,
     ota_select_entry,
     parse_partition_table,
     partition_usage,
@@ -48,6 +62,8 @@ class BootResult:
     app: AppDescription | None  # the app that runs, None when the boot failed
     app_offset: int | None
     error: str | None  # the failure in the board's own words
+    reset: bool = False  # the bootloader enabled flash encryption and resets itself ("first boot")
+    partition_table_offset: int = PARTITION_TABLE_OFFSET  # where the bootloader read it (the app reads it there)
 
 
 class _Log:
@@ -77,7 +93,9 @@ class _Log:
 def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_size: int,
                     reset_cause: str, write: Callable[[int, bytes], None] | None = None,
                     plaintext_flashes_left: int | None = None,
-                    secure_boot: tuple[bytes, ...] | None = None) -> BootResult:
+                    secure_boot: tuple[bytes, ...] | None = None,
+                    first_boot: Callable | None = None,
+                    compiled_table_offset: int = PARTITION_TABLE_OFFSET) -> BootResult:
     """Boot from flash as the ROM and the 2nd-stage bootloader do; the log they print and the app that runs.
 
     `read` is flash as the CPU sees it through the cache: on a chip with flash encryption on it
@@ -87,15 +105,21 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     `secure_boot` (Secure Boot v2 on) holds the trusted key digests each app's signature is checked
     against (bootloader_support/src/secure_boot_v2, esp_image_format.c verify_secure_boot_signature).
 
+    `compiled_table_offset`: where a bootloader that does not declare its partition table's offset
+    reads it (see the module's docstring).
+
     `write(offset, sector)` erases and programs one flash sector: the bootloader sets otadata[0]
     when it starts ota_0 with blank otadata and no factory app (without it, that write is skipped).
+
+    `first_boot(mode, partitions, (offset, length) of the bootloader, log)` enables flash encryption
+    (flashing/virtual/first_boot.py) when the bootloader was built with it and encryption is still off:
+    a bootloader carries what its build enables (flashing.images.bootloader_flash_encryption).
     """
     log = _Log()
     log.raw(chip.banner(reset_cause, chip.flash_boot).rstrip("\n"))
     # ROM: load the 2nd-stage bootloader
     try:
-        bl = check_image(read, chip.bootloader_offset, 0x8000 - chip.bootloader_offset,
-                         chip.image_chip_id)
+        bl = check_image(read, chip.bootloader_offset, MAX_BOOTLOADER_SIZE.get(chip.key, 0x10000), chip.image_chip_id)
     except ImageError as exc:
         msg = str(exc)
         if not msg.startswith("invalid header"):
@@ -109,6 +133,12 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
         log.raw(f"mode:{mode}, clock div:2")
         for _, addr, length in bl.segments:
             log.raw(f"load:0x{addr:08x},len:{length}")
+        if secure_boot is not None and not verify_app(read, chip.bootloader_offset, bl.length, secure_boot).ok:
+            # the ESP32 v3 ROM checks what it loaded against BLOCK2's digest (ABS_DONE_1). Its failure words are
+            # not published for v2: these are the same ROM's Secure Boot v1 words (esp-idf issues #743, #7421)
+            log.raw("secure boot check fail")
+            log.raw("ets_main.c 371")
+            return BootResult(log.text(), None, None, "the ROM's secure boot check of the bootloader failed")
     else:
         log.raw("SPIWP:0xee")
         log.raw(f"mode:{mode}, clock div:1")
@@ -136,26 +166,37 @@ def boot_from_flash(chip: ChipModel, read: Callable[[int, int], bytes], flash_si
     log.i(tag, f"SPI Mode       : {mode}")
     log.i(tag, f"SPI Flash Size : {SIZE_NAMES.get(bl.flash_size_code, '4MB')}")
     log.i("boot", "Enabling RNG early entropy source...")
+    first = bl.segments[0]
+    declared = declared_table_offset(read(chip.bootloader_offset + first[0], first[2]))
+    table_at = compiled_table_offset if declared is None else declared
     try:
-        parts = parse_partition_table(read(PARTITION_TABLE_OFFSET, PARTITION_TABLE_SIZE))
+        parts = parse_partition_table(read(table_at, PARTITION_TABLE_SIZE))
     except ImageError as exc:
         log.e("flash_parts", str(exc))
         log.e("boot", "Failed to verify partition table")
         log.e("boot", "load partition table error!")
-        return BootResult(log.text(), None, None, f"load partition table error: {exc}")
+        return BootResult(log.text(), None, None, f"load partition table error: {exc}",
+                          partition_table_offset=table_at)
     log.i("boot", "Partition Table:")
     log.i("boot", "## Label            Usage          Type ST Offset   Length")
     for n, p in enumerate(parts):
         log.i("boot", f"{n:2d} {p.name:<16} {partition_usage(p):<16} {p.type:02x} {p.subtype:02x} "
                       f"{p.offset:08x} {p.size:08x}", 1)
     log.i("boot", "End of partition table")
-    return _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left, secure_boot)
+    built = bootloader_flash_encryption(read(chip.bootloader_offset, bl.length))
+    enable = None
+    if built and plaintext_flashes_left is None and first_boot is not None:
+        def enable(log: _Log) -> str | None:
+            return first_boot(built, parts, (chip.bootloader_offset, bl.length), log, table_at)
+    result = _load_app(chip, read, write, flash_size, parts, log, plaintext_flashes_left, secure_boot, enable)
+    return dataclasses.replace(result, partition_table_offset=table_at)
 
 
 def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callable[[int, bytes], None] | None,
               flash_size: int, parts: list[Partition], log: _Log,
               plaintext_flashes_left: int | None = None,
-              secure_boot: tuple[bytes, ...] | None = None) -> BootResult:
+              secure_boot: tuple[bytes, ...] | None = None,
+              enable_encryption: Callable[[_Log], str | None] | None = None) -> BootResult:
     """otadata's choice, then each candidate app in the bootloader's order until one loads."""
     ota_info = next((p for p in parts if p.type == 1 and p.subtype == 0x00), None)
     otadata = None
@@ -210,6 +251,14 @@ def _load_app(chip: ChipModel, read: Callable[[int, int], bytes], write: Callabl
         if plaintext_flashes_left is not None:
             log.i("boot", "Checking flash encryption...", 0)
             log.i("flash_encrypt", f"flash encryption is enabled ({plaintext_flashes_left} plaintext flashes left)")
+        elif enable_encryption is not None:  # bootloader_utility.c load_image: encrypt, then reset
+            log.i("boot", "Checking flash encryption...", 0)
+            error = enable_encryption(log)
+            if error:
+                log.e("boot", "Flash encryption check failed (-1).")
+                return BootResult(log.text(), None, None, error)
+            log.i("boot", "Resetting with flash encryption enabled...", 1)
+            return BootResult(log.text(), None, None, None, reset=True)
         return _app_start(app.app, part, log)
     log.e("boot", "No bootable app partitions in the partition table")
     return BootResult(log.text(), None, None, first_error or "no bootable app partition")

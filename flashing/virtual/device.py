@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..firmware import read_manifest
+from ..images import PARTITION_TABLE_OFFSET
 from .app import TwoSmartApp
 from .boot import boot_from_flash
 from .chips import ESP32_CK8M, ESP32_RTC_CALI, ChipModel, chip_by_name
 from .crypt import FlashCipher
 from .efuse import EfuseArray
+from .first_boot import encrypt_on_first_boot
 from .loader import Loader, known_stubs
 from .nor import NorFlash, sfdp_table
 from .slip import SlipDecoder, encode
@@ -165,6 +167,8 @@ class VirtualDevice:
         self.heartbeat_s = 10.0
         self.mqtt_retry_s = 5.0
         self.broker_ca_file: str | None = None  # the CA its firmware trusts for mqtts (None: the system's store)
+        # where a bootloader that does not say it reads its partition table (boot.py): what a real build compiled in
+        self.compiled_table_offset = PARTITION_TABLE_OFFSET
         self.runtime: TwoSmartApp | None = None
         self._stopped_apps: list[TwoSmartApp] = []  # their threads may still be ending
         self.boot_time = time.monotonic()
@@ -465,7 +469,7 @@ class VirtualDevice:
         self.decoder.reset()
         self.flash.sync()
 
-    def _start(self, download: bool, cause: str) -> None:
+    def _start(self, download: bool, cause: str, keep_console: bool = False) -> None:
         if not self.powered:
             return
         if self.faults.no_download_mode or self.efuse.download_disabled:
@@ -476,7 +480,8 @@ class VirtualDevice:
         self.mode = "booting"
         self.boot_time = time.monotonic()
         self.boots += 1
-        self.console.clear()
+        if not keep_console:
+            self.console.clear()
         # the USB controller resets the digital core only: the RTC domain and its watchdog run on
         rtc = self._rtc_domain() if cause == "usb" else {}
         wdt_deadline = self._wdt_deadline if cause == "usb" else None
@@ -500,8 +505,12 @@ class VirtualDevice:
         encrypted = self.efuse.flash_encryption_enabled
         result = boot_from_flash(self.chip, self.cache_read, self.flash.size, reset_text,
                                  plaintext_flashes_left=self.efuse.plaintext_flashes_left if encrypted else None,
-                                 secure_boot=self.efuse.secure_boot_digests())
+                                 secure_boot=self.efuse.secure_boot_digests(), first_boot=self._encrypt_flash,
+                                 compiled_table_offset=self.compiled_table_offset)
         self._print(result.log)
+        if result.reset:  # encrypted on this first boot: the bootloader resets into the encrypted firmware
+            self._start(False, "sw", keep_console=True)
+            return
         self.boot_error = result.error
         if result.app is None:
             self.mode = "bootloop"
@@ -514,11 +523,16 @@ class VirtualDevice:
             self.schedule(self.faults.panic_after, self._panic)
         manifest = read_manifest(self.cache_read(result.app_offset, 8192))
         if manifest and manifest.get("sdk") == "2smart":
-            self.runtime = TwoSmartApp(self, manifest, result.app.version)
+            self.runtime = TwoSmartApp(self, manifest, result.app.version, result.partition_table_offset)
             self.runtime.start()
         else:
             self._print(f"I ({self.uptime_ms()}) app: {result.app.project_name} "
                         f"{result.app.version} running\n")
+
+    def _encrypt_flash(self, mode: str, parts, bootloader: tuple[int, int], log, table_offset: int) -> str | None:
+        """The bootloader's first-boot flash encryption, with this chip's eFuses and flash."""
+        return encrypt_on_first_boot(self.chip.key, self.chip.image_chip_id, self.efuse, self.flash, mode, parts,
+                                     bootloader, log, table_offset)
 
     def _panic(self) -> None:
         if self.mode != "app":

@@ -303,6 +303,33 @@ class EfuseArray:
                 for i in range(blk.words):
                     self.ctrl.pop(blk.wr_addr + 4 * i, None)
 
+    def burn_from_chip(self, fields: dict[str, int], keys: dict[int, bytes] | None = None) -> None:
+        """The chip's own firmware burning eFuses (ESP-IDF's batch write, committed at once).
+
+        Bits only go from 0 to 1; a block or field write-protected before the batch keeps its
+        bits (the batch's own WR_DIS bits take effect after it). Then the array reloads.
+        """
+        lay = self.layout
+        wr_dis = self.burned_field("WR_DIS")
+        for block, data in (keys or {}).items():
+            blk = lay.blocks[block]
+            if blk.wr_dis_bit is not None and wr_dis >> blk.wr_dis_bit & 1:
+                continue
+            n = lay.block_words(blk)
+            for i, w in enumerate(struct.unpack(f"<{n}I", data.ljust(4 * n, b"\0")[:4 * n])):
+                self.burned[block][i] |= w
+            self._seal(block)
+        for name, value in fields.items():
+            f = lay.fields[name]
+            if f.wr_dis_bit is not None and wr_dis >> f.wr_dis_bit & 1:
+                continue
+            bits = (value << f.shift) & f.mask
+            for i in range(lay.block_words(lay.blocks[f.block])):
+                self.burned[f.block][i] |= (bits >> (32 * i)) & 0xFFFFFFFF
+            self._seal(f.block)
+        self.save()
+        self.reload()
+
     def reload(self) -> None:
         """Load the read registers from the array (reset, or the read command)."""
         lay = self.layout

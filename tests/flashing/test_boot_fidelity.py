@@ -216,3 +216,26 @@ def test_a_profile_shipping_otadata_for_ota_1_is_ready_and_its_units_boot_ota_1(
     assert rc == 0, err[-2000:]
     done = [e for e in json_lines(out) if e["event"] == "unit_finished"]
     assert done[0]["outcome"] == "passed" and done[0]["firmware_version"] == "2.0.0", done
+
+
+MOVED = [Partition("nvs", 0x01, 0x02, 0xD000, 0x3000), Partition("factory", 0x00, 0x00, 0x10000, 0x100000)]
+
+
+@pytest.mark.parametrize("chip", ["esp32", "esp32c3"])
+def test_the_bootloader_reads_the_partition_table_only_where_it_was_built_to(chip):
+    """CONFIG_PARTITION_TABLE_OFFSET is compiled into a real bootloader: a table elsewhere is not found."""
+    moved = build_firmware(chip, app_size=60_000, partitions=MOVED, partition_table_offset=0xC000)
+    default = build_firmware(chip, app_size=60_000, partitions=MOVED)
+    r, _ = boot(moved.regions(), chip)
+    assert r.app is not None and r.partition_table_offset == 0xC000, r.log
+    assert f"boot:  0 {'nvs':<16} {'WiFi data':<16} 01 02 0000d000 00003000" in r.log
+
+    # a bootloader built for 0x8000 with the table at 0xC000, and one built for 0xC000 with it at 0x8000
+    for bootloader, table_at in ((default.bootloader, 0xC000), (moved.bootloader, 0x8000)):
+        r, _ = boot([(moved.bootloader_offset, bootloader), (table_at, moved.partition_table),
+                     (0x10000, moved.app)], chip)
+        assert r.app is None, r.log
+        # flash_partitions.c and bootloader_utility.c / bootloader_start.c, word for word
+        assert re.search(r"E \(\d+\) flash_parts: partition 0 invalid magic number 0xffff\n"
+                         r"E \(\d+\) boot: Failed to verify partition table\n"
+                         r"E \(\d+\) boot: load partition table error!\n$", r.log), r.log

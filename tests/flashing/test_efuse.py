@@ -233,3 +233,27 @@ def test_burn_takes_the_write_opcode_and_shows_after_the_read_command(make_bench
         assert esp.read_reg(word4) == 1 << 14
     finally:
         esp._port.close()
+
+
+def test_the_stations_parse_of_espefuses_tables_equals_espefuses_own(tmp_path):
+    """flashing.secure parses espefuse's eFuse tables once per process (libyaml): the same data as
+    PyYAML's own safe loader gives espefuse, and a copy per open, so one unit's burns never touch
+    another's table."""
+    import os
+
+    import yaml
+
+    from flashing.secure import EFUSE_TABLES
+
+    defs = Path(os.path.dirname(espefuse.__file__)) / "efuse_defs"
+    for chip in ("esp32", "esp32c3", "esp32s3"):
+        with open(defs / f"{chip}.yaml") as f:
+            theirs = yaml.safe_load(f)
+        with open(defs / f"{chip}.yaml") as f:
+            ours = EFUSE_TABLES.safe_load(f)
+        assert ours == theirs and ours  # equal, and not empty
+        ours["EFUSES"].clear()
+        with open(defs / f"{chip}.yaml") as f:
+            assert EFUSE_TABLES.safe_load(f) == theirs  # a caller's change does not reach the next open
+        mod = __import__(f"espefuse.efuse.{chip}.mem_definition", fromlist=["yaml"])
+        assert mod.yaml is EFUSE_TABLES  # espefuse's own open goes through it

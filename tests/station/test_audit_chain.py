@@ -476,3 +476,45 @@ def test_the_signing_key_can_be_protected_by_a_passphrase(station_env, capsys, m
     assert rc == 2 and "protected by a passphrase: set STATION_SIGNING_PASSPHRASE" in err
     rc, text, _ = run_station(capsys, "export", "verify", str(station_env / "units.csv"))  # verify needs no secret
     assert rc == 0 and "pinned" in text
+
+
+def test_an_export_for_one_lot_withholds_other_lots_entries_and_still_verifies(station_env, capsys):
+    """A contract manufacturer exports lot LOT-2 for its customer: the journal segment keeps every
+    entry's place and hashes (the chain links from the previous export to the signed head) but not
+    the bodies of other lots' entries, so no MAC or serial of LOT-1 reaches LOT-2's customer."""
+    record = _record(station_env)
+    try:
+        ours = []
+        _provision(record, 2)  # LOT-1
+        for i in (2, 3):
+            a = Attempt(port=f"p{i}", station_id="test-station", profile="relay", profile_hash="h",
+                        started_at=now_iso(), mac=f"24:0a:c4:00:02:{i:02x}", lot="LOT-2")
+            record.start(a, PLAN)
+            a.outcome, a.ended_at = "passed", now_iso()
+            assert record.finish(a).attempt_id
+            ours.append(a)
+    finally:
+        record.close()
+    out = station_env / "lot2.jsonl"
+    rc, _, err = run_station(capsys, "export", "--out", str(out), "--format", "jsonl", "--lot", "LOT-2",
+                             "--outcome", "any")
+    assert rc == 0, err
+    journal = (station_env / "lot2.jsonl.journal.jsonl").read_text()
+    for other in ("24:0a:c4:00:02:00", "24:0a:c4:00:02:01", "RLY-00001", "RLY-00002", "LOT-1"):
+        assert other not in journal, f"{other} of another lot is in LOT-2's journal segment"
+    for a in ours:
+        assert a.mac in journal and a.serial in journal  # this lot's own entries keep their bodies
+    manifest = json.loads((station_env / "lot2.jsonl.manifest.json").read_text())
+    entries = [json.loads(line) for line in journal.splitlines()]
+    withheld = [e for e in entries if e.get("withheld")]
+    assert manifest["journal"]["scope"] == {"lot": "LOT-2"}
+    assert manifest["journal"]["withheld"] == len(withheld) > 0
+    assert all(e["body"] is None and e["unit"] is None and e["entry_hash"] for e in withheld)
+    rc, text, err = run_station(capsys, "export", "verify", str(out))
+    assert rc == 0, text + err
+    assert f"the bodies of {len(withheld)} entries about attempts outside lot LOT-2 are withheld" in text + err
+
+    # an unscoped export (all lots) carries every body, and starts where LOT-2's ended
+    rc, _, err = run_station(capsys, "export", "--out", str(station_env / "all.csv"), "--outcome", "any")
+    assert rc == 0, err
+    assert "withheld" not in json.loads((station_env / "all.csv.manifest.json").read_text())["journal"]

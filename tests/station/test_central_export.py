@@ -412,3 +412,33 @@ def test_without_a_reachable_central_record_nothing_is_exported_and_the_password
     assert rc == 3 and f"127.0.0.1:{port}/plant" in err and "out of reach" in err
     assert PASSWORD_IN_TEST not in out + err
     assert not list(tmp_path.glob("x.csv*"))
+
+
+def test_a_central_export_for_one_lot_withholds_the_other_lots_entries_at_every_station(tmp_path, pg_url, capsys):
+    """The quality office exports lot B for its customer from the central copy: each station's segment
+    keeps every entry's place and hashes but not other lots' bodies; it verifies."""
+    one, two = Line(tmp_path, "line-1", pg_url), Line(tmp_path, "line-2", pg_url)
+    try:
+        a1 = one.unit(mac(1), lot="LOT-A")
+        b1 = one.unit(mac(2), lot="LOT-B")
+        a2 = two.unit(mac(3), lot="LOT-A")
+        b2 = two.unit(mac(4), lot="LOT-B")
+        one.ship()
+        two.ship()
+        cfg = office(tmp_path, pg_url, one, two)
+    finally:
+        one.close()
+        two.close()
+    out = tmp_path / "lot-b.jsonl"
+    rc, _, err = export(capsys, cfg, out, "--format", "jsonl", "--lot", "LOT-B", "--outcome", "any")
+    assert rc == 0, err
+    journal = (tmp_path / "lot-b.jsonl.journal.jsonl").read_text()
+    for other in (mac(1), mac(3), a1, a2, "LOT-A"):
+        assert other not in journal, f"{other} of lot A is in lot B's central journal"
+    for own in (mac(2), mac(4), b1, b2):
+        assert own in journal
+    manifest = json.loads((tmp_path / "lot-b.jsonl.manifest.json").read_text())
+    assert manifest["journal"]["scope"] == {"lot": "LOT-B"} and manifest["journal"]["withheld"] > 0
+    rc, text, err = verify(capsys, cfg, out)
+    assert rc == 0, text + err
+    assert "entries about attempts outside lot LOT-B are withheld" in text + err

@@ -285,3 +285,16 @@ def test_malformed_files_exit_2_naming_file_and_key(station_env, capsys, kind, c
     for line in lines:
         field, message = line.removeprefix(f"{target}: ").split(": ", 1)
         assert field and message and "pydantic" not in message, line
+
+
+def test_a_secret_too_short_to_redact_is_refused(station_env, capsys, monkeypatch):
+    """A 3-character vendor token could not be hunted for in text without eating ordinary words,
+    so the redactor skips it: the station refuses it instead of writing it into the record."""
+    monkeypatch.setenv("RELAY_VENDOR_TOKEN", "ab1")
+    rc, out = check(capsys)
+    assert rc != 0
+    assert "secrets.vendor_token" in out and "3 characters: a secret needs at least 4" in out, out
+    assert "ab1" not in out
+    monkeypatch.setenv("RELAY_VENDOR_TOKEN", "ab12")
+    rc, out = check(capsys)
+    assert rc == 0, out

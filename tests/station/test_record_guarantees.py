@@ -520,3 +520,42 @@ def test_the_screen_starts_no_unit_while_the_record_disk_is_nearly_full(station_
             line.close()
         assert set(bench[0].device.flash.read(0, 0x400000)) == {0xFF}
     assert open_record(StationConfig.load(cfg)).attempts() == []
+
+
+def test_sixteen_units_committing_at_once_wait_for_each_other_not_for_sqlites_busy_timeout(tmp_path):
+    """16 ports start and finish their units at the same moment, each on its own connection, with a
+    busy timeout far shorter than their queue: none ends "database is locked" (the station's own
+    writers take turns; SQLite's busy timeout is only spent on another program)."""
+    import threading
+
+    record = Record(tmp_path / "s.db", os.urandom(32), busy_timeout_s=0.001)
+    plan = SerialPlan(counter="c", render=lambda n: f"S-{n}")
+    errors, serials = [], []
+    go = threading.Barrier(16)
+
+    def port(n: int) -> None:
+        try:
+            go.wait()
+            for i in range(10):
+                a = _attempt(100 * n + i)
+                serials.append(record.start(a, plan))
+                a.outcome = "passed"
+                written = record.finish(a)
+                assert written.attempt_id is not None, written
+        except Exception as exc:  # noqa: BLE001 - every failure is the finding
+            errors.append(repr(exc))
+        finally:
+            record.close()  # this thread's connection
+
+    threads = [threading.Thread(target=port, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert errors == [], errors[:3]
+        assert len(serials) == len(set(serials)) == 160
+        assert not record.spool.exists() or record.spool.read_text() == ""
+        assert record.verify_chain() == []
+    finally:
+        record.close()

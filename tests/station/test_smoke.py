@@ -245,3 +245,48 @@ def test_wifi_reach_through_nmcli_seam(tmp_path, monkeypatch):
     first, second = sorted(spans)
     assert len(spans) == 2 and first[1] <= second[0]
     assert soft_ap_bssid(bytes.fromhex("ffffffffffff")) == "00:00:00:00:00:00"
+
+
+def test_a_pairing_server_that_listens_after_the_address_is_logged_is_asked_again_not_failed():
+    """ESP-IDF logs the address before httpd listens: a refused first connection is the firmware
+    starting, retried until the smoke timeout; a server that never listens still fails the unit."""
+    import socket
+
+    from station.smoke import NotListening, SmokeFailure, healthcheck
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = sock.getsockname()[1]
+    answered = threading.Event()
+
+    def serve() -> None:
+        sock.listen(1)
+        sock.settimeout(25)  # the check gives up at 30 s: this thread never outlives the test
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        answered.set()
+
+    late = threading.Timer(0.5, serve)  # the server comes up half a second after the address is known
+    late.start()
+    try:
+        healthcheck(f"http://127.0.0.1:{port}", 30.0)
+        assert answered.is_set()
+    finally:
+        late.join(35)
+        sock.close()
+
+    never = socket.socket()
+    never.bind(("127.0.0.1", 0))
+    try:
+        with pytest.raises(NotListening, match="no answer from the pairing server") as failed:
+            healthcheck(f"http://127.0.0.1:{never.getsockname()[1]}", 0.5)
+        assert isinstance(failed.value, SmokeFailure)  # the unit fails at smoke, as before
+        with pytest.raises(NotListening):  # an abort stops the retries at once
+            healthcheck(f"http://127.0.0.1:{never.getsockname()[1]}", 600.0, cancelled=lambda: True)
+    finally:
+        never.close()
