@@ -35,7 +35,6 @@ from tests.station.test_record_guarantees import Proc
 from tests.station.test_secure_profile import CONFIG, KEYS, secure_profile
 
 SSID, PSK = "Ws-Hq4Lz8P", "Wp%Z3#q=L m8/Ux+"  # the unit's own Wi-Fi: secrets the config carries
-
 KEY_BLOCK = 4  # ESP32-C3: BLOCK_KEY0, where the station burns the XTS-AES-128 key
 
 
@@ -73,9 +72,13 @@ def key_forms(key: bytes) -> dict[str, bytes]:
 
 
 def secret_forms() -> dict[str, bytes]:
-    return {name: form for name, value in (("token", TOKEN), ("Wi-Fi PSK", PSK), ("SSID", SSID))
-            for name, form in ((name, value.encode()), (f"{name} hex", value.encode().hex().encode()),
-                               (f"{name} base64", base64.b64encode(value.encode()).rstrip(b"=")))}
+    forms = {}
+    for name, value in (("token", TOKEN), ("Wi-Fi PSK", PSK), ("SSID", SSID)):
+        raw = value.encode()
+        forms.update({name: raw, f"{name} hex": raw.hex().encode(), f"{name} HEX": raw.hex().upper().encode(),
+                      f"{name} base64": base64.b64encode(raw).rstrip(b"="),
+                      f"{name} base64url": base64.urlsafe_b64encode(raw).rstrip(b"=")})
+    return forms
 
 
 def found(forms: dict[str, bytes], where: dict[str, bytes]) -> list[str]:
