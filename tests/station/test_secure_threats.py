@@ -124,10 +124,16 @@ def boot(dev) -> str:
 
 # -- 1. a shipped unit and a USB cable ------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["development", "release"])
-def test_a_usb_cable_reads_no_secret_off_a_shipped_unit(wifi_env, capsys, tmp_path, mode):
-    """esptool read-flash of everything the station wrote, espefuse summary and dump: ciphertext and zeros."""
-    secure_profile(wifi_env, "esp32c3", mode)
+@pytest.mark.parametrize("mode, key", [("development", "station"), ("release", "station"), ("release", "chip"),
+                                       pytest.param("development", "chip", marks=pytest.mark.slow)])
+def test_a_usb_cable_reads_no_secret_off_a_shipped_unit(wifi_env, capsys, tmp_path, mode, key):
+    """esptool read-flash of everything the station wrote, espefuse summary and dump: ciphertext and zeros.
+
+    `key`: made by the station, or by the chip on its first boot ([security] key = "chip")."""
+    if key == "chip":
+        secure_profile(wifi_env, "esp32c3", mode, extra='key = "chip"\n', built=mode)
+    else:
+        secure_profile(wifi_env, "esp32c3", mode)
     with bench(wifi_env) as b:
         url, dev = b[0].url, b[0].device
         provision(wifi_env, capsys, url)
