@@ -432,8 +432,16 @@ def _check_chip_encrypted(run: UnitRun) -> None:
 
 
 def _key_forms(key: bytes) -> list[str]:
-    """The ways a raw key shows up in text: hex (either case, via the redactor) and base64."""
-    return [key.hex(), base64.b64encode(key).decode()]
+    """The ways a raw key shows up in text: hex either case, base64 and base64url, padded or not.
+
+    Each in the key's order and in the eFuse block's (espefuse burns and shows a key reversed). The
+    redactor matches these forms as written: a hex key in capitals is a form of its own.
+    """
+    forms = []
+    for k in (key, key[::-1]):
+        forms += [k.hex(), k.hex().upper()]
+        forms += [enc(k).decode().rstrip("=") for enc in (base64.b64encode, base64.urlsafe_b64encode)]
+    return forms
 
 
 def _burn_new_key(run: UnitRun) -> bytes:

@@ -51,8 +51,9 @@ production — extends this design, it does not replace it):
 - **Keys.** A unit's flash-encryption key is a secret: it never reaches the record. In
   development mode it is escrowed (`key_escrow`): AES-256-GCM under a key derived from
   the station's key for that purpose only (station/keys.py), with the attempt's uid as
-  associated data, sealed before the first burn; a rework finds it by MAC. In release
-  mode it is never stored.
+  associated data, sealed before the first burn; a rework finds it by MAC, and takes it
+  only from a row its keyed journal entry vouches for (`escrowed_key`). In release mode
+  it is never stored.
 
 Secrets never reach the record: a token is kept as a keyed fingerprint only.
 """
@@ -620,13 +621,32 @@ class Record:
             raise self._fault(exc, "recording an eFuse burn before it is made") from None
 
     def escrowed_key(self, mac: str) -> tuple[str, str] | None:
-        """(attempt uid, escrow) of the board's latest attempt that escrowed a flash-encryption key."""
+        """(attempt uid, escrow) of the board's latest attempt that escrowed a flash-encryption key.
+
+        Only a row its keyed journal entry vouches for: the escrow is sealed to its attempt's uid,
+        not to the board, so a row moved to another board's MAC would otherwise hand out that key.
+        """
         try:
-            row = self.db().execute("select uid, key_escrow from attempts where mac = ? and key_escrow is not null "
-                                    "order by id desc limit 1", [mac]).fetchone()
+            conn = self.db().conn
+            cur = conn.execute("select * from attempts where mac = ? and key_escrow is not null "
+                               "order by id desc limit 1", [mac])
+            row = cur.fetchone()
+            if row is None:
+                return None
+            row = dict(zip([c[0] for c in cur.description], row))
+            cur = conn.execute("select * from journal where attempt_uid = ? order by id desc limit 1", [row["uid"]])
+            entry = cur.fetchone()
+            entry = dict(zip([c[0] for c in cur.description], entry)) if entry else None
         except sqlite3.Error as exc:
             raise self._fault(exc, "looking for the board's escrowed key") from None
-        return (row[0], row[1]) if row else None
+        body = json.loads(entry["body"]) if entry else {}
+        if not (entry and self._chain_key and row["row_hash"] == entry["entry_hash"]
+                and hmac.compare_digest(_entry_hash(self._chain_key, entry["prev_hash"], entry), entry["entry_hash"])
+                and body.get("mac") == mac and body.get("key_escrow") == row["key_escrow"]):
+            raise RecordError(f"the escrowed flash-encryption key of this board (attempt {row['id']}) is not what "
+                              "the station's journal recorded: the database was edited",
+                              "call the station's engineer (station db verify); nothing was written to the board")
+        return row["uid"], row["key_escrow"]
 
     def unsettled_interrupted(self) -> list[dict]:
         """Interrupted attempts whose board has had no attempt since (for the operator)."""

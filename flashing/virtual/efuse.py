@@ -209,6 +209,11 @@ class EfuseArray:
     def block_bytes(self, block: int) -> bytes:
         return struct.pack(f"<{len(self.loaded[block])}I", *self.loaded[block])
 
+    def readable_block_bytes(self, block: int) -> bytes:
+        """A block as software reads it through the read registers: zeros once it is read-protected."""
+        blk = self.layout.blocks[block]
+        return struct.pack(f"<{blk.words}I", *(self.shown[blk.rd_addr + 4 * i] for i in range(blk.words)))
+
     def burned_field(self, name: str) -> int:
         """A field as the array holds it now, loaded or not."""
         f = self.layout.fields[name]
@@ -439,11 +444,13 @@ class EfuseArray:
 
         ESP32 (v3.0): ABS_DONE_1 burned, the digest in BLOCK2. ESP32-C3/S3: SECURE_BOOT_EN
         burned, each key block whose purpose is SECURE_BOOT_DIGESTn and whose
-        SECURE_BOOT_KEY_REVOKEn is not burned.
+        SECURE_BOOT_KEY_REVOKEn is not burned. The ROM and the bootloader read the digests through the
+        read registers (unlike the flash-encryption key, which the engine takes unseen): a read-protected
+        digest reads as zeros and no image verifies, which is why espefuse keeps digests readable.
         """
         if self.layout.chip == "esp32":
-            return (self.block_bytes(2),) if self.field("ABS_DONE_1") else None
+            return (self.readable_block_bytes(2),) if self.field("ABS_DONE_1") else None
         if not self.field("SECURE_BOOT_EN"):
             return None
-        return tuple(self.block_bytes(4 + i) for i, p in enumerate(self.key_purposes())
+        return tuple(self.readable_block_bytes(4 + i) for i, p in enumerate(self.key_purposes())
                      if p in (9, 10, 11) and not self.field(f"SECURE_BOOT_KEY_REVOKE{p - 9}"))
