@@ -496,14 +496,14 @@ def _check_burned(run: UnitRun, mode: str) -> None:
 def _rework_key(run: UnitRun, state: EfuseState) -> bytes:
     """The key of a board whose flash is already encrypted: Espressif's rules for re-flashing it."""
     ctx, a = run.ctx, run.attempt
+    if not state.encrypted:  # first: on a release profile too, what happened to the board is this
+        raise StepFailure("this unit has a flash-encryption key burned but encryption is not on: an earlier "
+                          "set-up was interrupted between its burns",
+                          "set it aside for the engineer (espefuse summary); nothing was written")
     if state.release or ctx.profile.flash_encryption == "release":
         raise StepFailure("this unit's flash encryption is in release mode: it cannot be re-flashed (its key "
                           "was never stored and the ROM's encrypted download is disabled)",
                           "set it aside: a release-mode unit is never reworked; nothing was written")
-    if not state.encrypted:
-        raise StepFailure("this unit has a flash-encryption key burned but encryption is not on: an earlier "
-                          "set-up was interrupted between its burns",
-                          "set it aside for the engineer (espefuse summary); nothing was written")
     found = ctx.record.escrowed_key(a.mac)
     if found is None:
         raise StepFailure("this unit's flash is encrypted with a key this station does not hold",
