@@ -48,12 +48,12 @@ def _record(env: Path) -> Record:
     return Record(env / "station.db", station_key(env / "station.key"), station_id="test-station")
 
 
-def _provision(record: Record, n: int, first: int = 0) -> list[Attempt]:
+def _provision(record: Record, n: int, first: int = 0, lot: str = "LOT-1") -> list[Attempt]:
     """n units through the record as the pipeline writes them: started (serial reserved), then passed."""
     done = []
     for i in range(first, first + n):
         a = Attempt(port=f"p{i}", station_id="test-station", profile="relay", profile_hash="h",
-                    started_at=now_iso(), mac=f"24:0a:c4:00:02:{i:02x}", lot="LOT-1")
+                    started_at=now_iso(), mac=f"24:0a:c4:00:02:{i:02x}", lot=lot)
         record.start(a, PLAN)
         a.outcome, a.ended_at = "passed", now_iso()
         assert record.finish(a).attempt_id
@@ -484,15 +484,8 @@ def test_an_export_for_one_lot_withholds_other_lots_entries_and_still_verifies(s
     the bodies of other lots' entries, so no MAC or serial of LOT-1 reaches LOT-2's customer."""
     record = _record(station_env)
     try:
-        ours = []
         _provision(record, 2)  # LOT-1
-        for i in (2, 3):
-            a = Attempt(port=f"p{i}", station_id="test-station", profile="relay", profile_hash="h",
-                        started_at=now_iso(), mac=f"24:0a:c4:00:02:{i:02x}", lot="LOT-2")
-            record.start(a, PLAN)
-            a.outcome, a.ended_at = "passed", now_iso()
-            assert record.finish(a).attempt_id
-            ours.append(a)
+        ours = _provision(record, 2, first=2, lot="LOT-2")
     finally:
         record.close()
     out = station_env / "lot2.jsonl"

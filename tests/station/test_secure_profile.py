@@ -274,19 +274,24 @@ def test_chip_key_unit_encrypts_itself_on_first_boot_and_is_reworked_by_the_rom(
 
 # -- the record written ahead of every burn ------------------------------------------------------
 
+def kill_mid_burn(env, dev, url: str, programs_done: int) -> None:
+    """`station flash` in a subprocess, killed -9 while the chip hangs as its next eFuse program command starts."""
+    dev.set_fault("hang_after_burns", programs_done)
+    station = Proc(["flash", "--port", url, "--json"], cwd=env)
+    try:
+        station.until(lambda: dev.state()["mode"] == "halted")
+        station.p.send_signal(signal.SIGKILL)
+        assert station.finish() == -signal.SIGKILL
+    finally:
+        station.stop()
+
+
 def test_kill_9_mid_burn_is_recorded_with_exactly_the_burns_done(station_env):
     secure_profile(station_env, "esp32c3", "release")
     with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
         url, dev = bench[0].url, bench[0].device
         # the key burn takes two program commands; the chip hangs as the third (the crypt count) starts
-        dev.set_fault("hang_after_burns", 2)
-        station = Proc(["flash", "--port", url, "--json"], cwd=station_env)
-        try:
-            station.until(lambda: dev.state()["mode"] == "halted")
-            station.p.send_signal(signal.SIGKILL)
-            assert station.finish() == -signal.SIGKILL
-        finally:
-            station.stop()
+        kill_mid_burn(station_env, dev, url, 2)
         assert dev.call(lambda: dev.efuse.burned_field("SPI_BOOT_CRYPT_CNT")) == 0  # what the board holds
         assert dev.call(dev.efuse.flash_key) is not None  # the key burn itself was done
     con = sqlite3.connect(station_env / "station.db")
@@ -497,14 +502,7 @@ def test_the_burn_record_reaches_the_central_copy_even_from_a_station_killed_mid
     cfg.write_text(cfg.read_text() + f'\n[central]\nurl = "{pg_url}"\npush_interval_s = 0.2\ntimeout_s = 10.0\n')
     with VirtualBench(1, "esp32c3", run_dir=station_env / "run") as bench:
         url, dev = bench[0].url, bench[0].device
-        dev.set_fault("hang_after_burns", 2)  # the key burn's two program commands, then the crypt count hangs
-        station = Proc(["flash", "--port", url, "--json"], cwd=station_env)
-        try:
-            station.until(lambda: dev.state()["mode"] == "halted")
-            station.p.send_signal(signal.SIGKILL)
-            assert station.finish() == -signal.SIGKILL
-        finally:
-            station.stop()
+        kill_mid_burn(station_env, dev, url, 2)  # the key burn's two program commands, then the crypt count hangs
     push = run_station_process("central", "push", cwd=station_env, env={**os.environ, "STATION_CONFIG": str(cfg)})
     assert push.returncode == 0, push.stdout + push.stderr
 

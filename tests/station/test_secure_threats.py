@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import sqlite3
 import struct
 import subprocess
@@ -31,8 +30,7 @@ from flashing.virtual.bench import VirtualBench
 from tests.conftest import esptool_cli, wait_until
 from tests.flashing.test_efuse import espefuse_cli
 from tests.station.conftest import TOKEN, json_lines, run_station, run_station_process
-from tests.station.test_record_guarantees import Proc
-from tests.station.test_secure_profile import CONFIG, KEYS, secure_profile
+from tests.station.test_secure_profile import CONFIG, KEYS, kill_mid_burn, secure_profile
 
 SSID, PSK = "Ws-Hq4Lz8P", "Wp%Z3#q=L m8/Ux+"  # the unit's own Wi-Fi: secrets the config carries
 KEY_BLOCK = 4  # ESP32-C3: BLOCK_KEY0, where the station burns the XTS-AES-128 key
@@ -537,15 +535,8 @@ def board_shows(fuses: dict) -> dict[str, str]:
 
 
 def kill_at_burn(env: Path, dev, url: str, programs_done: int) -> None:
-    """`station flash` in a subprocess, killed -9 while the chip hangs as its next eFuse program starts."""
-    dev.set_fault("hang_after_burns", programs_done)
-    station = Proc(["flash", "--port", url, "--json"], cwd=env)
-    try:
-        station.until(lambda: dev.state()["mode"] == "halted")
-        station.p.send_signal(signal.SIGKILL)
-        assert station.finish() == -signal.SIGKILL
-    finally:
-        station.stop()
+    """`station flash` killed -9 as the chip's next eFuse program starts; then the board powered back."""
+    kill_mid_burn(env, dev, url, programs_done)
     dev.clear_faults()
     dev.reset("download")  # power back: the chip reloads its eFuses
 
