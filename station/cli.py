@@ -131,6 +131,8 @@ def cmd_virtual(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _err(f"station virtual: {exc}")
         return Exit.USAGE
+    for slot in bench.slots:  # as a real bootloader has it compiled in (flashing/virtual/boot.py)
+        slot.device.compiled_table_offset = args.partition_table_offset
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -1248,6 +1250,17 @@ def _run_screen(app) -> int:
 
 # -- parser ---------------------------------------------------------------------------------
 
+def _table_offset(text: str) -> int:
+    """CONFIG_PARTITION_TABLE_OFFSET: 0x8000 or later, on a 4 KiB sector."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 0xc000)") from None
+    if value < 0x8000 or value % 0x1000:
+        raise argparse.ArgumentTypeError(f"{text}: a partition table sits at 0x8000 or later, on a 4 KiB sector")
+    return value
+
+
 def _boards(text: str) -> int:
     """--virtual and --count: a number of boards a station can have."""
     try:
@@ -1356,6 +1369,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing model: wire at baud/10 bytes/s, flash erase/program latency")
     v.add_argument("--usb-serial-jtag", action="store_true",
                    help="esp32c3/esp32s3 on the chip's own USB port (VID:PID 303a:1001), not a USB-UART bridge")
+    v.add_argument("--partition-table-offset", type=_table_offset, default=0x8000, metavar="OFFSET",
+                   help="where the boards' bootloader looks for its partition table when its image does not say "
+                        "(a real ESP-IDF build's CONFIG_PARTITION_TABLE_OFFSET; default 0x8000)")
     v.add_argument("--json", action="store_true", help="one JSON object per board per line")
     v.set_defaults(func=cmd_virtual)
 

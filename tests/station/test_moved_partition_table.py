@@ -119,3 +119,29 @@ def test_a_bootloader_that_does_not_say_is_taken_at_the_profiles_word_on_the_sta
         bad = [e for e in json_lines(out) if e["event"] == "unit_finished"][0]
         assert (bad["outcome"], bad["failed_step"]) == ("failed", "boot"), bad
         assert "flash_parts: partition 0 invalid magic number 0xffff" in bad["error"], bad
+
+
+def test_station_virtual_boards_can_be_told_where_a_real_builds_table_is(station_env, capsys, tmp_path):
+    """`station virtual --partition-table-offset`: boards for a real ESP-IDF build whose table is moved (its
+    bootloader cannot say where): the unit passes on them; a value no build can have is refused (exit 2)."""
+    import subprocess
+    import sys
+
+    from tests.station.conftest import REPO
+
+    moved_profile(station_env, TABLE, built_for=0x8000)  # a bootloader that does not say, like a real one
+    boards = subprocess.Popen([sys.executable, "-m", "station", "virtual", "--json", "--partition-table-offset",
+                               hex(TABLE), "--run-dir", str(tmp_path / "run")], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO)
+    try:
+        url = json.loads(boards.stdout.readline())["url"]
+        rc, out, err = run_station(capsys, "flash", "--port", url, "--json")
+        finished = [e for e in json_lines(out) if e["event"] == "unit_finished"]
+        assert rc == 0 and finished[0]["outcome"] == "passed", (finished, err[-2000:])
+    finally:
+        boards.terminate()
+        boards.wait(30)
+        boards.stdout.close()
+    bad = subprocess.run([sys.executable, "-m", "station", "virtual", "--partition-table-offset", "0x8800"],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert bad.returncode == 2 and "on a 4 KiB sector" in bad.stderr, bad.stderr
