@@ -20,6 +20,7 @@ Everything here goes through espefuse's and espsecure's Python APIs, never their
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import io
 import re
@@ -28,8 +29,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import espefuse
-import espsecure
 import yaml
 from esptool.util import FatalError
 
@@ -66,8 +65,17 @@ class _EfuseTables:
 
 
 EFUSE_TABLES = _EfuseTables()
-for _chip in ("esp32", "esp32c3", "esp32s3"):
-    importlib.import_module(f"espefuse.efuse.{_chip}.mem_definition").yaml = EFUSE_TABLES
+
+
+@functools.cache
+def espefuse_module():
+    """espefuse, imported when a unit first needs it (~0.3 s: a station with a plain profile never pays it),
+    its chips' tables read through EFUSE_TABLES."""
+    import espefuse
+
+    for chip in ("esp32", "esp32c3", "esp32s3"):
+        importlib.import_module(f"espefuse.efuse.{chip}.mem_definition").yaml = EFUSE_TABLES
+    return espefuse
 
 
 @dataclass(frozen=True)
@@ -171,13 +179,19 @@ def sign_image(data: bytes, signing_key: Path) -> bytes:
     """`data` signed for Secure Boot v2 (espsecure sign-data --version 2, RSA-PSS): padded to a sector, signature sector appended."""
     with tempfile.TemporaryDirectory() as d, open(signing_key, "rb") as key, esptool_output(None):
         out = Path(d) / "signed.bin"
-        espsecure.sign_data("2", [key], str(out), False, False, None, None, None, _named(data, "image"))
+        _espsecure().sign_data("2", [key], str(out), False, False, None, None, None, _named(data, "image"))
         return out.read_bytes()
 
 
 def signed_size(size: int) -> int:
     """How long an image of `size` bytes is once signed: padded to 4 KiB, then its 4 KiB signature sector."""
     return -(-size // 4096) * 4096 + 4096
+
+
+def _espsecure():
+    import espsecure  # as espefuse: imported by the first unit that signs or encrypts, not at every start
+
+    return espsecure
 
 
 def _named(data: bytes, name: str) -> io.BytesIO:
@@ -195,7 +209,7 @@ def encrypt_region(chip: str, key: bytes, address: int, data: bytes) -> bytes:
         data += b"\xff" * (32 - len(data) % 32)
     out = _named(b"", "ciphertext")
     with esptool_output(None):  # espsecure logs through esptool's logger: nothing of the key is printed
-        espsecure.encrypt_flash_data(_named(key, "key"), out, address, ESP32_CRYPT_CONFIG, chip != "esp32",
+        _espsecure().encrypt_flash_data(_named(key, "key"), out, address, ESP32_CRYPT_CONFIG, chip != "esp32",
                                      _named(data, "plaintext"))
     return out.getvalue()
 
@@ -210,7 +224,7 @@ def open_efuses(esp):
     """
     try:
         with esptool_output(None):
-            return espefuse.init_commands(esp=esp, do_not_confirm=True)
+            return espefuse_module().init_commands(esp=esp, do_not_confirm=True)
     except FatalError as exc:
         raise SecureError("the board's eFuses could not be read", "retry; replace the board if it repeats",
                           str(exc)) from None

@@ -243,7 +243,9 @@ def test_the_stations_parse_of_espefuses_tables_equals_espefuses_own(tmp_path):
 
     import yaml
 
-    from flashing.secure import EFUSE_TABLES
+    from flashing.secure import EFUSE_TABLES, espefuse_module
+
+    espefuse_module()  # as the station's first open of espefuse does
 
     defs = Path(os.path.dirname(espefuse.__file__)) / "efuse_defs"
     for chip in ("esp32", "esp32c3", "esp32s3"):
