@@ -390,16 +390,10 @@ def _chip_key(run: UnitRun, state: EfuseState) -> None:
     the eFuses and the flash read back encrypted). A unit already encrypted is re-flashed
     through the ROM's own encryption (development) or refused (release).
     """
-    a, mode = run.attempt, run.ctx.profile.flash_encryption
+    a = run.attempt
     if state.encrypted or state.key_present:
-        if state.release or mode == "release":
-            raise StepFailure("this unit's flash encryption is in release mode: it cannot be re-flashed (its key "
-                              "never left the chip and the ROM's encrypted download is disabled)",
-                              "set it aside: a release-mode unit is never reworked; nothing was written")
-        if not state.encrypted:
-            raise StepFailure("this unit has a flash-encryption key burned but encryption is not on: an earlier "
-                              "first boot was interrupted", "set it aside for the engineer (espefuse summary); "
-                              "nothing was written")
+        _refuse_rework(run, state, interrupted="an earlier first boot was interrupted",
+                       key_where="its key never left the chip")
         run.encrypt_writes = True
         run.emit(LogLine(run.port, "secure", "flash already encrypted with the chip's own key (development mode): "
                          "re-flashed with esptool --encrypt, the chip encrypting"))
@@ -493,17 +487,22 @@ def _check_burned(run: UnitRun, mode: str) -> None:
                           "set the board aside for the engineer: its burns cannot be undone")
 
 
+def _refuse_rework(run: UnitRun, state: EfuseState, interrupted: str, key_where: str) -> None:
+    """Espressif's rules for a board found with a flash-encryption key: what happened to it is said first."""
+    if not state.encrypted:  # on a release profile too, this is what the board is
+        raise StepFailure(f"this unit has a flash-encryption key burned but encryption is not on: {interrupted}",
+                          "set it aside for the engineer (espefuse summary); nothing was written")
+    if state.release or run.ctx.profile.flash_encryption == "release":
+        raise StepFailure(f"this unit's flash encryption is in release mode: it cannot be re-flashed ({key_where} "
+                          "and the ROM's encrypted download is disabled)",
+                          "set it aside: a release-mode unit is never reworked; nothing was written")
+
+
 def _rework_key(run: UnitRun, state: EfuseState) -> bytes:
     """The key of a board whose flash is already encrypted: Espressif's rules for re-flashing it."""
     ctx, a = run.ctx, run.attempt
-    if not state.encrypted:  # first: on a release profile too, what happened to the board is this
-        raise StepFailure("this unit has a flash-encryption key burned but encryption is not on: an earlier "
-                          "set-up was interrupted between its burns",
-                          "set it aside for the engineer (espefuse summary); nothing was written")
-    if state.release or ctx.profile.flash_encryption == "release":
-        raise StepFailure("this unit's flash encryption is in release mode: it cannot be re-flashed (its key "
-                          "was never stored and the ROM's encrypted download is disabled)",
-                          "set it aside: a release-mode unit is never reworked; nothing was written")
+    _refuse_rework(run, state, interrupted="an earlier set-up was interrupted between its burns",
+                   key_where="its key was never stored")
     found = ctx.record.escrowed_key(a.mac)
     if found is None:
         raise StepFailure("this unit's flash is encrypted with a key this station does not hold",
