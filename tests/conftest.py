@@ -34,6 +34,18 @@ def wait_until(cond, what: str, timeout: float = 15.0, poke=None, why=None) -> N
         time.sleep(0.05)
 
 
+def wait_for_state(dev, ready, timeout: float = 5.0) -> dict:
+    """A virtual board's state once `ready(state)` holds (wait_until's deadline fails the test otherwise)."""
+    seen: dict = {}
+
+    def holds() -> bool:
+        seen["state"] = dev.state()
+        return ready(seen["state"])
+
+    wait_until(holds, "the board's state", timeout, why=lambda: str(seen.get("state")))
+    return seen["state"]
+
+
 @pytest.fixture(autouse=True)
 def no_thread_outlives_its_test():
     """Fail a test that leaves a thread running: whatever it opened, it must close.

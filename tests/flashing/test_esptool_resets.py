@@ -9,7 +9,6 @@ watchdog-reset`) and the ROM's SPI flash, which answers only once attached.
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import serial
@@ -17,19 +16,13 @@ from esptool import cmds
 
 from flashing.firmware import build_firmware
 from flashing.virtual.device import VirtualDevice
-from tests.conftest import esptool_cli
+from tests.conftest import esptool_cli, wait_for_state
 
 NO_SDK = {"sdk": "none"}  # an app that prints its banner and runs no 2Smart firmware
 
 
 def wait_for(dev: VirtualDevice, ready, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = dev.state()
-        if ready(state):
-            return state
-        assert time.monotonic() < deadline, state
-        time.sleep(0.02)
+    return wait_for_state(dev, ready, timeout)
 
 
 def in_app(state: dict) -> bool:

@@ -17,7 +17,7 @@ def slow_host(monkeypatch):
     real = protocol_vesp.Serial._update_rts_state
 
     def late(self):
-        time.sleep(0.05)
+        time.sleep(0.05)  # the preemption itself, the fault this fixture injects: not a wait for anything
         real(self)
 
     monkeypatch.setattr(protocol_vesp.Serial, "_update_rts_state", late)

@@ -15,7 +15,7 @@ from flashing.firmware import build_firmware
 from flashing.images import Partition, build_partition_table
 from flashing.virtual.bench import ControlClient, VirtualBench
 from flashing.virtual.device import VirtualDevice
-from tests.conftest import esptool_cli
+from tests.conftest import esptool_cli, wait_for_state, wait_until
 
 
 def flash_firmware(url: str, regions, connect_mode="no-reset"):
@@ -38,21 +38,13 @@ def wait_mode(dev: VirtualDevice, mode: str, timeout: float = 3.0) -> dict:
 
 
 def wait_state(dev: VirtualDevice, ready, timeout: float = 3.0) -> dict:
-    """The board's state once `ready(state)` holds, or its last state at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = dev.state()
-        if ready(st) or time.monotonic() > deadline:
-            return st
-        time.sleep(0.02)
+    """The board's state once `ready(state)` holds."""
+    return wait_for_state(dev, ready, timeout)
 
 
 def wait_released(slot, timeout: float = 3.0) -> None:
     """Wait until the board has taken in everything a closed port sent it."""
-    deadline = time.monotonic() + timeout
-    while slot.socket.attached:
-        assert time.monotonic() < deadline, "the board still holds a closed port"
-        time.sleep(0.01)
+    wait_until(lambda: not slot.socket.attached, "the board to let go of a closed port", timeout)
 
 
 # -- reset circuit -----------------------------------------------------------------------
