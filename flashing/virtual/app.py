@@ -79,21 +79,19 @@ class TwoSmartApp:
             self.mode = "config-error"
             return
         ssid = self.config.get("ssid")
+        if self.device_class == "no-wifi":
+            self.log("I", "eth", "link up, 100 Mbps full duplex")
+            address, self.mode = f"IP: {self.dev.net_ip}\n", "network"
+        elif ssid:
+            self.log("I", "wifi", f'connecting to "{ssid}"')
+            address, self.mode = f"IP: {self.dev.net_ip}\n", "network"
+        else:
+            self.log("I", "wifi_ap", f'access point "{self.title} AP" started')
+            address, self.mode = f"AP IP address: {self.dev.net_ip}\n", "ap"
         # listening (and its port logged) before the address: a station that reads the address
         # has the port in the same log, never port 80's default (a real board's port)
         self._start_server()
-        if self.device_class == "no-wifi":
-            self.log("I", "eth", "link up, 100 Mbps full duplex")
-            self._address(f"IP: {self.dev.net_ip}\n")
-            self.mode = "network"
-        elif ssid:
-            self.log("I", "wifi", f'connecting to "{ssid}"')
-            self._address(f"IP: {self.dev.net_ip}\n")
-            self.mode = "network"
-        else:
-            self.log("I", "wifi_ap", f'access point "{self.title} AP" started')
-            self._address(f"AP IP address: {self.dev.net_ip}\n")
-            self.mode = "ap"
+        self._address(address)
         if self.mode == "network" and self.config.get("token") and self.config.get("email"):
             self._spawn(threading.Thread(target=self._mqtt_loop, daemon=True,
                                          name=f"vdev-{self.dev.index}-mqtt"))
